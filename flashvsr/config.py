@@ -1,0 +1,77 @@
+"""Run and load options, as small frozen dataclasses passed explicitly."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+
+class Mode(str, Enum):
+    FULL = "full"            # Wan 2.1 VAE decoder: best quality, slowest decode
+    TINY = "tiny"            # TCDecoder
+    TINY_LONG = "tiny-long"  # TCDecoder, every output chunk leaves the GPU at once: flat VRAM
+
+    @classmethod
+    def parse(cls, value: "str | Mode") -> "Mode":
+        try:
+            return cls(value.value if isinstance(value, Mode) else str(value).lower().replace("_", "-"))
+        except ValueError:
+            raise ValueError(f"unknown mode {value!r}: use one of {[m.value for m in cls]}") from None
+
+
+class Version(str, Enum):
+    V1 = "v1"        # JunhaoZhuang/FlashVSR, Buffer LQ projector
+    V1_1 = "v1.1"    # JunhaoZhuang/FlashVSR-v1.1, Causal LQ projector
+
+    @classmethod
+    def parse(cls, value: "str | Version") -> "Version":
+        try:
+            return cls(value.value if isinstance(value, Version) else str(value).lower())
+        except ValueError:
+            raise ValueError(f"unknown weights version {value!r}: use 'v1' or 'v1.1'") from None
+
+
+COLOR_FIXES = ("adain", "wavelet", "none")
+PREPROCESS_MODES = ("exact", "official")
+
+
+@dataclass(frozen=True)
+class UpscaleConfig:
+    """Everything one run needs besides the weights.
+
+    Defaults are the official drivers' values (sparse_ratio 2.0, kv_ratio 3.0, local_range 11, AdaIN,
+    seed 0); the pipeline signature's own default local_range of 9 is not what the drivers use.
+    """
+    scale: float = 4.0
+    sparse_ratio: float = 2.0
+    kv_ratio: float = 3.0
+    local_range: int = 11
+    color_fix: str = "adain"
+    seed: int = 0
+    sageattention: str = "enable"
+    preprocess: str = "exact"     # "exact": N frames in, N out, exact size; "official": the drivers' crop/trim
+    tile_size: int = 0            # spatial DiT tiling in output pixels (0 = off); multiple of 128
+    tile_overlap: int = 128
+    vae_tiling: bool = False      # Full only
+    vae_tile: tuple[int, int] = (60, 104)
+    vae_stride: tuple[int, int] = (30, 52)
+    color_fix_float32: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1.0 <= float(self.scale) <= 4.0:
+            raise ValueError(f"scale must be between 1 and 4, got {self.scale}")
+        if self.sparse_ratio <= 0:
+            raise ValueError(f"sparse_ratio must be > 0, got {self.sparse_ratio}")
+        if self.kv_ratio < 1:
+            raise ValueError(f"kv_ratio must be >= 1 (cached groups of 2 latent frames), got {self.kv_ratio}")
+        if self.local_range < 1:
+            raise ValueError(f"local_range must be >= 1 block, got {self.local_range}")
+        if self.color_fix not in COLOR_FIXES:
+            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}")
+        if self.sageattention not in ("enable", "disable"):
+            raise ValueError(f"sageattention must be 'enable' or 'disable', got {self.sageattention!r}")
+        if self.preprocess not in PREPROCESS_MODES:
+            raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
+        if self.tile_size and (self.tile_size < 256 or self.tile_size % 128):
+            raise ValueError(f"tile_size must be 0 (off) or a multiple of 128 that is >= 256, got {self.tile_size}")
+        if self.tile_size and not 0 <= self.tile_overlap < self.tile_size // 2:
+            raise ValueError(f"tile_overlap must be >= 0 and < tile_size/2, got {self.tile_overlap}")

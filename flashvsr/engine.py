@@ -1,0 +1,124 @@
+"""The one streaming engine behind Full, Tiny and Tiny-Long.
+
+Per chunk (flashvsr-spec.md §1.3): upsample the LQ frames the chunk needs, feed the projector its
+4-frame clips, run one DiT step on the chunk's noise, decode the new latents (the decoders carry
+their causal state), colour-correct against the aligned LQ frames and hand the frames out. The
+variants differ only in the decoder object and in where finished frames go (the caller decides).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..models.dit import DiTStreamState, SparseParams, WanDiT, DiTConstants
+from ..models.lcsa import topk_ratio_for
+from ..models.lq_projector import LQProjector, ProjectorState
+from .color import color_fix
+from .config import UpscaleConfig
+from .frames import FrameSource
+from .noise import latent_noise
+from .preprocess import Geometry, Upsampler
+from .schedule import MIN_MODEL_FRAMES, chunk
+
+Observer = Callable[[str, int, torch.Tensor], None]   # (name, chunk index, tensor)
+
+
+@dataclass
+class EngineModels:
+    dit: WanDiT
+    projector: LQProjector
+    decoder: object            # flashvsr.decoders.Decoder
+    consts: DiTConstants
+    device: torch.device
+    dtype: torch.dtype
+
+
+@dataclass
+class ChunkOutput:
+    index: int
+    start: int                 # index of the first output frame in this chunk
+    frames: torch.Tensor       # (t, out_h, out_w, 3) float in [0, 1] on the compute device
+
+
+def chunk_needed(k: int, source: FrameSource, official: bool) -> bool:
+    """Whether chunk k produces any output frame for this input (decided without knowing N)."""
+    if official:
+        return source.has(8 * k + 20)       # F = largest 8n+1 <= N+4 must reach 8k+25
+    return k == 0 or source.has(8 * k + 13)  # exact mode: the chunk's first output frame exists
+
+
+def total_chunks(n: int, official: bool) -> int:
+    if official:
+        return max(0, ((n + 4 - 1) // 8) - 2)
+    return -(-(max(n + 4, MIN_MODEL_FRAMES) - 1) // 8) - 2
+
+
+def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: UpscaleConfig, attn,
+               noise: torch.Tensor | None = None, observer: Observer | None = None) -> Iterator[ChunkOutput]:
+    """Yield output frames chunk by chunk. ``noise`` (1, 16, T, h, w) overrides the seeded noise."""
+    dev, dtype = models.device, models.dtype
+    up = Upsampler(geom, dev, dtype)
+    hr: dict[int, torch.Tensor] = {}
+
+    def lq(a: int, b: int) -> torch.Tensor:
+        """LQ video frames [a, b) at model size, (1, 3, b-a, H, W); the tail repeats the last frame."""
+        out = []
+        for i in range(a, b):
+            if i not in hr:
+                j = i if source.has(i) else _last(source)
+                hr[i] = up(source.get(j))
+            out.append(hr[i])
+        return torch.stack(out, dim=1)[None]
+
+    def _last(src: FrameSource) -> int:
+        src.has(10 ** 12)          # drains a stream to learn its length (only the tail is buffered)
+        return src.count - 1
+
+    sparse = SparseParams(topk_ratio=topk_ratio_for(cfg.sparse_ratio, geom.model_h, geom.model_w),
+                          kv_groups=int(cfg.kv_ratio), local_range=int(cfg.local_range))
+    dit_state = DiTStreamState()
+    if observer is not None:
+        dit_state.observe = lambda layer, name, t: observer(f"layer{layer}/{name}", dit_state.chunk_index, t)
+    proj_state = ProjectorState()
+    dec_state = models.decoder.new_state()
+    lat_h, lat_w = geom.model_h // 8, geom.model_w // 8
+    if geom.official and not source.has(MIN_MODEL_FRAMES - 5):
+        raise ValueError("official preprocessing needs at least 21 input frames; use preprocess='exact'")
+    k = 0
+    while chunk_needed(k, source, geom.official):
+        ck = chunk(k)
+        tokens = [models.projector.stream(lq(a, b), proj_state) for a, b in ck.projector_clips]
+        tokens = torch.cat([t for t in tokens if t is not None], dim=1)
+        if noise is not None:
+            x = noise[:, :, ck.latent_start:ck.latent_start + ck.latent_count].to(dev, dtype)
+        else:
+            x = latent_noise(cfg.seed, ck.latent_start, ck.latent_count, lat_h, lat_w, device=dev, dtype=dtype)
+        if observer is not None:
+            observer("lq_latents", k, tokens)
+        latents = models.dit.forward_chunk(x, tokens, models.consts, dit_state, sparse, attn)
+        if observer is not None:
+            observer("latents", k, latents)
+        cond = lq(ck.out_start, ck.out_end)
+        frames = models.decoder.decode(latents, cond, dec_state)               # (1, 3, t, H, W) in [-1, 1]
+        if observer is not None:
+            observer("frames_decoded", k, frames)
+        frames, ref = _crop(frames[0].transpose(0, 1), geom), _crop(cond[0].transpose(0, 1), geom)
+        frames = color_fix(frames, ref, cfg.color_fix, float32=cfg.color_fix_float32)
+        if observer is not None:
+            observer("frames_final", k, frames)
+        stop = ck.out_end
+        if not geom.official and not source.has(ck.out_end - 1):
+            stop = source.count            # exact mode: the padded tail is not the user's
+        frames = frames[: max(0, stop - ck.out_start)]
+        yield ChunkOutput(k, ck.out_start, ((frames.float() + 1) * 0.5).clamp(0, 1).permute(0, 2, 3, 1))
+        for i in [i for i in hr if i < ck.out_end]:
+            del hr[i]
+        source.forget_before(ck.out_end)
+        k += 1
+
+
+def _crop(frames: torch.Tensor, geom: Geometry) -> torch.Tensor:
+    """(t, 3, H, W) at model size -> the user's size (exact mode pads bottom/right)."""
+    return frames[:, :, : geom.out_h, : geom.out_w]

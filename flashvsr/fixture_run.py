@@ -1,0 +1,105 @@
+"""Run one golden-fixture case (format ``flashvsr_ref`` v1) through our engine, recording stages.
+
+Used by the parity tests and by the GPU parity check; see ../shared/fixtures/flashvsr_ref/README.md.
+"""
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass, field
+
+import torch
+
+from ..attention import AttentionDispatcher
+from .config import UpscaleConfig
+from .engine import EngineModels, run_stream
+from .frames import FrameSource
+from .loader import build_decoder, build_dit, build_projector
+from .preprocess import Upsampler, plan_geometry
+
+VAE_PREFIXES = ("weights/vae/", "weights/wan_vae/", "weights/vae_decoder/")
+
+
+@dataclass
+class Case:
+    meta: dict
+    tensors: dict[str, torch.Tensor]
+
+    def weights(self, prefix: str) -> dict[str, torch.Tensor]:
+        return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
+
+
+@dataclass
+class CaseRun:
+    consts: object
+    lq_hr_u8: torch.Tensor
+    stage: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    draft: list[dict] = field(default_factory=list)
+    decoded: torch.Tensor | None = None      # (3, T, H, W) float32, before the colour fix
+    final: torch.Tensor | None = None        # (3, T, H, W) in [-1, 1]
+
+
+def load_case(path: pathlib.Path, meta: dict) -> Case:
+    from safetensors.torch import load_file
+    return Case(meta, load_file(str(path)))
+
+
+def _decoder_kind(case: Case) -> str:
+    declared = str(case.meta.get("case_params", {}).get("decoder", "tiny")).lower()
+    if declared in ("full", "vae", "wan_vae") or any(k.startswith(VAE_PREFIXES) for k in case.tensors):
+        return "full"
+    return "tiny"
+
+
+def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention: str = "disable") -> CaseRun:
+    p = case.meta["case_params"]
+    dit = build_dit(case.weights("weights/dit/"), device, dtype)
+    projector = build_projector(case.weights("weights/lq_proj/"), p["version"], device, dtype)
+    if _decoder_kind(case) == "full":
+        prefix = next(pre for pre in VAE_PREFIXES if any(k.startswith(pre) for k in case.tensors))
+        decoder = build_decoder("full", case.weights(prefix), device, dtype)
+    else:
+        decoder = build_decoder("tiny", case.weights("weights/tcdecoder/"), device, dtype)
+    consts = dit.prepare(case.tensors["input/prompt_context"])
+    models = EngineModels(dit, projector, decoder, consts, torch.device(device), dtype)
+
+    frames = case.tensors["input/lq_lowres_u8"]
+    cfg = UpscaleConfig(scale=float(p["scale"]), sparse_ratio=float(p["sparse_ratio"]),
+                        kv_ratio=float(p["kv_ratio"]), local_range=int(p["local_range"]),
+                        color_fix="adain", preprocess="official", sageattention=sageattention)
+    geom = plan_geometry(frames.shape[1], frames.shape[2], cfg.scale, official=True)
+    up = Upsampler(geom, "cpu", torch.float32)
+    n_model = case.meta["geometry"]["F"]
+    lq_u8 = [((up(frames[min(i, frames.shape[0] - 1)]) + 1) / 2 * 255).round().to(torch.uint8).permute(1, 2, 0)
+             for i in range(n_model)]
+    run = CaseRun(consts=consts, lq_hr_u8=torch.stack(lq_u8))
+    pooled: dict[int, dict] = {}
+
+    def observe(name: str, k: int, t: torch.Tensor) -> None:
+        if name.endswith("/block_mask"):
+            run.masks[(k, int(name.split("/")[0][5:]))] = t.detach().cpu()
+        elif name.startswith("layer0/pooled_"):
+            pooled.setdefault(k, {})[name.split("/")[1]] = t.detach().float().cpu()
+        else:
+            run.stage.setdefault(name, []).append(t.detach().float().cpu())
+
+    attn = AttentionDispatcher().session(sageattention)
+    list(run_stream(models, FrameSource(frames), geom, cfg, attn, noise=case.tensors["input/noise"], observer=observe))
+    run.decoded = torch.cat([f[0] for f in run.stage["frames_decoded"]], dim=1)
+    run.final = torch.cat(run.stage["frames_final"], dim=0).transpose(0, 1)
+    run.draft = [_draft_details(pooled[k], dit, geom, cfg, k) for k in sorted(pooled)]
+    return run
+
+
+def _draft_details(pooled: dict, dit, geom, cfg: UpscaleConfig, k: int) -> dict:
+    """Recompute layer 0's draft softmax from the pooled tensors the engine used."""
+    from ..models.lcsa import draft_block_mask, local_block_mask, topk_count, topk_ratio_for
+    bh, bw = geom.model_h // 128, geom.model_w // 128
+    local = local_block_mask(bh, bw, cfg.local_range)
+    s1 = bh * bw
+    groups = pooled["pooled_q"].shape[0] // s1
+    _, details = draft_block_mask(pooled["pooled_q"], pooled["pooled_k"], dit.cfg.num_heads, groups, local,
+                                  topk_count(s1, topk_ratio_for(cfg.sparse_ratio, geom.model_h, geom.model_w)),
+                                  return_details=True)
+    details.update(pooled_q=pooled["pooled_q"], pooled_k=pooled["pooled_k"], local_mask=local)
+    return details

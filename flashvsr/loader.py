@@ -1,0 +1,97 @@
+"""Build the networks from state dicts: config inferred from shapes, strict key and shape checks.
+
+Counts of the official checkpoints (flashvsr-spec.md §2.1, §3, §6): DiT 825 tensors, LQ projector 8,
+TCDecoder 66, Wan VAE decoder subset 108. Smaller test checkpoints go through the same code.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+
+from ..models.dit import DiTConfig, WanDiT
+from ..models.lq_projector import LQProjector, LQProjectorConfig
+from ..models.tcdecoder import TCDecoder, TCDecoderConfig
+from .config import Version
+from .decoders import FullDecoder, TinyDecoder
+
+DIT_TENSORS = 825
+PROJECTOR_TENSORS = 8
+TCDECODER_TENSORS = 66
+
+
+class CheckpointMismatch(ValueError):
+    pass
+
+
+def load_exact(module: nn.Module, sd: Mapping[str, torch.Tensor], *, what: str, source: str = "") -> None:
+    """Strict load that names what is wrong: missing keys, unexpected keys, wrong shapes."""
+    want = module.state_dict()
+    missing = sorted(want.keys() - sd.keys())
+    extra = sorted(sd.keys() - want.keys())
+    bad = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(t.shape)}"
+           for k, t in want.items() if k in sd and tuple(sd[k].shape) != tuple(t.shape)]
+    if missing or extra or bad:
+        where = f" ({source})" if source else ""
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {missing[:3]}")
+        if extra:
+            parts.append(f"{len(extra)} unexpected keys, e.g. {extra[:3]}")
+        if bad:
+            parts.append(f"{len(bad)} wrong shapes, e.g. {bad[:3]}")
+        raise CheckpointMismatch(f"{what}{where} does not match the network: " + "; ".join(parts)
+                                 + ". Is this the right file for this slot?")
+    module.load_state_dict(dict(sd), strict=True, assign=True)
+
+
+def _finish(module: nn.Module, device, dtype) -> nn.Module:
+    return module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+
+
+def _config(factory, sd, what: str, source: str):
+    try:
+        return factory(sd)
+    except ValueError as err:
+        raise CheckpointMismatch(f"{what} ({source or 'state dict'}): {err}. Is this the right file for this slot?") from None
+
+
+def build_dit(sd, device="cpu", dtype=torch.bfloat16, source: str = "") -> WanDiT:
+    cfg = _config(DiTConfig.from_state_dict, sd, "DiT", source)
+    with torch.device("meta"):
+        net = WanDiT(cfg)
+    load_exact(net, sd, what="DiT", source=source)
+    return _finish(net, device, dtype)
+
+
+def build_projector(sd, version, device="cpu", dtype=torch.bfloat16, source: str = "") -> LQProjector:
+    cfg = _config(LQProjectorConfig.from_state_dict, sd, "LQ projector", source)
+    with torch.device("meta"):
+        net = LQProjector(cfg, causal=Version.parse(version) is Version.V1_1)
+    load_exact(net, sd, what="LQ projector", source=source)
+    return _finish(net, device, dtype)
+
+
+def build_tcdecoder(sd, device="cpu", dtype=torch.bfloat16, source: str = "") -> TCDecoder:
+    cfg = _config(TCDecoderConfig.from_state_dict, sd, "TCDecoder", source)
+    with torch.device("meta"):
+        net = TCDecoder(cfg)
+    load_exact(net, sd, what="TCDecoder", source=source)
+    return _finish(net, device, dtype)
+
+
+def build_vae(sd, device="cpu", dtype=torch.bfloat16, source: str = ""):
+    from ..models import wan_vae
+    sub = wan_vae.decoder_state_dict(sd)
+    cfg = _config(wan_vae.WanVAEConfig.from_state_dict, sub, "Wan VAE", source)
+    with torch.device("meta"):
+        net = wan_vae.WanVAEDecoder(cfg)
+    load_exact(net, sub, what="Wan VAE decoder", source=source)
+    return _finish(net, device, dtype)
+
+
+def build_decoder(kind: str, sd, device="cpu", dtype=torch.bfloat16, source: str = "", **vae_tiling):
+    if kind == "full":
+        return FullDecoder(build_vae(sd, device, dtype, source), **vae_tiling)
+    return TinyDecoder(build_tcdecoder(sd, device, dtype, source))

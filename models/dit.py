@@ -1,0 +1,300 @@
+"""FlashVSR's DiT: the Wan2.1-T2V-1.3B transformer with FlashVSR's streaming forward.
+
+Parameter names equal the keys of ``diffusion_pytorch_model_streaming_dmd.safetensors`` (standard
+Wan 2.1 naming), so the official file loads with no renaming. Numerics follow the official
+DiffSynth port (flashvsr-spec.md §2, §6.3): everything in the compute dtype except RMSNorm (float32
+inside), RoPE (float64) and the sparse-attention draft softmax (float32).
+
+Streaming (spec §1.3, §5): chunk 0 carries 6 latent frames and sees only itself; every later chunk
+carries 2 and also sees the post-RoPE keys/values of the last ``int(kv_ratio)`` groups of 2 frames.
+Temporal RoPE positions are absolute: 0..5, then 4+2k, 5+2k.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .lcsa import BLOCK_TOKENS, WINDOW, draft_block_mask, local_block_mask
+
+HEAD_DIM = 128   # Wan2.1 uses 128-wide heads; head count is not recorded in the checkpoint
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    dim: int = 1536
+    in_dim: int = 16
+    out_dim: int = 16
+    ffn_dim: int = 8960
+    freq_dim: int = 256
+    text_dim: int = 4096
+    num_heads: int = 12
+    num_layers: int = 30
+    patch_size: tuple[int, int, int] = (1, 2, 2)
+    eps: float = 1e-6
+
+    @classmethod
+    def from_state_dict(cls, sd) -> "DiTConfig":
+        """Infer the widths from tensor shapes (so small test checkpoints use the same code)."""
+        try:
+            patch = sd["patch_embedding.weight"]
+            dim, in_dim = patch.shape[0], patch.shape[1]
+            patch_size = tuple(int(s) for s in patch.shape[2:])
+            layers = 0
+            while f"blocks.{layers}.modulation" in sd:
+                layers += 1
+            out_dim = sd["head.head.weight"].shape[0] // math.prod(patch_size)
+            return cls(dim=dim, in_dim=in_dim, out_dim=out_dim,
+                       ffn_dim=sd["blocks.0.ffn.0.weight"].shape[0],
+                       freq_dim=sd["time_embedding.0.weight"].shape[1],
+                       text_dim=sd["text_embedding.0.weight"].shape[1],
+                       num_heads=max(1, dim // HEAD_DIM), num_layers=layers, patch_size=patch_size)
+        except KeyError as err:
+            raise ValueError(f"not a FlashVSR/Wan2.1 DiT state dict: key {err} is missing") from None
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class _Attention(nn.Module):
+    """q/k/v/o projections with RMS-normalised q and k (names as in the checkpoint)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(dim, dim) for _ in range(4))
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+
+class DiTBlock(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        d = cfg.dim
+        self.self_attn = _Attention(d, cfg.eps)
+        self.cross_attn = _Attention(d, cfg.eps)
+        self.norm1 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.norm2 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, d))
+        self.modulation = nn.Parameter(torch.zeros(1, 6, d))
+
+
+class Head(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
+        self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+
+def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
+    half = dim // 2
+    freqs = torch.pow(10000, -torch.arange(half, dtype=torch.float64, device=position.device).div(half))
+    angles = torch.outer(position.to(torch.float64), freqs)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=1).to(position.dtype)
+
+
+def _axis_inv_freq(axis_dim: int) -> torch.Tensor:
+    return 1.0 / (10000.0 ** (torch.arange(0, axis_dim, 2)[: axis_dim // 2].double() / axis_dim))
+
+
+def rope_angles(head_dim: int, t_pos: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Complex128 rotations (f*h*w, 1, head_dim/2) for absolute temporal positions ``t_pos``.
+
+    Computed from the positions rather than looked up in a 1024-entry table, so clips longer than
+    the official ~4093-frame limit keep working (the values inside the table range are identical).
+    """
+    t_dim = head_dim - 2 * (head_dim // 3)
+    s_dim = head_dim // 3
+    dev = t_pos.device
+
+    def rot(pos, axis_dim):
+        ang = torch.outer(pos.to(torch.float64), _axis_inv_freq(axis_dim).to(dev))
+        return torch.polar(torch.ones_like(ang), ang)
+
+    ft, fh, fw = rot(t_pos, t_dim), rot(torch.arange(h, device=dev), s_dim), rot(torch.arange(w, device=dev), s_dim)
+    f = t_pos.numel()
+    table = torch.cat([ft.view(f, 1, 1, -1).expand(f, h, w, -1),
+                       fh.view(1, h, 1, -1).expand(f, h, w, -1),
+                       fw.view(1, 1, w, -1).expand(f, h, w, -1)], dim=-1)
+    return table.reshape(f * h * w, 1, -1)
+
+
+def apply_rope(x: torch.Tensor, angles: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Rotate interleaved channel pairs of every head in float64, as upstream; x is (B, L, C)."""
+    b, length, c = x.shape
+    xc = torch.view_as_complex(x.to(torch.float64).reshape(b, length, num_heads, -1, 2))
+    return torch.view_as_real(xc * angles).reshape(b, length, c).to(x.dtype)
+
+
+def to_windows(x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+    """(B, f*h*w, C) token order (t, y, x) -> (B*n_windows, 128, C), windows (group, row, col)."""
+    b, _, c = x.shape
+    wf, wh, ww = WINDOW
+    x = x.view(b, f // wf, wf, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(-1, wf * wh * ww, c)
+
+
+def from_windows(x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+    wf, wh, ww = WINDOW
+    c = x.shape[-1]
+    x = x.view(-1, f // wf, h // wh, w // ww, wf, wh, ww, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(-1, f * h * w, c)
+
+
+@dataclass
+class DiTConstants:
+    """Per-prompt tensors computed once: time embedding, modulation and cross-attention K/V."""
+    t: torch.Tensor                      # (1, dim)
+    t_mod: torch.Tensor                  # (1, 6, dim)
+    cross_kv: list[tuple[torch.Tensor, torch.Tensor]]   # per block (1, H, L_ctx, d) each
+
+
+@dataclass
+class DiTStreamState:
+    """What one streaming run carries between chunks (flashvsr-spec.md §5)."""
+    chunk_index: int = 0
+    kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    local_mask: torch.Tensor | None = None
+    local_key: tuple[int, int, int] | None = None
+    observe: object | None = None        # optional callback(layer, name, tensor) for parity tests
+
+
+@dataclass(frozen=True)
+class SparseParams:
+    topk_ratio: float
+    kv_groups: int      # int(kv_ratio)
+    local_range: int
+
+
+class WanDiT(nn.Module):
+    def __init__(self, cfg: DiTConfig):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"),
+                                            nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, d * 6))
+        self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = Head(cfg)
+
+    # ---- per-prompt constants -------------------------------------------------------------
+    @torch.no_grad()
+    def prepare(self, context: torch.Tensor, timestep: float = 1000.0) -> DiTConstants:
+        """Embed the fixed prompt and t=1000 once; cross-attention keys/values per block."""
+        dtype = self.patch_embedding.weight.dtype
+        dev = self.patch_embedding.weight.device
+        ts = torch.tensor([timestep], dtype=dtype, device=dev)
+        t = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, ts))
+        t_mod = self.time_projection(t).unflatten(1, (6, self.cfg.dim))
+        ctx = self.text_embedding(context.to(device=dev, dtype=dtype))
+        heads = self.cfg.num_heads
+        cross = []
+        for blk in self.blocks:
+            k = blk.cross_attn.norm_k(blk.cross_attn.k(ctx))
+            v = blk.cross_attn.v(ctx)
+            cross.append((self._heads(k, heads), self._heads(v, heads)))
+        return DiTConstants(t=t, t_mod=t_mod, cross_kv=cross)
+
+    @staticmethod
+    def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, length, c = x.shape
+        return x.view(b, length, heads, c // heads).transpose(1, 2)
+
+    @staticmethod
+    def _merge(x: torch.Tensor) -> torch.Tensor:
+        b, h, length, d = x.shape
+        return x.transpose(1, 2).reshape(b, length, h * d)
+
+    # ---- one streaming chunk ---------------------------------------------------------------
+    @torch.no_grad()
+    def forward_chunk(self, latents: torch.Tensor, lq_tokens: torch.Tensor | None, consts: DiTConstants,
+                      state: DiTStreamState, sparse: SparseParams, attn) -> torch.Tensor:
+        """Denoise one chunk in one step: returns ``latents - velocity`` (flow matching, sigma 1).
+
+        latents: (1, 16, f, H/8, W/8) noise slice; lq_tokens: (1, f*h*w, dim) projector tokens.
+        """
+        cfg = self.cfg
+        x = self.patch_embedding(latents)
+        f, h, w = x.shape[2:]
+        x = x.flatten(2).transpose(1, 2)
+        if lq_tokens is not None:
+            x = x + lq_tokens
+        start = 0 if state.chunk_index == 0 else 4 + 2 * state.chunk_index
+        t_pos = torch.arange(start, start + f, device=x.device)
+        angles = rope_angles(cfg.dim // cfg.num_heads, t_pos, h, w)
+        s1 = (h // WINDOW[1]) * (w // WINDOW[2])
+        key = (h // WINDOW[1], w // WINDOW[2], sparse.local_range)
+        if state.local_key != key:
+            state.local_mask = local_block_mask(key[0], key[1], key[2], device=x.device)
+            state.local_key = key
+        if not state.kv:
+            state.kv = [None] * len(self.blocks)
+        topk = int(s1 * s1 * sparse.topk_ratio) - 1
+        for i, blk in enumerate(self.blocks):
+            x = self._block(i, blk, x, consts, angles, (f, h, w), state, topk, sparse.kv_groups, s1, attn)
+        shift, scale = (self.head.modulation + consts.t.unsqueeze(1)).chunk(2, dim=1)
+        out = self.head.head(self.head.norm(x) * (1 + scale) + shift)
+        out = self._unpatchify(out, f, h, w)
+        state.chunk_index += 1
+        return latents - out
+
+    def _block(self, i, blk: DiTBlock, x, consts, angles, fhw, state, topk, kv_groups, s1, attn):
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (blk.modulation + consts.t_mod).chunk(6, dim=1)
+        y = blk.norm1(x) * (1 + scale_msa) + shift_msa
+        x = x + gate_msa * self._self_attention(i, blk.self_attn, y, angles, fhw, state, topk, kv_groups, s1, attn)
+        ca = blk.cross_attn
+        q = self._heads(ca.norm_q(ca.q(blk.norm3(x))), self.cfg.num_heads)
+        k, v = consts.cross_kv[i]
+        x = x + ca.o(self._merge(attn.dense(q, k, v)))
+        y = blk.norm2(x) * (1 + scale_mlp) + shift_mlp
+        return x + gate_mlp * blk.ffn(y)
+
+    def _self_attention(self, i, sa: _Attention, y, angles, fhw, state, topk, kv_groups, s1, attn):
+        f, h, w = fhw
+        heads = self.cfg.num_heads
+        q = apply_rope(sa.norm_q(sa.q(y)), angles, heads)
+        k = apply_rope(sa.norm_k(sa.k(y)), angles, heads)
+        v = sa.v(y)
+        q_w, k_w, v_w = to_windows(q, f, h, w), to_windows(k, f, h, w), to_windows(v, f, h, w)
+        cached = state.kv[i]
+        if cached is not None:
+            k_w = torch.cat([cached[0], k_w], dim=0)
+            v_w = torch.cat([cached[1], v_w], dim=0)
+        groups = f // WINDOW[0]
+        pooled_q, pooled_k = q_w.mean(dim=1), k_w.mean(dim=1)
+        mask = draft_block_mask(pooled_q, pooled_k, heads, groups, state.local_mask, topk)
+        if state.observe is not None:
+            state.observe(i, "block_mask", mask)
+            if i == 0:
+                state.observe(i, "pooled_q", pooled_q)
+                state.observe(i, "pooled_k", pooled_k)
+        c = q_w.shape[-1]
+        o = attn.block_sparse(self._heads(q_w.reshape(1, -1, c), heads), self._heads(k_w.reshape(1, -1, c), heads),
+                              self._heads(v_w.reshape(1, -1, c), heads), mask)
+        o = from_windows(self._merge(o).reshape(-1, BLOCK_TOKENS, c), f, h, w)
+        # Keep the newest kv_groups groups (the official "cache_num > kv_len" eviction).
+        if k_w.shape[0] // s1 > kv_groups:
+            k_w, v_w = k_w[s1:], v_w[s1:]
+        state.kv[i] = (k_w, v_w)
+        return sa.o(o)
+
+    def _unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+        pt, ph, pw = self.cfg.patch_size
+        c = self.cfg.out_dim
+        x = x.view(1, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(1, c, f * pt, h * ph, w * pw)

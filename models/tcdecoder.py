@@ -1,0 +1,121 @@
+"""TCDecoder: FlashVSR's conditional tiny video decoder (a widened TAEHV decoder), spec §6.1.
+
+Input per latent frame: the 16 latent channels behind 768 channels of the 4x8x8 pixel-shuffled LQ
+frames (the condition). Output: 4 RGB frames per latent (2 temporal doublings), 8x the size,
+values about [0, 1]. The first 3 frames of a run are dropped once (the decoder's warm-up).
+
+Streaming: every MemBlock mixes its input with its own *previous* input (zeros at the very start),
+so the memory of a layer depends only on the order of the inputs it has seen. Running a layer over
+all frames of a chunk at once (with the previous input shifted in) therefore gives the same result
+as the official frame-by-frame work queue, and is much faster.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+COND_SHUFFLE = (4, 8, 8)   # frames, rows, cols folded into channels for the condition
+TRIM_FRAMES = 3             # 2**2 - 1: the official decoder drops these once per run
+
+
+@dataclass(frozen=True)
+class TCDecoderConfig:
+    channels: tuple[int, int, int, int] = (512, 256, 128, 128)
+    latent_channels: int = 16 + 768
+
+    @classmethod
+    def from_state_dict(cls, sd) -> "TCDecoderConfig":
+        try:
+            return cls(channels=(sd["decoder.1.weight"].shape[0], sd["decoder.10.weight"].shape[0],
+                                 sd["decoder.16.weight"].shape[0], sd["decoder.22.weight"].shape[0]),
+                       latent_channels=sd["decoder.1.weight"].shape[1])
+        except KeyError as err:
+            raise ValueError(f"not a TCDecoder state dict: key {err} is missing") from None
+
+
+def _conv(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 3, padding=1, bias=bias)
+
+
+class Clamp(nn.Module):
+    def forward(self, x):
+        return torch.tanh(x / 3) * 3
+
+
+class MemBlock(nn.Module):
+    def __init__(self, n: int):
+        super().__init__()
+        self.conv = nn.Sequential(_conv(2 * n, n), nn.ReLU(), _conv(n, n), nn.ReLU(), _conv(n, n))
+
+    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.conv(torch.cat([x, past], 1)) + x)
+
+
+class TGrow(nn.Module):
+    """1x1 conv to ``stride`` x channels, then split into ``stride`` consecutive frames."""
+
+    def __init__(self, n: int, stride: int):
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(n, n * stride, 1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t, c, h, w = x.shape
+        return self.conv(x).view(t * self.stride, c, h, w)
+
+
+@dataclass
+class TCDecoderState:
+    memory: dict[int, torch.Tensor] = field(default_factory=dict)   # layer index -> last input
+    started: bool = False
+
+
+class TCDecoder(nn.Module):
+    def __init__(self, cfg: TCDecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        c0, c1, c2, c3 = cfg.channels
+        # Indices match the checkpoint keys ``decoder.N``; the no-bias 3x3 convs after the first and
+        # last ReLU are the "identity-deepening" layers of the official decoder.
+        self.decoder = nn.Sequential(
+            Clamp(), _conv(cfg.latent_channels, c0), nn.ReLU(), _conv(c0, c0, bias=False), nn.ReLU(),
+            MemBlock(c0), MemBlock(c0), MemBlock(c0), nn.Upsample(scale_factor=2), TGrow(c0, 1),
+            _conv(c0, c1, bias=False),
+            MemBlock(c1), MemBlock(c1), MemBlock(c1), nn.Upsample(scale_factor=2), TGrow(c1, 2),
+            _conv(c1, c2, bias=False),
+            MemBlock(c2), MemBlock(c2), MemBlock(c2), nn.Upsample(scale_factor=2), TGrow(c2, 2),
+            _conv(c2, c3, bias=False), nn.ReLU(), _conv(c3, c3, bias=False), nn.ReLU(), _conv(c3, 3),
+        )
+
+    @staticmethod
+    def shuffle_condition(cond: torch.Tensor) -> torch.Tensor:
+        """(1, 3, T, H, W) LQ frames -> (ceil(T/4), 768, H/8, W/8); pads the front with frame 0."""
+        ft, fh, fw = COND_SHUFFLE
+        b, c, t, h, w = cond.shape
+        if t % ft:
+            cond = torch.cat([cond[:, :, :1].expand(-1, -1, ft - t % ft, -1, -1), cond], dim=2)
+            t = cond.shape[2]
+        x = cond.view(b, c, t // ft, ft, h // fh, fh, w // fw, fw).permute(0, 2, 1, 3, 5, 7, 4, 6)
+        return x.reshape(b * (t // ft), c * ft * fh * fw, h // fh, w // fw)
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor, cond: torch.Tensor, state: TCDecoderState) -> torch.Tensor:
+        """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1]."""
+        x = torch.cat([self.shuffle_condition(cond), latents[0].transpose(0, 1)], dim=1)
+        for i, layer in enumerate(self.decoder):
+            if isinstance(layer, MemBlock):
+                prev = state.memory.get(i)
+                if prev is None:
+                    prev = torch.zeros_like(x[:1])
+                past = torch.cat([prev, x[:-1]], dim=0)
+                state.memory[i] = x[-1:].clone()
+                x = layer(x, past)
+            else:
+                x = layer(x)
+        if not state.started:
+            state.started = True
+            x = x[TRIM_FRAMES:]
+        return x.transpose(0, 1).unsqueeze(0)
