@@ -56,10 +56,20 @@ def total_chunks(n: int, official: bool) -> int:
 
 
 def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: UpscaleConfig, attn,
-               noise: torch.Tensor | None = None, observer: Observer | None = None) -> Iterator[ChunkOutput]:
-    """Yield output frames chunk by chunk. ``noise`` (1, 16, T, h, w) overrides the seeded noise."""
+               noise: torch.Tensor | None = None, observer: Observer | None = None,
+               tile: "Tile | None" = None) -> Iterator[ChunkOutput]:
+    """Yield output frames chunk by chunk. ``noise`` (1, 16, T, h, w) overrides the seeded noise.
+
+    With ``tile`` the run covers only that window of the model frame (spatial tiling): ``geom`` is
+    still the whole frame's geometry, the tile's own sizes come from ``tile``.
+    """
     dev, dtype = models.device, models.dtype
-    up = Upsampler(geom, dev, dtype)
+    full_up = Upsampler(geom, dev, dtype)
+    if tile is not None:
+        geom = tile.geometry(geom)
+        up = lambda frame: full_up(frame)[:, tile.top:tile.top + tile.height, tile.left:tile.left + tile.width]
+    else:
+        up = full_up
     hr: dict[int, torch.Tensor] = {}
 
     def lq(a: int, b: int) -> torch.Tensor:
@@ -117,6 +127,21 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
             del hr[i]
         source.forget_before(ck.out_end)
         k += 1
+
+
+@dataclass(frozen=True)
+class Tile:
+    top: int
+    left: int
+    height: int      # multiples of 128
+    width: int
+
+    def geometry(self, whole: Geometry) -> Geometry:
+        """The tile as a frame of its own; its output is the part inside the user's frame."""
+        from dataclasses import replace
+        return replace(whole, model_h=self.height, model_w=self.width,
+                       out_h=max(0, min(self.height, whole.out_h - self.top)),
+                       out_w=max(0, min(self.width, whole.out_w - self.left)))
 
 
 def _crop(frames: torch.Tensor, geom: Geometry) -> torch.Tensor:

@@ -1,0 +1,283 @@
+"""The public entry point: load FlashVSR once, upscale many clips.
+
+    from comfyui_flashvsr.flashvsr.pipeline import FlashVSR, UpscaleConfig
+    pipe = FlashVSR.from_pretrained("models/FlashVSR", mode="tiny", version="v1.1")
+    result = pipe.upscale(frames)                  # (N, H, W, 3) float in [0, 1]
+    result.frames                                  # (N, 4H, 4W, 3); result.stats.summary()
+"""
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..attention import AttentionDispatcher
+from .config import Mode, UpscaleConfig, Version
+from .engine import EngineModels, Tile, run_stream, total_chunks
+from .frames import FrameSource
+from .preprocess import MULTIPLE, plan_geometry
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class RunStats:
+    frames: int
+    seconds: float
+    peak_vram_bytes: int
+    attention: str
+    chunks: int
+    mode: str
+    device: str
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds if self.seconds > 0 else float("inf")
+
+    def summary(self) -> str:
+        vram = f"peak VRAM {self.peak_vram_bytes / 2**30:.1f} GiB" if self.peak_vram_bytes else f"device {self.device}"
+        return f"{self.attention} | {self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} fps) | {vram}"
+
+
+@dataclass
+class UpscaleResult:
+    frames: torch.Tensor
+    stats: RunStats
+
+
+class FlashVSR:
+    """A loaded model set (DiT, LQ projector, decoder, prompt) for one mode and weights version."""
+
+    def __init__(self, dit, projector, decoder, prompt: torch.Tensor, mode, version, device, dtype):
+        self.mode, self.version = Mode.parse(mode), Version.parse(version)
+        self.device, self.dtype = torch.device(device), dtype
+        self.dit, self.projector, self.decoder = dit, projector, decoder
+        self.prompt = prompt
+        self.consts = dit.prepare(prompt)
+        self.attention = AttentionDispatcher()
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, roots: "str | pathlib.Path | Sequence", mode="tiny", version="v1.1", device=None,
+                        dtype=torch.bfloat16, download: bool = True, verify_sha256: bool = False,
+                        progress=None) -> "FlashVSR":
+        """Load the official weights (or a known repack) from ``roots``, downloading what is missing."""
+        from .weights import ensure_weights, read_prompt, read_state_dict
+        mode, version = Mode.parse(mode), Version.parse(version)
+        roots = [pathlib.Path(roots)] if isinstance(roots, (str, pathlib.Path)) else [pathlib.Path(r) for r in roots]
+        files = ensure_weights(roots, version.value, mode.value, download=download, progress=progress,
+                               verify_sha256=verify_sha256)
+        device = _default_device(device)
+        dec_path = files.vae if mode is Mode.FULL else files.tcdecoder
+        return cls.from_state_dicts(read_state_dict(files.dit), read_state_dict(files.lq_proj),
+                                    read_state_dict(dec_path), read_prompt(files.prompt), mode, version,
+                                    device, dtype, sources=(str(files.dit), str(files.lq_proj), str(dec_path)))
+
+    @classmethod
+    def from_state_dicts(cls, dit_sd, projector_sd, decoder_sd, prompt, mode="tiny", version="v1.1",
+                         device=None, dtype=torch.bfloat16, sources=("", "", "")) -> "FlashVSR":
+        from .loader import build_dit, build_projector, build_tcdecoder, build_vae
+        mode, device = Mode.parse(mode), _default_device(device)
+        dit = build_dit(dit_sd, device, dtype, sources[0])
+        projector = build_projector(projector_sd, version, device, dtype, sources[1])
+        if mode is Mode.FULL:
+            decoder = build_vae(decoder_sd, device, dtype, sources[2])
+        else:
+            decoder = build_tcdecoder(decoder_sd, device, dtype, sources[2])
+        return cls(dit, projector, decoder, prompt, mode, version, device, dtype)
+
+    @classmethod
+    def random(cls, mode="tiny", version="v1.1", device=None, dtype=torch.bfloat16, size: str = "full",
+               seed: int = 0) -> "FlashVSR":
+        """Randomly initialised networks (speed tests only: the output means nothing)."""
+        from .testing import random_networks
+        mode, device = Mode.parse(mode), _default_device(device)
+        dit, projector, decoder, prompt = random_networks(mode, version, device, dtype, size, seed)
+        return cls(dit, projector, decoder, prompt, mode, version, device, dtype)
+
+    # ---- running ------------------------------------------------------------------------
+    def _decoder_for(self, cfg: UpscaleConfig):
+        from .decoders import FullDecoder, TinyDecoder
+        if self.mode is Mode.FULL:
+            return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride)
+        return TinyDecoder(self.decoder)
+
+    def upscale(self, frames: torch.Tensor, config: UpscaleConfig | None = None, on_progress: Progress | None = None,
+                noise: torch.Tensor | None = None) -> UpscaleResult:
+        """frames: (N, H, W, C) float in [0, 1] (C = 3; RGBA and gray are converted). Returns N frames."""
+        cfg = config or UpscaleConfig()
+        frames = _rgb(frames)
+        n, h, w = frames.shape[:3]
+        geom = plan_geometry(h, w, cfg.scale, cfg.preprocess == "official")
+        tiles = _tiles(geom.model_h, geom.model_w, cfg) if cfg.tile_size else [None]
+        total = total_chunks(n, geom.official) * len(tiles)
+        n_out = n if not geom.official else max(0, ((n + 3) // 8) * 8 - 3)
+        out = torch.zeros((n_out, geom.out_h, geom.out_w, 3), dtype=torch.float32)
+        weight = torch.zeros((1, geom.out_h, geom.out_w, 1), dtype=torch.float32) if len(tiles) > 1 else None
+        attn = self.attention.session(cfg.sageattention)
+        done = 0
+        start = self._start_timing()
+        try:
+            for tile in tiles:
+                src = FrameSource(frames)
+                ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
+                keep_on_device = self.mode is not Mode.TINY_LONG and ramp is None
+                pending = []
+                for chunk_out in run_stream(self._models(cfg), src, geom, cfg, attn, noise=noise, tile=tile):
+                    f = chunk_out.frames
+                    if keep_on_device:
+                        pending.append((chunk_out.start, f))
+                    else:
+                        _place(out, weight, chunk_out.start, f.cpu(), tile, ramp)
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(done, total)
+                for s, f in pending:
+                    _place(out, weight, s, f.cpu(), tile, ramp)
+                del pending
+            if weight is not None:
+                out /= weight
+        except torch.cuda.OutOfMemoryError as err:
+            self._release()
+            raise RuntimeError(f"FlashVSR ran out of GPU memory at {geom.model_w}x{geom.model_h} ({self.mode.value}): "
+                               "use mode 'tiny-long', spatial tiling (tile_size 512 or 768), a smaller scale, or "
+                               f"free other models first. ({err})") from None
+        finally:
+            self._release()
+        stats = self._stats(start, n_out, attn, done)
+        log.info("[FlashVSR] %s", stats.summary())
+        return UpscaleResult(out, stats)
+
+    def upscale_stream(self, frames: Iterable, config: UpscaleConfig | None = None, n_frames: int | None = None,
+                       on_progress: Progress | None = None) -> Iterator[torch.Tensor]:
+        """Stream frames through: yields (t, H', W', 3) uint8 CPU tensors in order, one per input frame."""
+        cfg = config or UpscaleConfig()
+        if cfg.tile_size:
+            raise ValueError("spatial tiling needs the whole clip; use upscale() or tile_size=0 when streaming")
+        src = FrameSource(_rgb_frame(f) for f in frames)
+        first = src.first()
+        geom = plan_geometry(first.shape[0], first.shape[1], cfg.scale, cfg.preprocess == "official")
+        total = total_chunks(n_frames, geom.official) if n_frames else 0
+        attn = self.attention.session(cfg.sageattention)
+        self.last_stats = None
+        start, done, count = self._start_timing(), 0, 0
+        try:
+            for chunk_out in run_stream(self._models(cfg), src, geom, cfg, attn):
+                u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8).cpu()
+                count += u8.shape[0]
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, max(total, done))
+                yield u8
+        finally:
+            self._release()
+        self.last_stats = self._stats(start, count, attn, done)
+
+    def _models(self, cfg: UpscaleConfig) -> EngineModels:
+        return EngineModels(self.dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype)
+
+    def _start_timing(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def _stats(self, start: float, frames: int, attn, chunks: int) -> RunStats:
+        peak = 0
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        return RunStats(frames, time.perf_counter() - start, peak, attn.summary(), chunks, self.mode.value,
+                        str(self.device))
+
+    def _release(self) -> None:
+        """Drop what a finished or cancelled run left in the allocator; the weights stay loaded."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def unload(self) -> None:
+        for name in ("dit", "projector", "decoder", "consts"):
+            setattr(self, name, None)
+        self._release()
+
+    @staticmethod
+    def sage_status() -> dict:
+        from ..attention import sage_status
+        return sage_status()
+
+
+def _default_device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _rgb(frames: torch.Tensor) -> torch.Tensor:
+    if not isinstance(frames, torch.Tensor) or frames.ndim != 4:
+        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
+        raise ValueError(f"expected frames as an (N, H, W, C) tensor, got {shape}")
+    if frames.shape[0] < 1:
+        raise ValueError("no input frames: give at least 1 frame")
+    c = frames.shape[-1]
+    if c == 1:
+        return frames.expand(-1, -1, -1, 3)
+    if c in (3, 4):
+        return frames[..., :3]
+    raise ValueError(f"expected 1, 3 or 4 channels in the last dimension, got {c} (shape {tuple(frames.shape)})")
+
+
+def _rgb_frame(frame) -> torch.Tensor:
+    frame = torch.as_tensor(frame)
+    return _rgb(frame[None])[0]
+
+
+def _tiles(model_h: int, model_w: int, cfg: UpscaleConfig) -> list[Tile]:
+    """Overlapping tiles (multiples of 128) covering the model frame; edge tiles are shifted inwards."""
+    size, step = cfg.tile_size, max(MULTIPLE, ((cfg.tile_size - cfg.tile_overlap) // MULTIPLE) * MULTIPLE)
+
+    def starts(total: int) -> list[int]:
+        if total <= size:
+            return [0]
+        s = list(range(0, total - size, step)) + [total - size]
+        return sorted(set(s))
+
+    th, tw = min(size, model_h), min(size, model_w)
+    return [Tile(y, x, th, tw) for y in starts(model_h) for x in starts(model_w)]
+
+
+def _ramp(tile: Tile, geom, overlap: int) -> torch.Tensor:
+    """(th, tw) blending weights: linear ramps over the overlap on sides that touch another tile."""
+    def axis(start, length, total):
+        w = torch.ones(length)
+        ramp = min(overlap, length // 2)
+        if ramp > 0:
+            r = (torch.arange(ramp, dtype=torch.float32) + 0.5) / ramp
+            if start > 0:
+                w[:ramp] = r
+            if start + length < total:
+                w[length - ramp:] = r.flip(0)
+        return w
+    return axis(tile.top, tile.height, geom.model_h)[:, None] * axis(tile.left, tile.width, geom.model_w)[None, :]
+
+
+def _place(out, weight, start, frames, tile, ramp) -> None:
+    t = frames.shape[0]
+    if tile is None:
+        out[start:start + t] = frames
+        return
+    h, w = frames.shape[1], frames.shape[2]
+    region = out[start:start + t, tile.top:tile.top + h, tile.left:tile.left + w]
+    if ramp is None:
+        region.copy_(frames)
+        return
+    r = ramp[:h, :w, None]
+    region += frames * r
+    if start == 0:
+        weight[0, tile.top:tile.top + h, tile.left:tile.left + w] += r

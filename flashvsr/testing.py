@@ -1,0 +1,102 @@
+"""Random networks and small weight files, for tests, demos and speed benchmarks (never quality).
+
+``write_tiny_weights`` writes reduced-width checkpoints under the official file names, so tests run
+the real loading path (file discovery, pickles through ``weights_only``, strict loads) on a CPU in
+seconds. ``random_networks`` builds full-size networks directly on the device for ``bench``.
+"""
+from __future__ import annotations
+
+import math
+import pathlib
+
+import torch
+import torch.nn as nn
+
+from ..models.dit import DiTConfig, WanDiT
+from ..models.lq_projector import LQProjector, LQProjectorConfig
+from ..models.tcdecoder import TCDecoder, TCDecoderConfig
+from .config import Mode, Version
+
+TINY_DIT = DiTConfig(dim=256, ffn_dim=512, text_dim=64, num_heads=2, num_layers=2)
+TINY_PROJECTOR = LQProjectorConfig(hidden1=64, hidden2=96, out_dim=256)
+TINY_TCDECODER = TCDecoderConfig(channels=(64, 32, 16, 16))
+TINY_PROMPT = (1, 32, 64)
+FULL_PROMPT = (1, 512, 4096)
+
+
+def _tiny_vae_config():
+    from ..models.wan_vae import WanVAEConfig
+    return WanVAEConfig(base_dim=8)
+
+
+def _full_vae_config():
+    from ..models.wan_vae import WanVAEConfig
+    return WanVAEConfig()
+
+
+@torch.no_grad()
+def randomize(module: nn.Module, gen: torch.Generator) -> nn.Module:
+    """Scale-aware random values: weights ~ N(0, 1/fan_in), biases small, norm gains near 1."""
+    for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        cpu = torch.empty(p.shape, dtype=torch.float32)
+        if leaf in ("gamma",) or (leaf == "weight" and p.ndim == 1):
+            cpu.normal_(1.0, 0.1, generator=gen)
+        elif leaf == "modulation":
+            cpu.normal_(0.0, 1.0 / math.sqrt(p.shape[-1]), generator=gen)
+        elif p.ndim >= 2:
+            cpu.normal_(0.0, 1.0 / math.sqrt(p[0].numel()), generator=gen)
+        else:
+            cpu.normal_(0.0, 0.05, generator=gen)
+        p.copy_(cpu.to(device=p.device, dtype=p.dtype))
+    return module
+
+
+def _make(factory, device, dtype, gen) -> nn.Module:
+    with torch.device("meta"):
+        net = factory()
+    net = net.to_empty(device=device).to(dtype)
+    return randomize(net, gen).eval().requires_grad_(False)
+
+
+def random_networks(mode, version, device, dtype, size: str = "full", seed: int = 0):
+    """(dit, projector, decoder, prompt) with random weights; size 'full' (official widths) or 'tiny'."""
+    if size not in ("full", "tiny"):
+        raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
+    mode, version = Mode.parse(mode), Version.parse(version)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    full = size == "full"
+    dit = _make(lambda: WanDiT(DiTConfig() if full else TINY_DIT), device, dtype, gen)
+    projector = _make(lambda: LQProjector(LQProjectorConfig() if full else TINY_PROJECTOR,
+                                          causal=version is Version.V1_1), device, dtype, gen)
+    if mode is Mode.FULL:
+        from ..models.wan_vae import WanVAEDecoder
+        cfg = _full_vae_config() if full else _tiny_vae_config()
+        decoder = _make(lambda: WanVAEDecoder(cfg), device, dtype, gen)
+    else:
+        decoder = _make(lambda: TCDecoder(TCDecoderConfig() if full else TINY_TCDECODER), device, dtype, gen)
+    prompt = torch.randn(FULL_PROMPT if full else TINY_PROMPT, generator=gen).to(torch.bfloat16)
+    return dit, projector, decoder, prompt
+
+
+def write_tiny_weights(root, version: str = "v1.1", seed: int = 0, include_vae: bool = True) -> pathlib.Path:
+    """Write reduced-width weights under the official names into ``root/<version>/``; returns that folder."""
+    from safetensors.torch import save_file
+    version = Version.parse(version)
+    folder = pathlib.Path(root) / version.value
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator("cpu").manual_seed(seed)
+    cpu = torch.device("cpu")
+    dit = _make(lambda: WanDiT(TINY_DIT), cpu, torch.float32, gen)
+    save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
+              str(folder / "diffusion_pytorch_model_streaming_dmd.safetensors"))
+    proj = _make(lambda: LQProjector(TINY_PROJECTOR, causal=version is Version.V1_1), cpu, torch.bfloat16, gen)
+    torch.save(proj.state_dict(), folder / "LQ_proj_in.ckpt")
+    tc = _make(lambda: TCDecoder(TINY_TCDECODER), cpu, torch.float32, gen)
+    torch.save(tc.state_dict(), folder / "TCDecoder.ckpt")
+    if include_vae:
+        from ..models.wan_vae import WanVAEDecoder
+        vae = _make(lambda: WanVAEDecoder(_tiny_vae_config()), cpu, torch.float32, gen)
+        torch.save(vae.state_dict(), folder / "Wan2.1_VAE.pth")
+    torch.save(torch.randn(TINY_PROMPT, generator=gen).to(torch.bfloat16), folder / "posi_prompt.pth")
+    return folder
