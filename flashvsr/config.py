@@ -55,6 +55,7 @@ class UpscaleConfig:
     vae_tile: tuple[int, int] = (60, 104)
     vae_stride: tuple[int, int] = (30, 52)
     color_fix_float32: bool = True
+    compile: bool = True          # CUDA only: torch.compile the DiT's elementwise glue (falls back to eager)
 
     def __post_init__(self) -> None:
         if not 1.0 <= float(self.scale) <= 4.0:

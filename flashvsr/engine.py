@@ -33,6 +33,7 @@ class EngineModels:
     consts: DiTConstants
     device: torch.device
     dtype: torch.dtype
+    dit_ops: dict | None = None     # compiled DiT glue (CUDA) or None for eager
 
 
 @dataclass
@@ -107,7 +108,7 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
             x = latent_noise(cfg.seed, ck.latent_start, ck.latent_count, lat_h, lat_w, device=dev, dtype=dtype)
         if observer is not None:
             observer("lq_latents", k, tokens)
-        latents = models.dit.forward_chunk(x, tokens, models.consts, dit_state, sparse, attn)
+        latents = models.dit.forward_chunk(x, tokens, models.consts, dit_state, sparse, attn, models.dit_ops)
         if observer is not None:
             observer("latents", k, latents)
         cond = lq(ck.out_start, ck.out_end)

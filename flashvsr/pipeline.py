@@ -60,6 +60,10 @@ class FlashVSR:
         self.device, self.dtype = torch.device(device), dtype
         self.dit, self.projector, self.decoder = dit, projector, decoder
         self.prompt = prompt
+        if self.device.type == "cuda":
+            projector.use_channels_last()
+            if hasattr(decoder, "use_channels_last"):
+                decoder.use_channels_last()
         self.consts = dit.prepare(prompt)
         self.attention = AttentionDispatcher()
 
@@ -119,7 +123,11 @@ class FlashVSR:
         tiles = _tiles(geom.model_h, geom.model_w, cfg) if cfg.tile_size else [None]
         total = total_chunks(n, geom.official) * len(tiles)
         n_out = n if not geom.official else max(0, ((n + 3) // 8) * 8 - 3)
-        out = torch.zeros((n_out, geom.out_h, geom.out_w, 3), dtype=torch.float32)
+        cuda = self.device.type == "cuda"
+        # Tiny/Full: the whole result in pinned memory, filled by asynchronous copies while the GPU
+        # works on. Tiny-Long pins only one chunk (long clips must not pin gigabytes of host RAM).
+        pin_all = cuda and len(tiles) == 1 and self.mode is not Mode.TINY_LONG
+        out = torch.zeros((n_out, geom.out_h, geom.out_w, 3), dtype=torch.float32, pin_memory=pin_all)
         weight = torch.zeros((1, geom.out_h, geom.out_w, 1), dtype=torch.float32) if len(tiles) > 1 else None
         attn = self.attention.session(cfg.sageattention)
         done = 0
@@ -128,20 +136,17 @@ class FlashVSR:
             for tile in tiles:
                 src = FrameSource(frames)
                 ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
-                keep_on_device = self.mode is not Mode.TINY_LONG and ramp is None
-                pending = []
                 for chunk_out in run_stream(self._models(cfg), src, geom, cfg, attn, noise=noise, tile=tile):
-                    f = chunk_out.frames
-                    if keep_on_device:
-                        pending.append((chunk_out.start, f))
+                    f, s0 = chunk_out.frames, chunk_out.start
+                    if pin_all:
+                        out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
                     else:
-                        _place(out, weight, chunk_out.start, f.cpu(), tile, ramp)
+                        _place(out, weight, s0, _to_host(f), tile, ramp)
                     done += 1
                     if on_progress is not None:
                         on_progress(done, total)
-                for s, f in pending:
-                    _place(out, weight, s, f.cpu(), tile, ramp)
-                del pending
+            if cuda:
+                torch.cuda.synchronize(self.device)
             if weight is not None:
                 out /= weight
         except torch.cuda.OutOfMemoryError as err:
@@ -181,7 +186,11 @@ class FlashVSR:
         self.last_stats = self._stats(start, count, attn, done)
 
     def _models(self, cfg: UpscaleConfig) -> EngineModels:
-        return EngineModels(self.dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype)
+        ops = None
+        if cfg.compile and self.device.type == "cuda":
+            from ..models.dit_ops import compiled_ops
+            ops = compiled_ops()
+        return EngineModels(self.dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype, ops)
 
     def _start_timing(self) -> float:
         if self.device.type == "cuda":
@@ -265,6 +274,15 @@ def _ramp(tile: Tile, geom, overlap: int) -> torch.Tensor:
                 w[length - ramp:] = r.flip(0)
         return w
     return axis(tile.top, tile.height, geom.model_h)[:, None] * axis(tile.left, tile.width, geom.model_w)[None, :]
+
+
+def _to_host(frames: torch.Tensor) -> torch.Tensor:
+    if frames.device.type != "cuda":
+        return frames
+    stage = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
+    stage.copy_(frames, non_blocking=True)
+    torch.cuda.current_stream(frames.device).synchronize()
+    return stage
 
 
 def _place(out, weight, start, frames, tile, ramp) -> None:

@@ -18,6 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import dit_ops
+from .dit_ops import heads_view
 from .lcsa import BLOCK_TOKENS, WINDOW, draft_block_mask, local_block_mask
 
 HEAD_DIM = 128   # Wan2.1 uses 128-wide heads; head count is not recorded in the checkpoint
@@ -132,28 +134,6 @@ def rope_angles(head_dim: int, t_pos: torch.Tensor, h: int, w: int) -> torch.Ten
     return table.reshape(f * h * w, 1, -1)
 
 
-def apply_rope(x: torch.Tensor, angles: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """Rotate interleaved channel pairs of every head in float64, as upstream; x is (B, L, C)."""
-    b, length, c = x.shape
-    xc = torch.view_as_complex(x.to(torch.float64).reshape(b, length, num_heads, -1, 2))
-    return torch.view_as_real(xc * angles).reshape(b, length, c).to(x.dtype)
-
-
-def to_windows(x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
-    """(B, f*h*w, C) token order (t, y, x) -> (B*n_windows, 128, C), windows (group, row, col)."""
-    b, _, c = x.shape
-    wf, wh, ww = WINDOW
-    x = x.view(b, f // wf, wf, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
-    return x.reshape(-1, wf * wh * ww, c)
-
-
-def from_windows(x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
-    wf, wh, ww = WINDOW
-    c = x.shape[-1]
-    x = x.view(-1, f // wf, h // wh, w // ww, wf, wh, ww, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
-    return x.reshape(-1, f * h * w, c)
-
-
 @dataclass
 class DiTConstants:
     """Per-prompt tensors computed once: time embedding, modulation and cross-attention K/V."""
@@ -166,7 +146,7 @@ class DiTConstants:
 class DiTStreamState:
     """What one streaming run carries between chunks (flashvsr-spec.md §5)."""
     chunk_index: int = 0
-    kv: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = field(default_factory=list)   # k, v, pooled k
     local_mask: torch.Tensor | None = None
     local_key: tuple[int, int, int] | None = None
     observe: object | None = None        # optional callback(layer, name, tensor) for parity tests
@@ -223,7 +203,7 @@ class WanDiT(nn.Module):
     # ---- one streaming chunk ---------------------------------------------------------------
     @torch.no_grad()
     def forward_chunk(self, latents: torch.Tensor, lq_tokens: torch.Tensor | None, consts: DiTConstants,
-                      state: DiTStreamState, sparse: SparseParams, attn) -> torch.Tensor:
+                      state: DiTStreamState, sparse: SparseParams, attn, ops: dict | None = None) -> torch.Tensor:
         """Denoise one chunk in one step: returns ``latents - velocity`` (flow matching, sigma 1).
 
         latents: (1, 16, f, H/8, W/8) noise slice; lq_tokens: (1, f*h*w, dim) projector tokens.
@@ -237,6 +217,8 @@ class WanDiT(nn.Module):
         start = 0 if state.chunk_index == 0 else 4 + 2 * state.chunk_index
         t_pos = torch.arange(start, start + f, device=x.device)
         angles = rope_angles(cfg.dim // cfg.num_heads, t_pos, h, w)
+        rot = (angles.real.contiguous(), angles.imag.contiguous())
+        ops = ops or dit_ops.EAGER
         s1 = (h // WINDOW[1]) * (w // WINDOW[2])
         key = (h // WINDOW[1], w // WINDOW[2], sparse.local_range)
         if state.local_key != key:
@@ -246,52 +228,44 @@ class WanDiT(nn.Module):
             state.kv = [None] * len(self.blocks)
         topk = int(s1 * s1 * sparse.topk_ratio) - 1
         for i, blk in enumerate(self.blocks):
-            x = self._block(i, blk, x, consts, angles, (f, h, w), state, topk, sparse.kv_groups, s1, attn)
+            x = self._block(i, blk, x, consts, rot, (f, h, w), state, topk, sparse.kv_groups, s1, attn, ops)
         shift, scale = (self.head.modulation + consts.t.unsqueeze(1)).chunk(2, dim=1)
         out = self.head.head(self.head.norm(x) * (1 + scale) + shift)
         out = self._unpatchify(out, f, h, w)
         state.chunk_index += 1
         return latents - out
 
-    def _block(self, i, blk: DiTBlock, x, consts, angles, fhw, state, topk, kv_groups, s1, attn):
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (blk.modulation + consts.t_mod).chunk(6, dim=1)
-        y = blk.norm1(x) * (1 + scale_msa) + shift_msa
-        x = x + gate_msa * self._self_attention(i, blk.self_attn, y, angles, fhw, state, topk, kv_groups, s1, attn)
-        ca = blk.cross_attn
-        q = self._heads(ca.norm_q(ca.q(blk.norm3(x))), self.cfg.num_heads)
-        k, v = consts.cross_kv[i]
-        x = x + ca.o(self._merge(attn.dense(q, k, v)))
-        y = blk.norm2(x) * (1 + scale_mlp) + shift_mlp
-        return x + gate_mlp * blk.ffn(y)
-
-    def _self_attention(self, i, sa: _Attention, y, angles, fhw, state, topk, kv_groups, s1, attn):
+    def _block(self, i, blk: DiTBlock, x, consts, rot, fhw, state, topk, kv_groups, s1, attn, ops):
         f, h, w = fhw
         heads = self.cfg.num_heads
-        q = apply_rope(sa.norm_q(sa.q(y)), angles, heads)
-        k = apply_rope(sa.norm_k(sa.k(y)), angles, heads)
-        v = sa.v(y)
-        q_w, k_w, v_w = to_windows(q, f, h, w), to_windows(k, f, h, w), to_windows(v, f, h, w)
+        sa, ca, ffn = blk.self_attn, blk.cross_attn, blk.ffn
+        q_w, k_w, v_w, pooled_q, pooled_k, mods = ops["pre"](
+            x, blk.modulation, consts.t_mod, sa.q.weight, sa.q.bias, sa.k.weight, sa.k.bias, sa.v.weight, sa.v.bias,
+            sa.norm_q.weight, sa.norm_k.weight, rot[0], rot[1], heads, f, h, w)
         cached = state.kv[i]
         if cached is not None:
+            # Window means of cached keys are kept rather than recomputed: the same numbers.
             k_w = torch.cat([cached[0], k_w], dim=0)
             v_w = torch.cat([cached[1], v_w], dim=0)
-        groups = f // WINDOW[0]
-        pooled_q, pooled_k = q_w.mean(dim=1), k_w.mean(dim=1)
-        mask = draft_block_mask(pooled_q, pooled_k, heads, groups, state.local_mask, topk)
+            pooled_k = torch.cat([cached[2], pooled_k], dim=0)
+        mask = draft_block_mask(pooled_q, pooled_k, heads, f // WINDOW[0], state.local_mask, topk)
         if state.observe is not None:
             state.observe(i, "block_mask", mask)
             if i == 0:
                 state.observe(i, "pooled_q", pooled_q)
                 state.observe(i, "pooled_k", pooled_k)
-        c = q_w.shape[-1]
-        o = attn.block_sparse(self._heads(q_w.reshape(1, -1, c), heads), self._heads(k_w.reshape(1, -1, c), heads),
-                              self._heads(v_w.reshape(1, -1, c), heads), mask)
-        o = from_windows(self._merge(o).reshape(-1, BLOCK_TOKENS, c), f, h, w)
+        o = attn.block_sparse(heads_view(q_w, heads), heads_view(k_w, heads), heads_view(v_w, heads), mask)
+        o = self._merge(o).reshape(-1, BLOCK_TOKENS, q_w.shape[-1])
         # Keep the newest kv_groups groups (the official "cache_num > kv_len" eviction).
         if k_w.shape[0] // s1 > kv_groups:
-            k_w, v_w = k_w[s1:], v_w[s1:]
-        state.kv[i] = (k_w, v_w)
-        return sa.o(o)
+            k_w, v_w, pooled_k = k_w[s1:], v_w[s1:], pooled_k[s1:]
+        state.kv[i] = (k_w, v_w, pooled_k)
+        x, q = ops["post_self"](x, o, sa.o.weight, sa.o.bias, mods[2], blk.norm3.weight, blk.norm3.bias,
+                                ca.q.weight, ca.q.bias, ca.norm_q.weight, f, h, w)
+        k, v = consts.cross_kv[i]
+        o = self._merge(attn.dense(heads_view(q, heads), k, v))
+        return ops["post_cross"](x, o, ca.o.weight, ca.o.bias, mods[3], mods[4], mods[5],
+                                 ffn[0].weight, ffn[0].bias, ffn[2].weight, ffn[2].bias)
 
     def _unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
         pt, ph, pw = self.cfg.patch_size

@@ -55,7 +55,10 @@ class CausalConv3d(nn.Conv3d):
         if cache is not None:
             x = torch.cat([cache, x], dim=2)
             front -= cache.shape[2]
-        return super().forward(F.pad(x, (1, 1, 1, 1, front, 0), mode="replicate"))
+        x = F.pad(x, (1, 1, 1, 1, front, 0), mode="replicate")
+        if self.weight.is_contiguous(memory_format=torch.channels_last_3d):
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        return super().forward(x)
 
 
 class RMSNorm3d(nn.Module):
@@ -84,6 +87,12 @@ class LQProjector(nn.Module):
         self.conv2 = CausalConv3d(cfg.hidden1, cfg.hidden2)
         self.norm2 = RMSNorm3d(cfg.hidden2)
         self.linear_layers = nn.ModuleList(nn.Linear(cfg.hidden2, cfg.out_dim) for _ in range(cfg.layer_num))
+
+    def use_channels_last(self) -> "LQProjector":
+        """NDHWC conv weights: cuDNN's fast 3-D convolutions without per-call layout conversions."""
+        for conv in (self.conv1, self.conv2):
+            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        return self
 
     @staticmethod
     def _shuffle(video: torch.Tensor) -> torch.Tensor:

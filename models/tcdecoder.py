@@ -64,7 +64,8 @@ class TGrow(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         t, c, h, w = x.shape
-        return self.conv(x).view(t * self.stride, c, h, w)
+        # reshape, not view: a channels-last tensor cannot move channel groups into the batch in place
+        return self.conv(x).reshape(t * self.stride, c, h, w)
 
 
 @dataclass
@@ -90,6 +91,13 @@ class TCDecoder(nn.Module):
             _conv(c2, c3, bias=False), nn.ReLU(), _conv(c3, c3, bias=False), nn.ReLU(), _conv(c3, 3),
         )
 
+    def use_channels_last(self) -> "TCDecoder":
+        """NHWC weights and activations: cuDNN's fast path on GPUs, no layout conversions per conv."""
+        return self.to(memory_format=torch.channels_last)
+
+    def _is_channels_last(self) -> bool:
+        return self.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
+
     @staticmethod
     def shuffle_condition(cond: torch.Tensor) -> torch.Tensor:
         """(1, 3, T, H, W) LQ frames -> (ceil(T/4), 768, H/8, W/8); pads the front with frame 0."""
@@ -105,6 +113,8 @@ class TCDecoder(nn.Module):
     def decode_chunk(self, latents: torch.Tensor, cond: torch.Tensor, state: TCDecoderState) -> torch.Tensor:
         """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1]."""
         x = torch.cat([self.shuffle_condition(cond), latents[0].transpose(0, 1)], dim=1)
+        if self._is_channels_last():
+            x = x.contiguous(memory_format=torch.channels_last)
         for i, layer in enumerate(self.decoder):
             if isinstance(layer, MemBlock):
                 prev = state.memory.get(i)

@@ -1,0 +1,120 @@
+"""The DiT block's work between attention calls, as pure tensor functions.
+
+Weights are passed in as tensors (not modules) so that one ``torch.compile``d graph serves all 30
+blocks: compiled on CUDA these functions fuse the layer norms, modulation, RMS norms, float64 RoPE,
+window (un)partitioning and residual gates into a few kernels; eager they are the reference. The
+arithmetic (dtypes, order) is the official one, so eager and compiled agree within rounding.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .lcsa import WINDOW
+
+log = logging.getLogger(__name__)
+
+EPS = 1e-6
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """Rotate interleaved pairs of each head in float64 (the official complex multiply, written out)."""
+    b, length, c = x.shape
+    xf = x.to(torch.float64).view(b, length, heads, c // heads // 2, 2)
+    re, im = xf[..., 0], xf[..., 1]
+    out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
+    return out.view(b, length, c).to(x.dtype)
+
+
+def to_windows(x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+    """(B, f*h*w, C) in (t, y, x) order -> (B*n_windows, 128, C), windows ordered (group, row, col)."""
+    b, _, c = x.shape
+    wf, wh, ww = WINDOW
+    x = x.view(b, f // wf, wf, h // wh, wh, w // ww, ww, c).permute(0, 1, 3, 5, 2, 4, 6, 7)
+    return x.reshape(-1, wf * wh * ww, c)
+
+
+def from_windows(x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
+    wf, wh, ww = WINDOW
+    c = x.shape[-1]
+    x = x.view(-1, f // wf, h // wh, w // ww, wf, wh, ww, c).permute(0, 1, 4, 2, 5, 3, 6, 7)
+    return x.reshape(-1, f * h * w, c)
+
+
+def heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B*nw, 128, C) or (B, L, C) -> (1, heads, L, C/heads) (a view, no copy)."""
+    c = x.shape[-1]
+    return x.reshape(1, -1, heads, c // heads).transpose(1, 2)
+
+
+def pre_attention(x, modulation, t_mod, qw, qb, kw, kb, vw, vb, nqw, nkw, cos, sin, heads: int,
+                  f: int, h: int, w: int):
+    """Modulated norm1, q/k/v, RMS norms, RoPE and window partition; also the pooled windows."""
+    mods = (modulation + t_mod).chunk(6, dim=1)
+    shift, scale = mods[0], mods[1]
+    y = F.layer_norm(x, (x.shape[-1],), eps=EPS) * (1 + scale) + shift
+    q = rope(rms_norm(F.linear(y, qw, qb), nqw), cos, sin, heads)
+    k = rope(rms_norm(F.linear(y, kw, kb), nkw), cos, sin, heads)
+    v = F.linear(y, vw, vb)
+    q_w, k_w, v_w = to_windows(q, f, h, w), to_windows(k, f, h, w), to_windows(v, f, h, w)
+    return q_w, k_w, v_w, q_w.mean(dim=1), k_w.mean(dim=1), mods
+
+
+def post_self_attention(x, o_windows, ow, ob, gate, n3w, n3b, cqw, cqb, cnqw, f: int, h: int, w: int):
+    """Self-attention output projection and gated residual; then the cross-attention query."""
+    o = from_windows(o_windows, f, h, w)
+    x = x + gate * F.linear(o, ow, ob)
+    q = rms_norm(F.linear(F.layer_norm(x, (x.shape[-1],), n3w, n3b, eps=EPS), cqw, cqb), cnqw)
+    return x, q
+
+
+def post_cross_attention(x, o, cow, cob, shift, scale, gate, f0w, f0b, f2w, f2b):
+    x = x + F.linear(o, cow, cob)
+    y = F.layer_norm(x, (x.shape[-1],), eps=EPS) * (1 + scale) + shift
+    return x + gate * F.linear(F.gelu(F.linear(y, f0w, f0b), approximate="tanh"), f2w, f2b)
+
+
+EAGER = {"pre": pre_attention, "post_self": post_self_attention, "post_cross": post_cross_attention}
+
+
+@functools.lru_cache(maxsize=1)
+def compiled_ops() -> dict | None:
+    """The same functions through torch.compile (static shapes: two per resolution), or None."""
+    try:
+        import triton  # noqa: F401  (inductor's GPU backend)
+    except Exception as exc:      # a broken triton must only cost speed
+        log.info("[FlashVSR] torch.compile of the DiT glue is off: triton unavailable (%s)", exc)
+        return None
+    return {name: _WithFallback(name, torch.compile(fn, dynamic=False, fullgraph=True), fn)
+            for name, fn in EAGER.items()}
+
+
+class _WithFallback:
+    """Compiled first; if compiling or running the compiled graph fails, the eager function from then on.
+
+    The functions are pure, so retrying the same call eagerly is exact. Out-of-memory is not a
+    compile problem and propagates.
+    """
+
+    def __init__(self, name: str, compiled, eager):
+        self.name, self.compiled, self.eager, self.failed = name, compiled, eager, False
+
+    def __call__(self, *args):
+        if not self.failed:
+            try:
+                return self.compiled(*args)
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:
+                self.failed = True
+                log.warning("[FlashVSR] torch.compile failed for DiT step %r, running it eagerly: %s: %s",
+                            self.name, type(exc).__name__, exc)
+        return self.eager(*args)
