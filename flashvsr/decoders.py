@@ -22,29 +22,27 @@ class Decoder(Protocol):
 class TinyDecoder:
     """TCDecoder: conditioned on the LQ frames; output ~[0, 1] mapped to [-1, 1], not clamped."""
 
-    def __init__(self, net: TCDecoder):
-        self.net = net
+    def __init__(self, net: TCDecoder, run_layers=None):
+        self.net, self.run_layers = net, run_layers     # run_layers: a compiled net.run_layers, or None
 
     def new_state(self):
         from ..models.tcdecoder import TCDecoderState
         return TCDecoderState()
 
     def decode(self, latents, cond, state):
-        return self.net.decode_chunk(latents, cond, state) * 2 - 1
+        return self.net.decode_chunk(latents, cond, state, self.run_layers) * 2 - 1
 
 
 class FullDecoder:
-    """Wan 2.1 VAE decoder (ignores the condition); optional spatial tiling."""
+    """Wan 2.1 VAE decoder (ignores the condition); optional spatial tiling in latent units."""
 
     def __init__(self, net, tiled: bool = False, tile=(60, 104), stride=(30, 52)):
         self.net, self.tiled, self.tile, self.stride = net, tiled, tuple(tile), tuple(stride)
 
     def new_state(self):
-        if self.tiled:
-            return self.net.new_tiled_state(self.tile, self.stride)
-        return self.net.new_state()
+        from ..models.wan_vae import VAETiling, WanVAEDecodeOptions
+        tiling = VAETiling(self.tile, self.stride) if self.tiled else None
+        return self.net.new_state(WanVAEDecodeOptions(tiling=tiling))
 
     def decode(self, latents, cond, state):
-        if self.tiled:
-            return self.net.decode_chunk_tiled(latents, state)
         return self.net.decode_chunk(latents, state)

@@ -62,10 +62,11 @@ class FlashVSR:
         self.prompt = prompt
         if self.device.type == "cuda":
             projector.use_channels_last()
-            if hasattr(decoder, "use_channels_last"):
-                decoder.use_channels_last()
+            if self.mode is Mode.FULL:
+                decoder.to_channels_last()
         self.consts = dit.prepare(prompt)
         self.attention = AttentionDispatcher()
+        self._tc_layers = None          # compiled TCDecoder pass, built on first CUDA run
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -73,15 +74,20 @@ class FlashVSR:
                         dtype=torch.bfloat16, download: bool = True, verify_sha256: bool = False,
                         progress=None) -> "FlashVSR":
         """Load the official weights (or a known repack) from ``roots``, downloading what is missing."""
-        from .weights import ensure_weights, read_prompt, read_state_dict
+        from .weights import COMMON_PREFIXES, ensure_weights, read_prompt, read_state_dict
         mode, version = Mode.parse(mode), Version.parse(version)
         roots = [pathlib.Path(roots)] if isinstance(roots, (str, pathlib.Path)) else [pathlib.Path(r) for r in roots]
         files = ensure_weights(roots, version.value, mode.value, download=download, progress=progress,
                                verify_sha256=verify_sha256)
         device = _default_device(device)
-        dec_path = files.vae if mode is Mode.FULL else files.tcdecoder
-        return cls.from_state_dicts(read_state_dict(files.dit), read_state_dict(files.lq_proj),
-                                    read_state_dict(dec_path), read_prompt(files.prompt), mode, version,
+        dec_path, dec_role = (files.vae, "vae") if mode is Mode.FULL else (files.tcdecoder, "tcdecoder")
+        # role= rejects a misplaced file (say a TCDecoder in the DiT slot) before gigabytes load;
+        # repacks (Kijai's, 1038lab's) may prefix every key, which the strict loaders must not see.
+        dit_sd = read_state_dict(files.dit, role="dit", strip_prefixes=COMMON_PREFIXES)
+        proj_sd = read_state_dict(files.lq_proj, role="lq_proj", strip_prefixes=COMMON_PREFIXES)
+        dec_sd = read_state_dict(dec_path, role=dec_role,
+                                 strip_prefixes=COMMON_PREFIXES if dec_role == "tcdecoder" else ())
+        return cls.from_state_dicts(dit_sd, proj_sd, dec_sd, read_prompt(files.prompt), mode, version,
                                     device, dtype, sources=(str(files.dit), str(files.lq_proj), str(dec_path)))
 
     @classmethod
@@ -111,7 +117,17 @@ class FlashVSR:
         from .decoders import FullDecoder, TinyDecoder
         if self.mode is Mode.FULL:
             return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride)
-        return TinyDecoder(self.decoder)
+        return TinyDecoder(self.decoder, self._compiled_tc() if self._compiling(cfg) else None)
+
+    def _compiling(self, cfg: UpscaleConfig) -> bool:
+        from ..models.compiled import triton_usable
+        return cfg.compile and self.device.type == "cuda" and triton_usable()
+
+    def _compiled_tc(self):
+        if self._tc_layers is None:
+            from ..models.compiled import compile_with_fallback
+            self._tc_layers = compile_with_fallback(self.decoder.run_layers, "the TCDecoder")
+        return self._tc_layers
 
     def upscale(self, frames: torch.Tensor, config: UpscaleConfig | None = None, on_progress: Progress | None = None,
                 noise: torch.Tensor | None = None) -> UpscaleResult:
@@ -187,7 +203,7 @@ class FlashVSR:
 
     def _models(self, cfg: UpscaleConfig) -> EngineModels:
         ops = None
-        if cfg.compile and self.device.type == "cuda":
+        if self._compiling(cfg):
             from ..models.dit_ops import compiled_ops
             ops = compiled_ops()
         return EngineModels(self.dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype, ops)
@@ -218,8 +234,10 @@ class FlashVSR:
 
     @staticmethod
     def sage_status() -> dict:
-        from ..attention import sage_status
-        return sage_status()
+        """Whether SageAttention is importable here (probed once per process, never raises)."""
+        from ..attention.probe import probe_sage
+        p = probe_sage()
+        return {"installed": p.available, "version": p.version, "flavour": p.flavour, "reason": p.reason}
 
 
 def _default_device(device) -> torch.device:

@@ -21,6 +21,11 @@ TINY_DIT = DiTConfig(dim=256, ffn_dim=512, text_dim=64, num_heads=2, num_layers=
 TINY_PROJECTOR = LQProjectorConfig(hidden1=64, hidden2=96, out_dim=256)
 TINY_TCDECODER = TCDecoderConfig(channels=(64, 32, 16, 16))
 TINY_PROMPT = (1, 32, 64)
+# "micro": the smallest widths the architecture allows (one 128-wide head); behaviour tests only
+MICRO_DIT = DiTConfig(dim=128, ffn_dim=128, text_dim=32, num_heads=1, num_layers=1)
+MICRO_PROJECTOR = LQProjectorConfig(hidden1=16, hidden2=16, out_dim=128)
+MICRO_TCDECODER = TCDecoderConfig(channels=(16, 8, 8, 8))
+MICRO_PROMPT = (1, 8, 32)
 FULL_PROMPT = (1, 512, 4096)
 
 
@@ -60,22 +65,27 @@ def _make(factory, device, dtype, gen) -> nn.Module:
 
 
 def random_networks(mode, version, device, dtype, size: str = "full", seed: int = 0):
-    """(dit, projector, decoder, prompt) with random weights; size 'full' (official widths) or 'tiny'."""
-    if size not in ("full", "tiny"):
-        raise ValueError(f"size must be 'full' or 'tiny', got {size!r}")
+    """(dit, projector, decoder, prompt) with random weights.
+
+    size: 'full' (official widths, for speed tests), 'tiny' (the fixtures' reduced widths) or 'micro'.
+    """
+    sizes = {"full": (DiTConfig(), LQProjectorConfig(), TCDecoderConfig(), FULL_PROMPT),
+             "tiny": (TINY_DIT, TINY_PROJECTOR, TINY_TCDECODER, TINY_PROMPT),
+             "micro": (MICRO_DIT, MICRO_PROJECTOR, MICRO_TCDECODER, MICRO_PROMPT)}
+    if size not in sizes:
+        raise ValueError(f"size must be one of {sorted(sizes)}, got {size!r}")
+    dit_cfg, proj_cfg, tc_cfg, prompt_shape = sizes[size]
     mode, version = Mode.parse(mode), Version.parse(version)
     gen = torch.Generator("cpu").manual_seed(seed)
-    full = size == "full"
-    dit = _make(lambda: WanDiT(DiTConfig() if full else TINY_DIT), device, dtype, gen)
-    projector = _make(lambda: LQProjector(LQProjectorConfig() if full else TINY_PROJECTOR,
-                                          causal=version is Version.V1_1), device, dtype, gen)
+    dit = _make(lambda: WanDiT(dit_cfg), device, dtype, gen)
+    projector = _make(lambda: LQProjector(proj_cfg, causal=version is Version.V1_1), device, dtype, gen)
     if mode is Mode.FULL:
         from ..models.wan_vae import WanVAEDecoder
-        cfg = _full_vae_config() if full else _tiny_vae_config()
+        cfg = _full_vae_config() if size == "full" else _tiny_vae_config()
         decoder = _make(lambda: WanVAEDecoder(cfg), device, dtype, gen)
     else:
-        decoder = _make(lambda: TCDecoder(TCDecoderConfig() if full else TINY_TCDECODER), device, dtype, gen)
-    prompt = torch.randn(FULL_PROMPT if full else TINY_PROMPT, generator=gen).to(torch.bfloat16)
+        decoder = _make(lambda: TCDecoder(tc_cfg), device, dtype, gen)
+    prompt = torch.randn(prompt_shape, generator=gen).to(torch.bfloat16)
     return dit, projector, decoder, prompt
 
 

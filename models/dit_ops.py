@@ -8,14 +8,13 @@ arithmetic (dtypes, order) is the official one, so eager and compiled agree with
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 import torch.nn.functional as F
 
+from .compiled import compile_with_fallback, triton_usable
 from .lcsa import WINDOW
 
-log = logging.getLogger(__name__)
 
 EPS = 1e-6
 
@@ -88,33 +87,6 @@ EAGER = {"pre": pre_attention, "post_self": post_self_attention, "post_cross": p
 @functools.lru_cache(maxsize=1)
 def compiled_ops() -> dict | None:
     """The same functions through torch.compile (static shapes: two per resolution), or None."""
-    try:
-        import triton  # noqa: F401  (inductor's GPU backend)
-    except Exception as exc:      # a broken triton must only cost speed
-        log.info("[FlashVSR] torch.compile of the DiT glue is off: triton unavailable (%s)", exc)
+    if not triton_usable():
         return None
-    return {name: _WithFallback(name, torch.compile(fn, dynamic=False, fullgraph=True), fn)
-            for name, fn in EAGER.items()}
-
-
-class _WithFallback:
-    """Compiled first; if compiling or running the compiled graph fails, the eager function from then on.
-
-    The functions are pure, so retrying the same call eagerly is exact. Out-of-memory is not a
-    compile problem and propagates.
-    """
-
-    def __init__(self, name: str, compiled, eager):
-        self.name, self.compiled, self.eager, self.failed = name, compiled, eager, False
-
-    def __call__(self, *args):
-        if not self.failed:
-            try:
-                return self.compiled(*args)
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as exc:
-                self.failed = True
-                log.warning("[FlashVSR] torch.compile failed for DiT step %r, running it eagerly: %s: %s",
-                            self.name, type(exc).__name__, exc)
-        return self.eager(*args)
+    return {name: compile_with_fallback(fn, f"DiT step {name!r}", fullgraph=True) for name, fn in EAGER.items()}

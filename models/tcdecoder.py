@@ -11,7 +11,7 @@ as the official frame-by-frame work queue, and is much faster.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -70,7 +70,7 @@ class TGrow(nn.Module):
 
 @dataclass
 class TCDecoderState:
-    memory: dict[int, torch.Tensor] = field(default_factory=dict)   # layer index -> last input
+    memory: list[torch.Tensor] | None = None   # per MemBlock: its last input frame
     started: bool = False
 
 
@@ -91,13 +91,6 @@ class TCDecoder(nn.Module):
             _conv(c2, c3, bias=False), nn.ReLU(), _conv(c3, c3, bias=False), nn.ReLU(), _conv(c3, 3),
         )
 
-    def use_channels_last(self) -> "TCDecoder":
-        """NHWC weights and activations: cuDNN's fast path on GPUs, no layout conversions per conv."""
-        return self.to(memory_format=torch.channels_last)
-
-    def _is_channels_last(self) -> bool:
-        return self.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
-
     @staticmethod
     def shuffle_condition(cond: torch.Tensor) -> torch.Tensor:
         """(1, 3, T, H, W) LQ frames -> (ceil(T/4), 768, H/8, W/8); pads the front with frame 0."""
@@ -109,22 +102,46 @@ class TCDecoder(nn.Module):
         x = cond.view(b, c, t // ft, ft, h // fh, fh, w // fw, fw).permute(0, 2, 1, 3, 5, 7, 4, 6)
         return x.reshape(b * (t // ft), c * ft * fh * fw, h // fh, w // fw)
 
-    @torch.no_grad()
-    def decode_chunk(self, latents: torch.Tensor, cond: torch.Tensor, state: TCDecoderState) -> torch.Tensor:
-        """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1]."""
-        x = torch.cat([self.shuffle_condition(cond), latents[0].transpose(0, 1)], dim=1)
-        if self._is_channels_last():
-            x = x.contiguous(memory_format=torch.channels_last)
-        for i, layer in enumerate(self.decoder):
+    def memory_shapes(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
+        """Shape of each MemBlock's remembered input for latents of h x w (one frame)."""
+        shapes, c, scale = [], self.cfg.channels, 1
+        stage = 0
+        for layer in self.decoder:
             if isinstance(layer, MemBlock):
-                prev = state.memory.get(i)
-                if prev is None:
-                    prev = torch.zeros_like(x[:1])
-                past = torch.cat([prev, x[:-1]], dim=0)
-                state.memory[i] = x[-1:].clone()
+                shapes.append((1, c[stage], h * scale, w * scale))
+            elif isinstance(layer, nn.Upsample):
+                scale *= 2
+                stage += 1
+        return shapes
+
+    def run_layers(self, x: torch.Tensor, memory: list[torch.Tensor]):
+        """All layers over a chunk of frames (t, C, h, w); memory = each MemBlock's previous input.
+
+        A pure function of its inputs (returns the new memory), so it can be compiled.
+        """
+        new_memory = []
+        for layer in self.decoder:
+            if isinstance(layer, MemBlock):
+                past = torch.cat([memory[len(new_memory)], x[:-1]], dim=0)
+                new_memory.append(x[-1:].clone())
                 x = layer(x, past)
             else:
                 x = layer(x)
+        return x, new_memory
+
+    @torch.no_grad()
+    def decode_chunk(self, latents: torch.Tensor, cond: torch.Tensor, state: TCDecoderState,
+                     run_layers=None) -> torch.Tensor:
+        """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1].
+
+        ``run_layers``: a compiled :meth:`run_layers` to use instead of the eager one.
+        """
+        x = torch.cat([self.shuffle_condition(cond), latents[0].transpose(0, 1)], dim=1)
+        if state.memory is None:
+            h, w = latents.shape[-2:]
+            # The official decoder's first "past" is zeros (input * 0).
+            state.memory = [torch.zeros(s, dtype=x.dtype, device=x.device) for s in self.memory_shapes(h, w)]
+        x, state.memory = (run_layers or self.run_layers)(x, state.memory)
         if not state.started:
             state.started = True
             x = x[TRIM_FRAMES:]

@@ -12,12 +12,12 @@ from comfyui_flashvsr.flashvsr.schedule import plan_frames
 
 @pytest.fixture(scope="module")
 def tiny():
-    return FlashVSR.random(mode="tiny", version="v1.1", device="cpu", dtype=torch.float32, size="tiny", seed=1)
+    return FlashVSR.random(mode="tiny", version="v1.1", device="cpu", dtype=torch.float32, size="micro", seed=1)
 
 
 @pytest.fixture(scope="module")
 def tiny_long():
-    return FlashVSR.random(mode="tiny-long", version="v1.1", device="cpu", dtype=torch.float32, size="tiny", seed=1)
+    return FlashVSR.random(mode="tiny-long", version="v1.1", device="cpu", dtype=torch.float32, size="micro", seed=1)
 
 
 def clip(n, h=20, w=24, seed=0):
