@@ -152,7 +152,7 @@ class FlashVSR:
             for tile in tiles:
                 src = FrameSource(frames)
                 ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
-                for chunk_out in run_stream(self._models(cfg), src, geom, cfg, attn, noise=noise, tile=tile):
+                for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn, noise=noise, tile=tile)):
                     f, s0 = chunk_out.frames, chunk_out.start
                     if pin_all:
                         out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
@@ -190,7 +190,7 @@ class FlashVSR:
         self.last_stats = None
         start, done, count = self._start_timing(), 0, 0
         try:
-            for chunk_out in run_stream(self._models(cfg), src, geom, cfg, attn):
+            for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn)):
                 u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8).cpu()
                 count += u8.shape[0]
                 done += 1
@@ -238,6 +238,19 @@ class FlashVSR:
         from ..attention.probe import probe_sage
         p = probe_sage()
         return {"installed": p.available, "version": p.version, "flavour": p.flavour, "reason": p.reason}
+
+
+def _tuned(chunks: Iterator) -> Iterator:
+    """Run each chunk with cuDNN autotuning on (our conv shapes repeat every chunk), without
+    changing the flag for the rest of the process (other ComfyUI nodes)."""
+    while True:
+        cudnn = torch.backends.cudnn
+        with cudnn.flags(enabled=True, benchmark=True, deterministic=cudnn.deterministic, allow_tf32=cudnn.allow_tf32):
+            try:
+                item = next(chunks)
+            except StopIteration:
+                return
+        yield item
 
 
 def _default_device(device) -> torch.device:
