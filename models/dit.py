@@ -143,10 +143,62 @@ class DiTConstants:
 
 
 @dataclass
+class KVRing:
+    """One block's post-RoPE key/value windows of the last groups, in fixed slots (no copying).
+
+    The official cache concatenates [cached groups, new group] every chunk and drops the oldest
+    group when more than ``int(kv_ratio)`` remain. Here each group keeps its slot until evicted; the
+    mask is computed on the groups in the official (logical) order and then scattered to the slots.
+    The attention kernels only read selected key blocks, so slot order does not matter to them.
+    """
+    k: torch.Tensor           # (slots*s1, 128, C)
+    v: torch.Tensor
+    pooled: torch.Tensor      # (slots*s1, C) window means of the keys
+    order: list[int]          # slots of the cached groups, oldest first
+    _index: dict = field(default_factory=dict)   # (slots tuple) -> device index tensor, built once
+
+    def _slots_index(self, groups, s1: int, device) -> torch.Tensor:
+        key = (tuple(groups), str(device))
+        if key not in self._index:     # a handful of patterns per run; avoids a host copy per layer
+            self._index[key] = torch.tensor([g * s1 + b for g in groups for b in range(s1)], device=device)
+        return self._index[key]
+
+    @classmethod
+    def allocate(cls, k_w: torch.Tensor, pooled: torch.Tensor, s1: int, kv_groups: int) -> "KVRing":
+        # Chunk 0 brings 3 groups; later chunks attend to up to max(kv_groups, 2) cached groups + 1 new.
+        slots = max(3, max(kv_groups, 2) + 1)
+        shape = (slots * s1,) + tuple(k_w.shape[1:])
+        # zeros, not empty: a dense fallback multiplies unselected values by 0, and 0 * NaN is NaN
+        return cls(k_w.new_zeros(shape), k_w.new_zeros(shape), pooled.new_zeros((slots * s1, pooled.shape[1])), [])
+
+    def add(self, k_w, v_w, pooled, s1: int) -> list[int]:
+        free = [s for s in range(self.k.shape[0] // s1) if s not in self.order]
+        new = free[: k_w.shape[0] // s1]
+        idx = self._slots_index(new, s1, k_w.device)
+        self.k.index_copy_(0, idx, k_w)
+        self.v.index_copy_(0, idx, v_w)
+        self.pooled.index_copy_(0, idx, pooled)
+        return self.order + new
+
+    def columns(self, groups: list[int], s1: int) -> torch.Tensor:
+        return self._slots_index(groups, s1, self.k.device)
+
+    def physical_mask(self, mask: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """(1, H, nq, n_logical) -> (1, H, nq, n_slots*s1); free slots are never selected."""
+        out = mask.new_zeros(mask.shape[:-1] + (self.k.shape[0],))
+        out[..., cols] = mask
+        return out
+
+    def evict(self, groups: list[int], kv_groups: int) -> None:
+        # The official rule drops one group at most per chunk, when more than kv_groups remain.
+        self.order = groups[1:] if len(groups) > kv_groups else groups
+
+
+@dataclass
 class DiTStreamState:
     """What one streaming run carries between chunks (flashvsr-spec.md §5)."""
     chunk_index: int = 0
-    kv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = field(default_factory=list)   # k, v, pooled k
+    kv: list[KVRing | None] = field(default_factory=list)
     local_mask: torch.Tensor | None = None
     local_key: tuple[int, int, int] | None = None
     observe: object | None = None        # optional callback(layer, name, tensor) for parity tests
@@ -242,24 +294,22 @@ class WanDiT(nn.Module):
         q_w, k_w, v_w, pooled_q, pooled_k, mods = ops["pre"](
             x, blk.modulation, consts.t_mod, sa.q.weight, sa.q.bias, sa.k.weight, sa.k.bias, sa.v.weight, sa.v.bias,
             sa.norm_q.weight, sa.norm_k.weight, rot[0], rot[1], heads, f, h, w)
-        cached = state.kv[i]
-        if cached is not None:
-            # Window means of cached keys are kept rather than recomputed: the same numbers.
-            k_w = torch.cat([cached[0], k_w], dim=0)
-            v_w = torch.cat([cached[1], v_w], dim=0)
-            pooled_k = torch.cat([cached[2], pooled_k], dim=0)
+        ring = state.kv[i]
+        if ring is None:
+            ring = state.kv[i] = KVRing.allocate(k_w, pooled_k, s1, kv_groups)
+        groups = ring.add(k_w, v_w, pooled_k, s1)                   # logical order, oldest first
+        cols = ring.columns(groups, s1)
+        pooled_k = ring.pooled.index_select(0, cols)
         mask = draft_block_mask(pooled_q, pooled_k, heads, f // WINDOW[0], state.local_mask, topk)
         if state.observe is not None:
             state.observe(i, "block_mask", mask)
             if i == 0:
                 state.observe(i, "pooled_q", pooled_q)
                 state.observe(i, "pooled_k", pooled_k)
-        o = attn.block_sparse(heads_view(q_w, heads), heads_view(k_w, heads), heads_view(v_w, heads), mask)
+        o = attn.block_sparse(heads_view(q_w, heads), heads_view(ring.k, heads), heads_view(ring.v, heads),
+                              ring.physical_mask(mask, cols))
         o = self._merge(o).reshape(-1, BLOCK_TOKENS, q_w.shape[-1])
-        # Keep the newest kv_groups groups (the official "cache_num > kv_len" eviction).
-        if k_w.shape[0] // s1 > kv_groups:
-            k_w, v_w, pooled_k = k_w[s1:], v_w[s1:], pooled_k[s1:]
-        state.kv[i] = (k_w, v_w, pooled_k)
+        ring.evict(groups, kv_groups)
         x, q = ops["post_self"](x, o, sa.o.weight, sa.o.bias, mods[2], blk.norm3.weight, blk.norm3.bias,
                                 ca.q.weight, ca.q.bias, ca.norm_q.weight, f, h, w)
         k, v = consts.cross_kv[i]
