@@ -1,0 +1,114 @@
+"""Block-sparse attention pieces that need only torch: input checks, the look-up table, the
+bounded-memory masked-SDPA reference, and compiled flex_attention.
+
+Semantics (FlashVSR LCSA, flashvsr-spec.md §4.7): 128x128 blocks; head h uses ``block_mask[:, h]``;
+the softmax runs over the selected key blocks only; a query block with no selected key block
+outputs exactly zero.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+BLOCK = 128
+# Token-level mask elements materialised per reference step: 32 Mi bools (64-128 MB once SDPA turns
+# it into an additive mask) whatever the sequence lengths.
+REFERENCE_MASK_BUDGET = 1 << 25
+
+
+def check_block_sparse_inputs(q, k, v, block_mask) -> None:
+    """Raise ValueError naming the first thing that breaks the block_sparse contract."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (B, H, L, D); got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    bsz, heads, lq, dim = q.shape
+    if k.shape != v.shape or k.shape[0] != bsz or k.shape[1] != heads or k.shape[3] != dim:
+        raise ValueError(f"k and v must be (B={bsz}, H={heads}, Lk, D={dim}); got {tuple(k.shape)}, {tuple(v.shape)}")
+    lk = k.shape[2]
+    if lq % BLOCK or lk % BLOCK:
+        raise ValueError(f"block-sparse lengths must be multiples of {BLOCK}; got Lq={lq}, Lk={lk} "
+                         "(FlashVSR windows are 128 tokens: pad to whole windows before attention)")
+    want = (bsz, heads, lq // BLOCK, lk // BLOCK)
+    if block_mask.dtype != torch.bool or tuple(block_mask.shape) != want:
+        raise ValueError(f"block_mask must be bool {want}; got {block_mask.dtype} {tuple(block_mask.shape)}")
+    if block_mask.device != q.device:
+        raise ValueError(f"block_mask is on {block_mask.device} but q is on {q.device}")
+
+
+def build_lut(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, H, nq, nk) bool -> (indices (B, H, nq, nk) int32, selected ids first in ascending order;
+    counts (B, H, nq) int32).
+
+    A stable sort and a sum on the mask's device: no host synchronisation, no Python loop over blocks.
+    """
+    flags = block_mask.to(torch.uint8)
+    counts = flags.sum(-1, dtype=torch.int32)
+    order = torch.sort(flags, dim=-1, descending=True, stable=True).indices
+    return order.to(torch.int32), counts
+
+
+def zero_empty_query_blocks(out: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Write exact zeros into the query blocks that selected no key block (in place, returns ``out``)."""
+    empty = (counts == 0).repeat_interleave(BLOCK, dim=-1)[..., None]      # (B, H, Lq, 1)
+    return out.masked_fill_(empty, 0)
+
+
+def masked_reference(q, k, v, block_mask, scale: Optional[float] = None,
+                     mask_budget: int = REFERENCE_MASK_BUDGET) -> torch.Tensor:
+    """Exact block-sparse attention by SDPA with a token-level boolean mask, one head and a few
+    query blocks at a time so that the materialised mask stays under ``mask_budget`` elements."""
+    bsz, heads, lq, _ = q.shape
+    lk = k.shape[2]
+    out = torch.empty_like(q)
+    step = max(1, mask_budget // (BLOCK * lk))          # query blocks per SDPA call
+    for h in range(heads):
+        for q0 in range(0, lq // BLOCK, step):
+            rows = block_mask[:, h, q0:q0 + step]                                  # (B, n, nk)
+            token_mask = rows.repeat_interleave(BLOCK, 1).repeat_interleave(BLOCK, 2)[:, None]
+            span = slice(q0 * BLOCK, q0 * BLOCK + rows.shape[1] * BLOCK)
+            o = F.scaled_dot_product_attention(q[:, h:h + 1, span], k[:, h:h + 1], v[:, h:h + 1],
+                                               attn_mask=token_mask, scale=scale)
+            # Fully masked rows come back as 0 on recent CPU builds but NaN on some CUDA backends.
+            visible = rows.any(-1).repeat_interleave(BLOCK, 1)[:, None, :, None]
+            out[:, h:h + 1, span] = torch.where(visible, o, torch.zeros((), dtype=o.dtype, device=o.device))
+    return out
+
+
+def _accepted(fn: Callable, name: str) -> bool:
+    return name in inspect.signature(fn).parameters
+
+
+def flex_block_mask(lut: torch.Tensor, counts: torch.Tensor, lq: int, lk: int, mask_mod: Optional[Callable] = None):
+    """A flex ``BlockMask`` whose selected blocks are all full blocks (no per-token mask_mod work).
+
+    Only the compiled kernel reads block indices; eager flex evaluates ``mask_mod`` alone
+    (attention.md §4.2), so callers that may run eagerly must pass a lookup ``mask_mod``.
+    """
+    from torch.nn.attention.flex_attention import BlockMask, noop_mask
+
+    build = BlockMask.from_kv_blocks
+    extra = {}
+    if _accepted(build, "seq_lengths"):
+        extra["seq_lengths"] = (lq, lk)
+    if _accepted(build, "compute_q_blocks"):
+        extra["compute_q_blocks"] = False          # the transposed indices serve only the backward pass
+    return build(torch.zeros_like(counts), lut, full_kv_num_blocks=counts, full_kv_indices=lut,
+                 BLOCK_SIZE=BLOCK, mask_mod=mask_mod or noop_mask, **extra)
+
+
+class CompiledFlex:
+    """``torch.compile(flex_attention)``, created on first use and reused: dynamo compiles once per
+    (shape, dtype) and the mask values change per call without recompiling (they are inputs)."""
+
+    def __init__(self) -> None:
+        self._fn: Optional[Callable] = None
+
+    def __call__(self, q, k, v, lut, counts, scale: Optional[float] = None) -> torch.Tensor:
+        if self._fn is None:
+            from torch.nn.attention.flex_attention import flex_attention
+            self._fn = torch.compile(flex_attention, dynamic=False)
+        block_mask = flex_block_mask(lut, counts, q.shape[2], k.shape[2])
+        out = self._fn(q, k, v, block_mask=block_mask, scale=scale)
+        return zero_empty_query_blocks(out, counts)

@@ -1,0 +1,254 @@
+"""The attention dispatcher (one per loaded pipeline) and its per-run sessions.
+
+Dense attention (cross-attention, any unmasked call): SageAttention when the session's mode is
+``enable`` and the call is eligible (``sage.py``), else SDPA.
+Block-sparse attention (LCSA), on CUDA in ``AttentionConfig.sparse_backends`` order: our Triton
+kernel, compiled flex_attention, the masked-SDPA reference; on other devices the reference. A
+backend that raises is skipped for that (device, dtype, shape) from then on, logged once.
+
+The mode travels in the session object, never in a module global, so two pipelines with different
+modes can run one after the other in one process.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, build_lut,
+                           check_block_sparse_inputs, masked_reference)
+from .compile_guard import opaque_to_compile
+from .probe import SageProbe, probe_sage, probe_triton
+from .report import RunReport
+from .sage import DenseCall, run_sage, sage_refusal
+
+LOG = logging.getLogger(__name__)
+MODES = ("enable", "disable")
+SPARSE_BACKENDS = ("triton", "flex", "reference")
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    # CUDA order of block-sparse backends; "reference" must come last because it never refuses.
+    sparse_backends: tuple = SPARSE_BACKENDS
+    # Use the INT8-QK Triton kernel for block-sparse attention when the mode is "enable". Off: on
+    # H100 it was not faster than the bf16 kernel (docs/benchmarks.md, "Attention kernels").
+    sparse_int8_with_sage: bool = False
+    time_calls: bool = True
+    reference_mask_budget: int = REFERENCE_MASK_BUDGET
+
+    def __post_init__(self) -> None:
+        unknown = [b for b in self.sparse_backends if b not in SPARSE_BACKENDS]
+        if unknown or not self.sparse_backends or self.sparse_backends[-1] != "reference":
+            raise ValueError(f"sparse_backends must be drawn from {SPARSE_BACKENDS} and end with "
+                             f"'reference'; got {self.sparse_backends}")
+
+
+class AttentionSession:
+    """One run's view of the dispatcher: the user's mode plus the record of what ran."""
+
+    def __init__(self, dispatcher: "AttentionDispatcher", mode: str) -> None:
+        if mode not in MODES:
+            raise ValueError(f"sageattention mode must be one of {MODES}, got {mode!r}")
+        self.dispatcher = dispatcher
+        self.mode = mode
+        self._report = RunReport(time_calls=dispatcher.config.time_calls)
+        self.dense = opaque_to_compile(self._dense)
+        self.block_sparse = opaque_to_compile(self._block_sparse)
+
+    def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D). Never modifies k or v."""
+        return self.dispatcher.run_dense(self._report, self.mode, q, k, v)
+
+    def _block_sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      block_mask: torch.Tensor) -> torch.Tensor:
+        """block_mask (B, H, Lq/128, Lk/128) bool; head h uses block_mask[:, h]; empty query blocks -> 0."""
+        return self.dispatcher.run_block_sparse(self._report, self.mode, q, k, v, block_mask)
+
+    def summary(self) -> str:
+        line = self._report.summary()
+        slow = self.dispatcher.sage_slower_than_sdpa()
+        if slow and "sage" in self._report.backends("dense"):
+            line += f"; note: {slow}"
+        return line
+
+    def report(self) -> dict:
+        out = self._report.as_dict()
+        out["mode"] = self.mode
+        if self.mode == "enable":
+            out["sage"] = self.dispatcher.sage.describe()
+        return out
+
+
+class AttentionDispatcher:
+    """Owns what outlives a run: the probes, the negative cache, the log-once set, compiled flex."""
+
+    def __init__(self, config: AttentionConfig = AttentionConfig(), *, sage: Optional[SageProbe] = None,
+                 log: logging.Logger = LOG) -> None:
+        self.config = config
+        self._sage = sage
+        self._log = log
+        self._failed: set = set()                 # (sparse backend, signature) that raised
+        self._sage_failures: dict = {}            # DenseCall.signature -> reason
+        self._said: set = set()
+        self._capabilities: dict = {}
+        self._flex = CompiledFlex()
+        # name -> (refusal(q, k, v, mode) -> reason or None, run(q, k, v, lut, counts, mode) -> out)
+        self.sparse_runners: dict[str, tuple[Callable, Callable]] = {
+            "triton": (self._triton_refusal, self._run_triton),
+            "flex": (self._flex_refusal, self._run_flex),
+        }
+
+    def session(self, mode: str = "enable") -> AttentionSession:
+        return AttentionSession(self, mode)
+
+    @property
+    def sage(self) -> SageProbe:
+        if self._sage is None:
+            self._sage = probe_sage()
+        return self._sage
+
+    def capability(self, device: torch.device) -> Optional[tuple[int, int]]:
+        if device.type != "cuda":
+            return None
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in self._capabilities:
+            self._capabilities[index] = tuple(torch.cuda.get_device_capability(index))
+        return self._capabilities[index]
+
+    def sage_slower_than_sdpa(self) -> Optional[str]:
+        """Why ``enable`` costs speed on this machine, or None (issue #6: never slower unannounced).
+
+        SageAttention 1.x is a Triton kernel; on Hopper SDPA runs cuDNN/FA3-class kernels and wins
+        (docs/benchmarks.md: 0.140 vs 0.053 ms for FlashVSR's cross-attention on an H100).
+        """
+        if self.sage.available and self.sage.flavour == "1.x" and any(c[0] == 9 for c in self._capabilities.values()):
+            return ("SageAttention 1.x is slower than PyTorch SDPA on Hopper GPUs (H100 measured 0.38x "
+                    "on FlashVSR's cross-attention): choose 'disable' for speed")
+        return None
+
+    def say_once(self, level: int, key: tuple, message: str) -> None:
+        if key not in self._said:
+            self._said.add(key)
+            self._log.log(level, message)
+
+    # ---- dense -------------------------------------------------------------------------------
+
+    def dense_call(self, q, k, v) -> DenseCall:
+        return DenseCall.of(q, k, v, self.capability(q.device))
+
+    def run_dense(self, report: RunReport, mode: str, q, k, v) -> torch.Tensor:
+        if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
+            raise ValueError(f"dense attention needs q (B, H, Lq, D) and k, v (B, H, Lk, D); got "
+                             f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        if mode == "enable":
+            why = self._try_sage_reason(q, k, v)
+            if why is None:
+                try:
+                    with report.record("dense", "sage", q.device):
+                        return run_sage(self.sage, q, k, v)
+                except torch.cuda.OutOfMemoryError:
+                    # Memory depends on the moment, not on the call's shape: retry sage next time.
+                    torch.cuda.empty_cache()
+                    why = "sage ran out of GPU memory on this call"
+                except Exception as exc:
+                    why = f"sage raised {type(exc).__name__}: {exc}"
+                    self._sage_failures[self.dense_call(q, k, v).signature(self.sage)] = why
+            report.sage_not_used("dense", why)
+            self.say_once(logging.WARNING, ("sage", why),
+                          f"SageAttention was requested but dense attention uses SDPA: {why}")
+        with report.record("dense", "sdpa", q.device):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    def _try_sage_reason(self, q, k, v) -> Optional[str]:
+        probe = self.sage
+        call = self.dense_call(q, k, v)
+        why = sage_refusal(probe, call)
+        if why is None:
+            # A failure repeats for the same flavour, GPU, dtype and head dim: keep its first reason.
+            why = self._sage_failures.get(call.signature(probe))
+        if why is None:
+            self.say_once(logging.INFO, ("sage", "used"), f"dense attention: {probe.describe()}")
+        return why
+
+    # ---- block-sparse ------------------------------------------------------------------------
+
+    def sparse_order(self, device: torch.device) -> tuple:
+        return self.config.sparse_backends if device.type == "cuda" else ("reference",)
+
+    def run_block_sparse(self, report: RunReport, mode: str, q, k, v, block_mask) -> torch.Tensor:
+        check_block_sparse_inputs(q, k, v, block_mask)
+        lut, counts = build_lut(block_mask)
+        signature = (q.device, q.dtype, tuple(q.shape), tuple(k.shape))
+        for name in self.sparse_order(q.device):
+            if name == "reference":
+                break
+            refusal, run = self.sparse_runners[name]
+            why = refusal(q, k, v, mode)
+            if why is not None:
+                self.say_once(logging.INFO, (name, why), f"block-sparse backend {name} not used: {why}")
+                continue
+            if (name, signature) in self._failed:
+                continue
+            try:
+                label = self._sparse_label(name, mode)
+                with report.record("block_sparse", label, q.device):
+                    return run(q, k, v, lut, counts, mode)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                self.say_once(logging.WARNING, (name, "oom"),
+                              f"block-sparse backend {name} ran out of GPU memory; trying the next one")
+            except Exception as exc:
+                self._failed.add((name, signature))
+                self.say_once(logging.WARNING, (name, signature),
+                              f"block-sparse backend {name} failed for q {tuple(q.shape)} k {tuple(k.shape)} "
+                              f"{q.dtype}: {type(exc).__name__}: {exc}; using the next backend for this shape")
+        with report.record("block_sparse", "reference", q.device):
+            return masked_reference(q, k, v, block_mask, mask_budget=self.config.reference_mask_budget)
+
+    def _int8(self, mode: str) -> bool:
+        return mode == "enable" and self.config.sparse_int8_with_sage
+
+    def _sparse_label(self, name: str, mode: str) -> str:
+        return "triton-int8" if name == "triton" and self._int8(mode) else name
+
+    def _triton_refusal(self, q, k, v, mode) -> Optional[str]:
+        probe = probe_triton()
+        if not probe.available:
+            return probe.reason
+        cc = self.capability(q.device)
+        if cc is None or cc < (8, 0):
+            return f"needs a CUDA GPU of compute capability >= 8.0, got {cc}"
+        if not (q.dtype == k.dtype == v.dtype) or q.dtype not in HALF_DTYPES:
+            return f"needs float16 or bfloat16 q, k, v; got {q.dtype}, {k.dtype}, {v.dtype}"
+        if q.shape[-1] not in (64, 128):
+            return f"head_dim {q.shape[-1]} not in (64, 128)"
+        if any(t.stride(-1) != 1 for t in (q, k, v)):
+            return "last dim of q/k/v not contiguous"
+        return None
+
+    def _run_triton(self, q, k, v, lut, counts, mode) -> torch.Tensor:
+        from . import triton_kernels as tk
+
+        int8 = self._int8(mode)
+        config = tk.default_config(self.capability(q.device), int8=int8)
+        if int8:
+            return tk.block_sparse_attention_int8(q, k, v, lut, counts, config)
+        return tk.block_sparse_attention(q, k, v, lut, counts, config)
+
+    def _flex_refusal(self, q, k, v, mode) -> Optional[str]:
+        try:
+            from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
+        except ImportError as exc:
+            return f"torch {torch.__version__} has no flex_attention ({exc})"
+        return None if q.device.type == "cuda" else "compiled flex_attention is used on CUDA only"
+
+    def _run_flex(self, q, k, v, lut, counts, mode) -> torch.Tensor:
+        return self._flex(q, k, v, lut, counts)
+
+
+__all__ = ["AttentionConfig", "AttentionDispatcher", "AttentionSession", "BLOCK", "MODES"]

@@ -1,0 +1,280 @@
+"""Triton block-sparse attention over 128x128 blocks (LCSA), bf16/fp16 and INT8-QK variants.
+
+Self-contained on purpose (absolute imports of torch and triton only): the dispatcher imports it
+lazily, and the CPU tests load a second copy of this file with ``TRITON_INTERPRET=1`` set, because
+``triton.jit`` decides between compiled and interpreted at decoration time.
+
+One program per (query block of 128 rows, batch*head). The program walks only its selected key
+blocks through a look-up table (selected block ids first, then a count), so the cost is
+proportional to the selected blocks, not to the number of candidates. Softmax is online, in fp32,
+in base 2; a query block with no selected key block writes exact zeros.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+MASK_BLOCK = 128          # FlashVSR's LCSA block, both axes (flashvsr-spec.md §4)
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_n: int          # key tile; 64 splits each 128-key block in two
+    num_warps: int
+    num_stages: int
+    tma: bool = False     # K/V/Q/O through tensor descriptors (Hopper's bulk copy engine), bf16/fp16 only
+
+    def __post_init__(self) -> None:
+        if self.block_n not in (64, 128):
+            raise ValueError(f"block_n must be 64 or 128, got {self.block_n}")
+
+    def label(self) -> str:
+        return f"{'tma' if self.tma else 'ptr'} N{self.block_n} w{self.num_warps} s{self.num_stages}"
+
+
+# Chosen by measurement on H100 (attention/bench.py sweep, docs/benchmarks.md): TMA loads, 64-key
+# tiles and 4 warps use 252 registers and 96 KB of shared memory, so two programs share an SM and
+# hide each other's softmax and load latency: 1.54-1.58 ms at 45 % density against 1.68-1.70 ms
+# for 128-key tiles with 8 warps (one program per SM). Other 4-warp configs spill registers
+# (ptxas, sm_90a). Other architectures get a small pointer-load tile that fits the ~100 KB of
+# shared memory of sm86/sm89: a safe start, not a tuned one.
+SM90_CONFIG = KernelConfig(block_n=64, num_warps=4, num_stages=2, tma=True)
+SM90_INT8_CONFIG = KernelConfig(block_n=128, num_warps=8, num_stages=2)
+SAFE_CONFIG = KernelConfig(block_n=64, num_warps=8, num_stages=2)
+
+
+def default_config(capability: tuple[int, int], int8: bool = False) -> KernelConfig:
+    if capability[0] == 9:
+        return SM90_INT8_CONFIG if int8 else SM90_CONFIG
+    return SAFE_CONFIG
+
+
+@triton.jit
+def _bsa_fwd(
+    Q, K, V, O, LUT, CNT, qk_scale,
+    sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
+    slb, slh, slm, scb, sch, H,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
+):
+    qblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    SUB: tl.constexpr = MBLOCK // BLOCK_N
+    offs_m = qblk * MBLOCK + tl.arange(0, MBLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :])
+    # Scalar bases only: a (D, N) tensor of 64-bit pointers held across the loop would take 64
+    # registers per thread for K and again for V (spills with Triton 3.6).
+    k_base = K + b * skb + h * skh
+    v_base = V + b * svb + h * svh
+    lut = LUT + b * slb + h * slh + qblk * slm
+    n_steps = tl.load(CNT + b * scb + h * sch + qblk) * SUB
+
+    m_i = tl.full([MBLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([MBLOCK], tl.float32)
+    acc = tl.zeros([MBLOCK, HEAD_DIM], tl.float32)
+    for j in range(0, n_steps):
+        rows = tl.load(lut + j // SUB) * MBLOCK + (j % SUB) * BLOCK_N + offs_n
+        k = tl.load(k_base + rows[None, :] * skn + offs_d[:, None])             # (D, N): K^T tile
+        qk = tl.dot(q, k)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + rows[:, None] * svn + offs_d[None, :])
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    # l_i is 0 only for a query block with no selected key block; acc is 0 there too.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty))
+
+
+@triton.jit
+def _bsa_fwd_tma(
+    q_desc, k_desc, v_desc, o_desc, LUT, CNT, qk_scale, slb, slh, slm, scb, sch, H,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
+):
+    # Same algorithm as _bsa_fwd; the descriptors are 4-D over (B, H, L, D) with the tensors' own
+    # strides, so permuted (B, L, H, D) storage needs no copy.
+    qblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    SUB: tl.constexpr = MBLOCK // BLOCK_N
+    q = q_desc.load([b, h, qblk * MBLOCK, 0]).reshape(MBLOCK, HEAD_DIM)
+    lut = LUT + b.to(tl.int64) * slb + h * slh + qblk * slm
+    n_steps = tl.load(CNT + b.to(tl.int64) * scb + h * sch + qblk) * SUB
+
+    m_i = tl.full([MBLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([MBLOCK], tl.float32)
+    acc = tl.zeros([MBLOCK, HEAD_DIM], tl.float32)
+    for j in range(0, n_steps):
+        start = tl.load(lut + j // SUB) * MBLOCK + (j % SUB) * BLOCK_N
+        k = k_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        qk = tl.dot(q, k.T)
+        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = v_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_desc.store([b, h, qblk * MBLOCK, 0], out.to(q.dtype).reshape(1, 1, MBLOCK, HEAD_DIM))
+
+
+@triton.jit
+def _bsa_fwd_int8(
+    Q8, QS, K8, KS, V, O, LUT, CNT,
+    svb, svh, svn, sob, soh, som, slb, slh, slm, scb, sch, H, LQ, LK,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
+):
+    # Q8/K8 are contiguous (B, H, L, D) int8; QS holds one scale per 128 query rows (softmax scale
+    # and log2(e) folded in), KS one per BLOCK_N key rows, both contiguous (B, H, L / tile).
+    qblk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    SUB: tl.constexpr = MBLOCK // BLOCK_N
+    offs_m = qblk * MBLOCK + tl.arange(0, MBLOCK)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    q = tl.load(Q8 + bh.to(tl.int64) * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
+    q_scale = tl.load(QS + bh.to(tl.int64) * (LQ // MBLOCK) + qblk)
+    k_ptrs = K8 + bh.to(tl.int64) * LK * HEAD_DIM + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
+    ks_ptr = KS + bh.to(tl.int64) * (LK // BLOCK_N)
+    v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :]
+    lut = LUT + b * slb + h * slh + qblk * slm
+    n_steps = tl.load(CNT + b * scb + h * sch + qblk) * SUB
+
+    m_i = tl.full([MBLOCK], float("-inf"), tl.float32)
+    l_i = tl.zeros([MBLOCK], tl.float32)
+    acc = tl.zeros([MBLOCK, HEAD_DIM], tl.float32)
+    for j in range(0, n_steps):
+        tile = tl.load(lut + j // SUB) * SUB + j % SUB
+        start = tile * BLOCK_N
+        k = tl.load(k_ptrs + start * HEAD_DIM)
+        qk = tl.dot(q, k).to(tl.float32) * (q_scale * tl.load(ks_ptr + tile))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_new[:, None])
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_ptrs + start * svn)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty))
+
+
+def _check_last_dim(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.stride(-1) != 1:
+            raise ValueError(f"the triton kernel needs a contiguous last dim, got strides {t.stride()}")
+
+
+def _descriptor(t: torch.Tensor, rows: int):
+    """A 4-D tensor descriptor over (B, H, L, D) loading (1, 1, rows, D) tiles, or None when TMA
+    cannot address the tensor (16-byte aligned base and strides) or this Triton has no descriptors."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+    except ImportError:
+        return None
+    size = t.element_size()
+    if t.data_ptr() % 16 or any((s * size) % 16 for s in t.stride()[:-1]):
+        return None
+    return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
+
+
+def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None):
+    """Block-sparse attention with bf16/fp16 tensor-core products and fp32 softmax.
+
+    q (B, H, Lq, D), k/v (B, H, Lk, D), lut/counts from ``block_sparse.build_lut``; Lq and Lk multiples of 128.
+    The output has q's memory layout. ``config.tma`` falls back to pointer loads where descriptors
+    cannot be used.
+    """
+    _check_last_dim(q, k, v)
+    bsz, heads, lq, dim = q.shape
+    out = torch.empty_like(q)
+    qk_scale = (dim ** -0.5 if scale is None else scale) * LOG2E
+    grid = (lq // MASK_BLOCK, bsz * heads)
+    common = dict(HEAD_DIM=dim, BLOCK_N=config.block_n, MBLOCK=MASK_BLOCK,
+                  num_warps=config.num_warps, num_stages=config.num_stages)
+    lut_strides = (lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1))
+    if config.tma:
+        descs = (_descriptor(q, MASK_BLOCK), _descriptor(k, config.block_n),
+                 _descriptor(v, config.block_n), _descriptor(out, MASK_BLOCK))
+        if all(d is not None for d in descs):
+            _bsa_fwd_tma[grid](*descs, lut, counts, qk_scale, *lut_strides, heads, **common)
+            return out
+    _bsa_fwd[grid](
+        q, k, v, out, lut, counts, qk_scale,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        *lut_strides, heads, **common,
+    )
+    return out
+
+
+def quantize_per_block(x: torch.Tensor, rows: int, multiplier: float = 1.0):
+    """Symmetric int8 per tile of ``rows`` rows and one (b, h): returns (int8 (B,H,L,D), scales (B,H,L/rows)).
+
+    Out of place: the caller's tensor (a KV cache) is never touched.
+    """
+    bsz, heads, length, dim = x.shape
+    tiles = x.float().reshape(bsz, heads, length // rows, rows * dim)
+    if multiplier != 1.0:
+        tiles = tiles * multiplier
+    scales = tiles.abs().amax(-1).clamp_min(1e-8) / 127.0
+    q8 = torch.round(tiles / scales[..., None]).to(torch.int8)
+    return q8.reshape(bsz, heads, length, dim), scales
+
+
+def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_n: int, scale: float | None = None):
+    """INT8 Q (per 128 rows, softmax scale folded in) and K minus its mean (per ``block_n`` rows).
+
+    Subtracting the per-head key mean adds the same constant to every score of a query row, which
+    the softmax ignores also when it runs over a subset of the keys; it shrinks the K range that
+    int8 must cover.
+    """
+    dim = q.shape[-1]
+    scale = dim ** -0.5 if scale is None else scale
+    q8, q_scales = quantize_per_block(q, MASK_BLOCK, scale * LOG2E)
+    k_centred = k - k.mean(dim=2, keepdim=True)
+    k8, k_scales = quantize_per_block(k_centred, block_n)
+    return q8, q_scales, k8, k_scales
+
+
+def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None,
+                                quantized=None):
+    """INT8-QK variant (Sage-style): per-block int8 Q and mean-centred K, bf16/fp16 P·V, fp32 softmax.
+
+    ``quantized`` may carry a precomputed :func:`quantize_qk` result (benchmarks time the kernel alone).
+    """
+    _check_last_dim(v)
+    bsz, heads, lq, dim = q.shape
+    lk = k.shape[2]
+    q8, q_scales, k8, k_scales = quantized or quantize_qk(q, k, config.block_n, scale)
+    out = torch.empty_like(q)
+    grid = (lq // MASK_BLOCK, bsz * heads)
+    _bsa_fwd_int8[grid](
+        q8, q_scales, k8, k_scales, v, out, lut, counts,
+        v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
+        lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1), heads, lq, lk,
+        HEAD_DIM=dim, BLOCK_N=config.block_n, MBLOCK=MASK_BLOCK,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    return out
+
+
+__all__ = [
+    "KernelConfig", "MASK_BLOCK", "SM90_CONFIG", "SAFE_CONFIG", "default_config",
+    "block_sparse_attention", "block_sparse_attention_int8", "quantize_qk",
+]
