@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 COND_SHUFFLE = (4, 8, 8)   # frames, rows, cols folded into channels for the condition
 TRIM_FRAMES = 3             # 2**2 - 1: the official decoder drops these once per run
+LATENTS_PER_PASS = 2        # latent frames decoded per layer pass (a steady chunk's worth)
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,15 @@ class TCDecoder(nn.Module):
             h, w = latents.shape[-2:]
             # The official decoder's first "past" is zeros (input * 0).
             state.memory = [torch.zeros(s, dtype=x.dtype, device=x.device) for s in self.memory_shapes(h, w)]
-        x, state.memory = (run_layers or self.run_layers)(x, state.memory)
+        # Two latents (8 frames) per pass: the MemBlocks carry their memory across passes, so this is
+        # exact, it caps the full-resolution activations (chunk 0 has 6 latents = 24 frames, ~6.6 GB
+        # per 128-channel bf16 tensor at 768x1408) and every pass has the steady chunk's shape.
+        run = run_layers or self.run_layers
+        outs = []
+        for i in range(0, x.shape[0], LATENTS_PER_PASS):
+            y, state.memory = run(x[i:i + LATENTS_PER_PASS], state.memory)
+            outs.append(y)
+        x = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         if not state.started:
             state.started = True
             x = x[TRIM_FRAMES:]

@@ -1,0 +1,314 @@
+"""``flashvsr bench``: reproducible speed and memory numbers on randomly initialised networks.
+
+Random weights give the real amount of work (same shapes, same kernels, same sparse-attention
+budget), so fps and memory are meaningful; the pictures are not, and every report says so.
+``--widths tiny`` shrinks the networks so the command finishes in seconds on a CPU: those numbers
+only show that the command works and are labelled as such.
+
+One network per mode is built and reused for every ``sageattention`` setting; each measured run is
+preceded by a short warm-up run (CUDA context, kernel autotuning, Triton compilation).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Callable
+
+from . import config
+
+log = logging.getLogger(__name__)
+
+LABEL_RANDOM = "RANDOM WEIGHTS: speed and memory only, not quality"
+LABEL_TINY = "REDUCED WIDTHS (--widths tiny): NOT the real model's speed; a smoke test only"
+
+
+@dataclass(frozen=True)
+class BenchParams:
+    modes: tuple[str, ...]
+    sage: tuple[str, ...]
+    out_h: int
+    out_w: int
+    scale: float
+    frames: int
+    widths: str            # "full" (the real networks) or "tiny" (reduced, CPU smoke test)
+    version: str
+    device: str
+    precision: str
+    warmup_frames: int
+    repeat: int = 1        # measured runs per case; the median time is reported
+    compile: bool = True   # UpscaleConfig.compile (CUDA only)
+    seed: int = 0
+
+    @property
+    def in_h(self) -> int:
+        return max(1, round(self.out_h / self.scale))
+
+    @property
+    def in_w(self) -> int:
+        return max(1, round(self.out_w / self.scale))
+
+
+@dataclass(frozen=True)
+class BenchResult:
+    mode: str
+    sageattention: str
+    frames: int
+    seconds: float
+    fps: float
+    peak_vram_bytes: int | None
+    peak_ram_bytes: int | None
+    attention: str
+
+
+class PeakRSS:
+    """Peak resident memory of this process while the block runs.
+
+    Linux: reset the kernel's high-water mark (``/proc/self/clear_refs``) and read ``VmHWM``, which
+    is exact. Elsewhere: sample the RSS every 5 ms with psutil (if installed); else None.
+    """
+
+    def __init__(self) -> None:
+        self.peak_bytes: int | None = None
+        self._exact = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> "PeakRSS":
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._exact = True
+        except OSError:
+            self._start_sampler()
+        return self
+
+    def _start_sampler(self) -> None:
+        try:
+            import psutil
+        except ImportError:
+            return
+        proc = psutil.Process()
+
+        def sample() -> None:
+            while not self._stop.wait(0.005):
+                self.peak_bytes = max(self.peak_bytes or 0, proc.memory_info().rss)
+
+        self.peak_bytes = proc.memory_info().rss
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+
+    def __exit__(self, *exc) -> None:
+        if self._exact:
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    self.peak_bytes = int(line.split()[1]) * 1024
+        elif self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+
+
+def random_frames(n: int, h: int, w: int, seed: int):
+    import torch
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand((n, h, w, 3), generator=gen)
+
+
+def measure(pipe, frames, cfg: config.UpscaleConfig, device: str, mode: str) -> BenchResult:
+    import torch
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    with PeakRSS() as ram:
+        start = time.perf_counter()
+        result = pipe.upscale(frames, cfg)
+        if cuda:
+            torch.cuda.synchronize(device)
+        seconds = time.perf_counter() - start
+    vram = torch.cuda.max_memory_allocated(device) if cuda else None
+    stats = getattr(result, "stats", None)
+    attention = getattr(stats, "attention", "") or ""
+    n = int(result.frames.shape[0])
+    return BenchResult(mode, cfg.sageattention, n, seconds, n / seconds, vram, ram.peak_bytes,
+                       str(attention))
+
+
+def run(params: BenchParams, build: Callable[[str], object] | None = None) -> list[BenchResult]:
+    """Build one network per mode (``build(mode)``, default ``FlashVSR.random``) and time each case."""
+    if build is None:
+        build = _random_builder(params)
+    frames = random_frames(params.frames, params.in_h, params.in_w, params.seed)
+    warm = random_frames(params.warmup_frames, params.in_h, params.in_w, params.seed + 1)
+    results = []
+    for mode in params.modes:
+        pipe = build(mode)
+        for sage in params.sage:
+            cfg = config.UpscaleConfig(scale=params.scale, sageattention=sage, seed=params.seed,
+                                       compile=params.compile)
+            if params.warmup_frames:
+                pipe.upscale(warm, cfg)
+            runs = sorted((measure(pipe, frames, cfg, params.device, mode)
+                           for _ in range(params.repeat)), key=lambda r: r.seconds)
+            median = runs[len(runs) // 2]
+            results.append(replace(median, peak_vram_bytes=_max(r.peak_vram_bytes for r in runs),
+                                   peak_ram_bytes=_max(r.peak_ram_bytes for r in runs)))
+            log.info("%s / sageattention=%s: %.2f fps", mode, sage, results[-1].fps)
+        del pipe
+        _empty_cache(params.device)
+    return results
+
+
+def _max(values) -> int | None:
+    known = [v for v in values if v is not None]
+    return max(known) if known else None
+
+
+def _random_builder(params: BenchParams) -> Callable[[str], object]:
+    from .cli import torch_dtype
+    from .pipeline import FlashVSR
+
+    def build(mode: str):
+        return FlashVSR.random(mode=mode, version=params.version, device=params.device,
+                               dtype=torch_dtype(params.precision, params.device), size=params.widths)
+    return build
+
+
+def _empty_cache(device: str) -> None:
+    import gc
+    import torch
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def environment(device: str) -> dict:
+    import torch
+    env = {"python": platform.python_version(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "device": device, "platform": platform.platform()}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["compute_capability"] = "sm%d%d" % torch.cuda.get_device_capability(device)
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+    for pkg in ("triton", "sageattention"):
+        env[pkg] = _version(pkg)
+    return env
+
+
+def _version(pkg: str) -> str | None:
+    from importlib import metadata
+    try:
+        return metadata.version(pkg)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def labels(params: BenchParams) -> list[str]:
+    return [LABEL_RANDOM] + ([LABEL_TINY] if params.widths == "tiny" else [])
+
+
+def report(params: BenchParams, results: list[BenchResult], env: dict) -> dict:
+    return {"labels": labels(params), "params": asdict(params), "environment": env,
+            "results": [asdict(r) for r in results]}
+
+
+def _gib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def table(data: dict, markdown: bool = False) -> str:
+    p, env = data["params"], data["environment"]
+    where = env.get("gpu") or env.get("cpu") or env["device"]
+    head = [f"FlashVSR bench: {label}" for label in data["labels"]]
+    head.append(f"{where}, torch {env['torch']}, triton {env['triton'] or '-'}, "
+                f"sageattention {env['sageattention'] or '-'}")
+    head.append(f"output {p['out_h']}x{p['out_w']} (input {round(p['out_h'] / p['scale'])}x"
+                f"{round(p['out_w'] / p['scale'])}, x{p['scale']:g}), {p['frames']} frames, "
+                f"{p['precision']}, weights {p['version']}, "
+                f"compile {'on' if p['compile'] and p['device'].startswith('cuda') else 'off'}, "
+                f"median of {p['repeat']} run(s)")
+    cols = ["mode", "sageattention", "fps", "s/frame", "peak VRAM", "peak RAM", "attention ran"]
+    rows = [[r["mode"], r["sageattention"], f"{r['fps']:.2f}", f"{r['seconds'] / r['frames']:.3f}",
+             _gib(r["peak_vram_bytes"]), _gib(r["peak_ram_bytes"]), r["attention"] or "?"]
+            for r in data["results"]]
+    if markdown:
+        lines = [f"**{h}**  " if i < len(data["labels"]) else f"{h}  " for i, h in enumerate(head)]
+        lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(c), *(len(r[i]) for r in rows)) if rows else len(c) for i, c in enumerate(cols)]
+    fmt = "  ".join("{:<%d}" % w for w in widths)
+    return "\n".join(head + ["", fmt.format(*cols)] + [fmt.format(*r) for r in rows])
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 768x1408 (HxW), got {text!r}") from None
+    return h, w
+
+
+def _csv(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(v.strip() for v in text.split(",") if v.strip())
+        bad = [v for v in items if v not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"{text!r}: pick from {', '.join(choices)}")
+        return items
+    return parse
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="speed/memory benchmark on random weights",
+                       description="Time every mode x sageattention setting on randomly initialised "
+                                   f"networks ({LABEL_RANDOM}). Prints a table; --json writes one.")
+    modes = tuple(m.value for m in config.Mode)
+    p.add_argument("--modes", type=_csv(modes), default=modes, help="comma list (default: all)")
+    p.add_argument("--sage", type=_csv(("enable", "disable")), default=("enable", "disable"),
+                   help="sageattention settings to compare (default: enable,disable)")
+    p.add_argument("--size", type=_size, default=(768, 1408), help="OUTPUT size HxW (768x1408)")
+    p.add_argument("--scale", type=float, default=4.0)
+    p.add_argument("--frames", type=int, default=45, help="input frames per run (default 45)")
+    p.add_argument("--warmup-frames", type=int, default=21, help="0 disables the warm-up run")
+    p.add_argument("--repeat", type=int, default=1, help="measured runs per case (median reported)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="run the DiT glue eagerly (no torch.compile; CUDA only)")
+    p.add_argument("--widths", choices=("full", "tiny"), default="full",
+                   help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
+    p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version])
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write JSON here")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.set_defaults(func=command)
+
+
+def command(args: argparse.Namespace) -> int:
+    import torch
+    from .cli import resolve_device, torch_dtype
+    device = resolve_device(args.device)
+    dtype = torch_dtype(args.precision, device)
+    precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+    if args.repeat < 1 or args.frames < 1:
+        raise ValueError(f"--repeat and --frames must be >= 1, got {args.repeat} and {args.frames}")
+    params = BenchParams(modes=args.modes, sage=args.sage, out_h=args.size[0], out_w=args.size[1],
+                         scale=args.scale, frames=args.frames, widths=args.widths,
+                         version=args.version, device=device, precision=precision,
+                         warmup_frames=min(args.warmup_frames, args.frames), repeat=args.repeat,
+                         compile=args.compile)
+    for label in labels(params):
+        log.warning(label)
+    data = report(params, run(params), environment(device))
+    sys.stdout.write(table(data, markdown=args.markdown) + "\n")
+    if args.json:
+        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        log.info("wrote %s", args.json)
+    return 0

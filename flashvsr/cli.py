@@ -1,0 +1,384 @@
+"""Command line: ``flashvsr upscale | doctor | bench`` (also ``python -m comfyui_flashvsr``).
+
+``upscale`` streams: frames are decoded one at a time, pushed through
+``FlashVSR.upscale_stream`` and encoded as soon as each chunk comes out, so memory does not grow
+with the length of the clip. The output appears under its final name only once it is complete.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, TextIO
+
+from . import config
+from .video_io import VideoInfo, VideoIOError, VideoWriter, check_output, iter_frames, probe
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def default_models_roots() -> list[Path]:
+    """``$FLASHVSR_MODELS`` if set, else ``~/.cache/flashvsr/models``."""
+    env = os.environ.get("FLASHVSR_MODELS")
+    return [Path(env).expanduser()] if env else [Path.home() / ".cache" / "flashvsr" / "models"]
+
+
+def resolve_device(name: str) -> str:
+    import torch
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    log.warning("no CUDA GPU found: running on the CPU, which is far too slow for real videos "
+                "(run `flashvsr doctor` to see why CUDA is unavailable)")
+    return "cpu"
+
+
+def torch_dtype(precision: str, device: str):
+    """``auto``: bf16 (the official setting) on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+    if precision == "auto":
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+@dataclass(frozen=True)
+class UpscaleJob:
+    input: Path
+    output: Path
+    upscale: config.UpscaleConfig
+    mode: str = "tiny"
+    version: str = "v1.1"
+    device: str = "auto"
+    precision: str = "auto"
+    models: tuple[Path, ...] = field(default_factory=tuple)
+    download: bool = True
+    fps: Fraction | None = None       # override (image folders have none)
+    audio: bool = True
+    crf: int = 18
+    overwrite: bool = False
+
+
+class Progress:
+    """One-line progress with frames/s and ETA on stderr; plain periodic lines when not a terminal."""
+
+    def __init__(self, total: int | None, stream: TextIO = sys.stderr, every_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.total, self.stream, self.every_s, self.clock = total, stream, every_s, clock
+        self.start = clock()
+        self.done = 0
+        self._last_print = float("-inf")
+        self._tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def line(self) -> str:
+        elapsed = max(self.clock() - self.start, 1e-9)
+        fps = self.done / elapsed
+        text = f"{self.done}/{self.total}" if self.total else f"{self.done}"
+        text += f" frames  {fps:.2f} fps  {_hms(elapsed)} elapsed"
+        if self.total and self.done and self.done < self.total:
+            text += f"  ETA {_hms((self.total - self.done) / fps)}"
+        return text
+
+    def update(self, done: int) -> None:
+        self.done = done
+        now = self.clock()
+        if self._tty:
+            self.stream.write("\r" + self.line() + "   ")
+            self.stream.flush()
+        elif now - self._last_print >= self.every_s:
+            self.stream.write(self.line() + "\n")
+            self._last_print = now
+
+    def close(self) -> None:
+        self.stream.write(("\r" if self._tty else "") + self.line() + "\n")
+        self.stream.flush()
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def check_paths(job: UpscaleJob) -> VideoInfo:
+    """Fail fast on input/output problems, before any weights are loaded."""
+    info = probe(job.input, fps=job.fps)
+    check_output(job.output)
+    if job.output.exists() and not job.overwrite:
+        raise VideoIOError(f"{job.output} exists: pass --overwrite to replace it")
+    if job.output.resolve() == job.input.resolve():
+        raise VideoIOError("output and input are the same path")
+    return info
+
+
+def load_pipeline(job: UpscaleJob):
+    from .pipeline import FlashVSR
+    roots = list(job.models) or default_models_roots()
+    log.info("loading FlashVSR %s %s from %s", job.mode, job.version, ", ".join(map(str, roots)))
+    device = resolve_device(job.device)
+    return FlashVSR.from_pretrained(roots, mode=job.mode, version=job.version, device=device,
+                                    dtype=torch_dtype(job.precision, device), download=job.download)
+
+
+def run_upscale(job: UpscaleJob, pipe, info: VideoInfo, progress: Progress | None = None,
+                frames: Iterable | None = None) -> int:
+    """Stream ``job.input`` through ``pipe`` into ``job.output``; return the number of frames written.
+
+    ``frames`` replaces the decoder (tests feed synthetic frames through it).
+    """
+    progress = progress or Progress(info.frames)
+    source: Iterator = iter(frames) if frames is not None else iter_frames(job.input)
+    audio_from = job.input if (job.audio and info.audio and not info.is_folder) else None
+    if job.upscale.tile_size:
+        chunks = _whole_clip(job, pipe, source, progress)
+    else:
+        chunks = pipe.upscale_stream(source, job.upscale, n_frames=info.frames)
+    with VideoWriter(job.output, info.fps, audio_from=audio_from, crf=job.crf,
+                     video_start=info.start) as writer:
+        for chunk in chunks:
+            for frame in chunk:
+                writer.write(_to_u8(frame))
+            if not job.upscale.tile_size:       # the tiled run reports progress while it computes
+                progress.update(writer.frames_written)
+        written = writer.frames_written
+    progress.close()
+    return written
+
+
+def _whole_clip(job: UpscaleJob, pipe, source: Iterator, progress: Progress) -> Iterator:
+    """Spatial tiling runs every tile over the whole clip, so the clip has to be in memory."""
+    import numpy as np
+    import torch
+    clip = [np.asarray(f, dtype=np.uint8) for f in source]
+    n = len(clip)
+    h, w = clip[0].shape[:2] if clip else (0, 0)
+    out_px = round(h * job.upscale.scale) * round(w * job.upscale.scale)
+    log.warning("--tile-size: spatial tiles need the whole clip at once, so this run holds all %d "
+                "frames in memory (about %.1f GB); without tiling frames stream with flat memory",
+                n, n * (h * w * 5 + out_px * 12) / 1e9)
+    frames = torch.from_numpy(np.stack(clip)).float().div_(255.0)
+    del clip
+
+    def on_progress(done: int, total: int) -> None:
+        progress.update(n * done // max(total, 1))
+
+    result = pipe.upscale(frames, job.upscale, on_progress=on_progress)
+    del frames
+    step = 8
+    for i in range(0, result.frames.shape[0], step):
+        yield result.frames[i:i + step]
+
+
+def _to_u8(frame):
+    import numpy as np
+    import torch
+    if isinstance(frame, torch.Tensor):
+        if frame.dtype != torch.uint8:
+            frame = (frame.float() * 255.0).round_().clamp_(0, 255).to(torch.uint8)
+        return frame.numpy()
+    return np.asarray(frame)
+
+
+def _upscale_command(args: argparse.Namespace) -> int:
+    job = job_from_args(args)
+    info = check_paths(job)
+    log.info("input %s: %dx%d, %s fps, %s frames, audio: %s", info.path, info.width, info.height,
+             float(info.fps), info.frames or "?", info.audio or "none")
+    pipe = load_pipeline(job)
+    written = run_upscale(job, pipe, info)
+    if info.frames and written != info.frames:
+        log.warning("wrote %d frames for %d input frames", written, info.frames)
+    print(f"wrote {job.output} ({written} frames)")
+    return EXIT_OK
+
+
+def job_from_args(args: argparse.Namespace) -> UpscaleJob:
+    upscale = config.UpscaleConfig(
+        scale=args.scale, sparse_ratio=args.sparse_ratio, kv_ratio=args.kv_ratio,
+        local_range=args.local_range, color_fix=args.color_fix, seed=args.seed,
+        sageattention=args.sageattention, preprocess=args.preprocess, tile_size=args.tile_size,
+        tile_overlap=args.tile_overlap, vae_tiling=args.vae_tiling,
+        vae_tile=_latent(args.vae_tile, "--vae-tile"), vae_stride=_latent(args.vae_stride, "--vae-stride"),
+        compile=args.compile)
+    return UpscaleJob(
+        input=Path(args.input), output=Path(args.output), upscale=upscale,
+        mode=config.Mode.parse(args.mode).value, version=config.Version.parse(args.version).value,
+        device=args.device, precision=args.precision, models=tuple(Path(m) for m in args.models),
+        download=args.download, fps=Fraction(args.fps) if args.fps else None,
+        audio=args.audio, crf=args.crf, overwrite=args.overwrite)
+
+
+def pixels(text: str) -> tuple[int, int]:
+    """``HxW`` -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 480x832, got {text!r}") from None
+    return h, w
+
+
+def _latent(hw: tuple[int, int], flag: str) -> tuple[int, int]:
+    """Output pixels -> latent units of the Wan VAE (8 pixels each)."""
+    if hw[0] % 8 or hw[1] % 8 or min(hw) < 8:
+        raise ValueError(f"{flag} must be multiples of 8 pixels, got {hw[0]}x{hw[1]}")
+    return hw[0] // 8, hw[1] // 8
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``upscale`` and ``bench``: which engine, on what."""
+    d = config.UpscaleConfig()
+    p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version],
+                   help="weights: v1.1 (default, more stable) or v1")
+    p.add_argument("--sageattention", default=d.sageattention, choices=("enable", "disable"),
+                   help="enable: use SageAttention where it is installed and eligible (falls back to "
+                        "PyTorch SDPA otherwise); disable: always SDPA")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="compute dtype; auto: bf16 (the official setting) on GPUs that support it, "
+                        "fp16 on older GPUs, fp32 on CPU")
+    p.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="models folder (repeatable; default $FLASHVSR_MODELS or "
+                        "~/.cache/flashvsr/models; a ComfyUI models/FlashVSR folder works)")
+
+
+def _add_upscale_parser(sub) -> None:
+    d = config.UpscaleConfig()
+    p = sub.add_parser("upscale", help="upscale a video file or a folder of images",
+                       description="Upscale IN (video file or image folder) to OUT (.mp4/.mov/.mkv/"
+                                   ".webm, or a folder name without suffix for PNG frames). Keeps "
+                                   "the frame rate and the audio; weights download on first use.")
+    p.add_argument("input", help="video file or folder of images")
+    p.add_argument("output", help="output video (.mp4 .mov .mkv .webm) or folder for PNG frames")
+    p.add_argument("--mode", default="tiny", choices=[m.value for m in config.Mode],
+                   help="tiny (default: fast TCDecoder), tiny-long (same output, flat VRAM for long "
+                        "clips), full (Wan VAE decoder: slower, more memory)")
+    add_engine_arguments(p)
+    p.add_argument("--scale", type=float, default=d.scale, help="upscale factor, 1..4 (default 4)")
+    p.add_argument("--color-fix", default=d.color_fix, choices=config.COLOR_FIXES,
+                   help="match colours to the input (default adain, the official choice)")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--sparse-ratio", type=float, default=d.sparse_ratio,
+                   help="sparse attention budget (2.0 official; 1.5 faster)")
+    p.add_argument("--kv-ratio", type=float, default=d.kv_ratio, help="cached chunks (3.0 official)")
+    p.add_argument("--local-range", type=int, default=d.local_range,
+                   help="local attention window in blocks (11 official; 9 sharper)")
+    p.add_argument("--preprocess", default=d.preprocess, choices=config.PREPROCESS_MODES,
+                   help="exact: every frame, exact size (default); official: the drivers' crop/trim")
+    p.add_argument("--tile-size", type=int, default=d.tile_size,
+                   help="spatial tiles in output pixels to save VRAM (0 = off; multiple of 128, >= 256)")
+    p.add_argument("--tile-overlap", type=int, default=d.tile_overlap)
+    p.add_argument("--vae-tiling", action="store_true", help="tile the Wan VAE decode (full mode)")
+    p.add_argument("--vae-tile", type=pixels, default=(d.vae_tile[0] * 8, d.vae_tile[1] * 8),
+                   metavar="HxW", help="VAE tile in output pixels (default 480x832)")
+    p.add_argument("--vae-stride", type=pixels, default=(d.vae_stride[0] * 8, d.vae_stride[1] * 8),
+                   metavar="HxW", help="step between VAE tiles in output pixels (default 240x416)")
+    p.add_argument("--no-compile", dest="compile", action="store_false",
+                   help="do not torch.compile the DiT's small elementwise steps (CUDA only)")
+    p.add_argument("--fps", type=Fraction, default=None,
+                   help="output frame rate (default: the input's; 30 for image folders)")
+    p.add_argument("--no-audio", dest="audio", action="store_false", help="drop the audio track")
+    p.add_argument("--crf", type=int, default=18, help="encoder quality, lower is better (default 18)")
+    p.add_argument("--overwrite", "-y", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--no-download", dest="download", action="store_false",
+                   help="never download weights; fail if they are missing")
+    p.set_defaults(func=_upscale_command)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import bench, doctor
+    parser = argparse.ArgumentParser(
+        prog="flashvsr", description="FlashVSR ⚡ video super-resolution (one-step diffusion, "
+                                     "streaming) from the command line.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, full tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_upscale_parser(sub)
+    doctor.add_parser(sub)
+    bench.add_parser(sub)
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors whose message is the whole story (no traceback unless --verbose)."""
+    errors: list[type[BaseException]] = [VideoIOError, ValueError, FileNotFoundError]
+    try:
+        from .weights import MissingWeights, WeightError
+        errors += [MissingWeights, WeightError]
+    except ImportError:         # the weights module is optional for tests of the CLI alone
+        pass
+    try:
+        from .download import DownloadError
+        errors.append(DownloadError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be swapped after setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Show this package's log on stderr; third-party loggers keep their own handlers (no doubles)."""
+    pkg = logging.getLogger(__name__.rsplit(".", 2)[0])
+    pkg.setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in pkg.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        pkg.addHandler(handler)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    # `kill` / a closing terminal / a job scheduler send SIGTERM: clean up as for Ctrl-C.
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _interrupt) if in_main_thread else None
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninterrupted: no output file was left behind\n")
+        return EXIT_INTERRUPTED
+    except _user_errors() as exc:
+        if args.verbose:
+            raise
+        log.error("%s", exc)
+        return EXIT_USAGE
+    except _oom_errors() as exc:
+        log.error("out of memory (%s). Try --mode tiny-long, --tile-size 512, a smaller --scale, "
+                  "or see the memory guide in README.md", exc)
+        return EXIT_ERROR
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _oom_errors() -> tuple[type[BaseException], ...]:
+    import torch
+    return (MemoryError, torch.cuda.OutOfMemoryError)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

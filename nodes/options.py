@@ -1,0 +1,245 @@
+"""What the two FlashVSR ⚡ nodes accept, as plain data, and how it becomes engine settings.
+
+Nothing here imports ComfyUI, so the tests check ids, widget order, tooltips, ranges and validation
+directly; ``nodes/schema.py`` turns these specs into ``comfy_api`` inputs inside ComfyUI.
+
+Widget order is permanent: UI workflows store widget values by position, so inputs are only ever
+appended, never reordered, renamed or removed.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from ..flashvsr.config import COLOR_FIXES, PREPROCESS_MODES, UpscaleConfig
+
+NODE_ID_BASIC = "FlashVSRBolt"
+NODE_ID_ADVANCED = "FlashVSRBoltAdvanced"
+DISPLAY_BASIC = "FlashVSR ⚡"
+DISPLAY_ADVANCED = "FlashVSR ⚡ Advanced"
+CATEGORY = "FlashVSR"
+MODELS_FOLDER = "FlashVSR"  # the folder_paths key and the folder name under ComfyUI/models
+
+VERSIONS = ("v1.1", "v1")
+MODES = ("tiny", "tiny-long", "full")
+PRESETS = {"Tiny": "tiny", "Tiny-Long": "tiny-long", "Full": "full"}
+SAGE_CHOICES = ("enable", "disable")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+# A fixed list keeps workflows portable between machines: a device missing here is reported at run
+# time with the devices that do exist, instead of a workflow that fails validation on load.
+DEVICES = ("auto", "cpu", "mps") + tuple(f"cuda:{i}" for i in range(8))
+SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF
+VAE_PIXELS_PER_LATENT = 8
+
+_DEFAULTS = UpscaleConfig()
+
+
+@dataclass(frozen=True)
+class Widget:
+    """One node input. ``kind`` is the ComfyUI type: IMAGE, COMBO, INT, FLOAT or BOOLEAN."""
+
+    kind: str
+    id: str
+    tooltip: str
+    default: Any = None
+    options: tuple[str, ...] = ()
+    min: float | None = None
+    max: float | None = None
+    step: float | None = None
+    label_on: str | None = None
+    label_off: str | None = None
+    control_after_generate: str | None = None  # INT only: the front end's fixed/randomize switch
+
+
+def _frames() -> Widget:
+    return Widget("IMAGE", "frames", "Video frames as an IMAGE batch (frames, height, width, 3), e.g. "
+                  "from Get Video Components or Load Video. Every frame comes back, at scale times the size.")
+
+
+def _scale(step: float) -> Widget:
+    return Widget("FLOAT", "scale", "Output size / input size. FlashVSR is trained for 4x; 2x-4x work "
+                  "well. The output is exactly round(height*scale) x round(width*scale).",
+                  default=_DEFAULTS.scale, min=1.0, max=4.0, step=step)
+
+
+def _seed() -> Widget:
+    return Widget("INT", "seed", "Seed of the single denoising step's noise. The official runs use 0; "
+                  "other values give slightly different fine detail.", default=_DEFAULTS.seed,
+                  min=0, max=SEED_MAX, step=1, control_after_generate="fixed")
+
+
+BASIC_INPUTS: tuple[Widget, ...] = (
+    _frames(),
+    Widget("COMBO", "preset", "Tiny: fast, TCDecoder. Tiny-Long: same result as Tiny with flat VRAM "
+           "for long videos (each chunk leaves the GPU at once). Full: Wan 2.1 VAE decoder, best "
+           "quality, slowest and most VRAM. All use the v1.1 weights, downloaded on first use.",
+           default="Tiny", options=tuple(PRESETS)),
+    _scale(0.5),
+    _seed(),
+)
+
+ADVANCED_INPUTS: tuple[Widget, ...] = (
+    _frames(),
+    Widget("COMBO", "version", "Weights: v1.1 (Nov 2025, more stable, fewer artifacts) or the "
+           "original v1. Each version is its own download into models/FlashVSR/<version>/.",
+           default="v1.1", options=VERSIONS),
+    Widget("COMBO", "mode", "tiny: TCDecoder, fast. tiny-long: same output as tiny, flat VRAM for "
+           "long videos. full: Wan 2.1 VAE decoder, best quality, slowest, most VRAM.",
+           default="tiny", options=MODES),
+    _scale(0.1),
+    Widget("COMBO", "sageattention", "enable: use SageAttention where it is installed and the call "
+           "is eligible, PyTorch attention elsewhere (the node reports what ran and why). disable: "
+           "PyTorch attention only. The badge on the node says whether the server has SageAttention.",
+           default="enable", options=SAGE_CHOICES),
+    Widget("COMBO", "color_fix", "Match each output frame's colours to the input frame. adain: "
+           "official (per-channel mean and std). wavelet: keeps the input's low frequencies; try it "
+           "when colours shift. none: raw model output.", default=_DEFAULTS.color_fix,
+           options=COLOR_FIXES),
+    Widget("FLOAT", "sparse_ratio", "Sparse-attention budget: about sparse_ratio x 60 key blocks per "
+           "query block. 2.0 official and most stable; 1.5 faster; higher is denser and slower.",
+           default=_DEFAULTS.sparse_ratio, min=0.5, max=8.0, step=0.1),
+    Widget("FLOAT", "kv_ratio", "How many past 2-latent-frame groups the attention cache keeps "
+           "(integer part is used). 3 official; fewer = less VRAM, less temporal stability.",
+           default=_DEFAULTS.kv_ratio, min=1.0, max=8.0, step=1.0),
+    Widget("INT", "local_range", "Side of the local attention window in 128-token blocks. 11 "
+           "official (more stable), 9 sharper details.", default=_DEFAULTS.local_range,
+           min=1, max=63, step=2),
+    Widget("INT", "tile_size", "Spatial tiling of the DiT in output pixels, 0 = off (best quality). "
+           "Otherwise a multiple of 128, at least 256: lowers VRAM for very large outputs; tiles are "
+           "blended, seams are possible.", default=_DEFAULTS.tile_size, min=0, max=8192, step=128),
+    Widget("INT", "tile_overlap", "Overlap of neighbouring spatial tiles in output pixels; must be "
+           "less than half of tile_size. Ignored when tile_size is 0.",
+           default=_DEFAULTS.tile_overlap, min=0, max=4096, step=8),
+    Widget("BOOLEAN", "vae_tiling", "full mode only: decode with the Wan VAE in overlapping tiles to "
+           "cut decoder VRAM (the official runs decode untiled). Ignored by tiny and tiny-long.",
+           default=_DEFAULTS.vae_tiling, label_on="tiled", label_off="untiled"),
+    Widget("INT", "vae_tile_height", "VAE tile height in output pixels (multiple of 8).",
+           default=_DEFAULTS.vae_tile[0] * VAE_PIXELS_PER_LATENT, min=64, max=8192, step=8),
+    Widget("INT", "vae_tile_width", "VAE tile width in output pixels (multiple of 8).",
+           default=_DEFAULTS.vae_tile[1] * VAE_PIXELS_PER_LATENT, min=64, max=8192, step=8),
+    Widget("INT", "vae_stride_height", "Vertical step between VAE tiles in output pixels; at most "
+           "the tile height (smaller = more overlap, smoother seams, slower).",
+           default=_DEFAULTS.vae_stride[0] * VAE_PIXELS_PER_LATENT, min=8, max=8192, step=8),
+    Widget("INT", "vae_stride_width", "Horizontal step between VAE tiles in output pixels; at most "
+           "the tile width.", default=_DEFAULTS.vae_stride[1] * VAE_PIXELS_PER_LATENT,
+           min=8, max=8192, step=8),
+    Widget("COMBO", "precision", "Compute dtype. auto: bf16 on GPUs that support it, else fp16; "
+           "fp32 on CPU. The official weights run in bf16.", default="auto", options=PRECISIONS),
+    Widget("COMBO", "device", "auto: ComfyUI's device (honours --cpu, --cuda-device). Or pick a "
+           "GPU; the run fails with the list of devices that exist if it is missing.",
+           default="auto", options=DEVICES),
+    Widget("BOOLEAN", "keep_model_loaded", "Keep the weights on the device for the next run "
+           "(fast re-runs) or free them when this run ends. ComfyUI's 'Unload models' and "
+           "'Free model and node cache' also free them.", default=True,
+           label_on="keep loaded", label_off="unload after run"),
+    Widget("COMBO", "preprocess", "exact: N frames in, N frames out at exactly scale times the "
+           "size (edges padded internally). official: the reference scripts' centre crop to "
+           "multiples of 128 and 8n-3 frames (for comparisons with published results).",
+           default=_DEFAULTS.preprocess, options=PREPROCESS_MODES),
+    Widget("BOOLEAN", "compile", "CUDA only: compile the DiT's small elementwise steps with "
+           "torch.compile (faster after a warm-up on the first run; falls back to eager where it "
+           "cannot compile). Off: no compile warm-up.", default=_DEFAULTS.compile,
+           label_on="compile", label_off="eager"),
+    _seed(),
+)
+
+
+@dataclass(frozen=True)
+class NodeSettings:
+    """Validated values of one node run, before any device is resolved."""
+
+    version: str = "v1.1"
+    mode: str = "tiny"
+    scale: float = _DEFAULTS.scale
+    sageattention: str = "enable"
+    color_fix: str = _DEFAULTS.color_fix
+    sparse_ratio: float = _DEFAULTS.sparse_ratio
+    kv_ratio: float = _DEFAULTS.kv_ratio
+    local_range: int = _DEFAULTS.local_range
+    tile_size: int = _DEFAULTS.tile_size
+    tile_overlap: int = _DEFAULTS.tile_overlap
+    vae_tiling: bool = _DEFAULTS.vae_tiling
+    vae_tile_height: int = _DEFAULTS.vae_tile[0] * VAE_PIXELS_PER_LATENT
+    vae_tile_width: int = _DEFAULTS.vae_tile[1] * VAE_PIXELS_PER_LATENT
+    vae_stride_height: int = _DEFAULTS.vae_stride[0] * VAE_PIXELS_PER_LATENT
+    vae_stride_width: int = _DEFAULTS.vae_stride[1] * VAE_PIXELS_PER_LATENT
+    precision: str = "auto"
+    device: str = "auto"
+    keep_model_loaded: bool = True
+    seed: int = _DEFAULTS.seed
+    preprocess: str = _DEFAULTS.preprocess
+    compile: bool = _DEFAULTS.compile
+
+    def __post_init__(self) -> None:
+        problems = problems_with(ADVANCED_INPUTS, {f.name: getattr(self, f.name) for f in fields(self)})
+        if problems:
+            raise ValueError("FlashVSR ⚡: " + "; ".join(problems))
+
+    def upscale_config(self) -> UpscaleConfig:
+        px = VAE_PIXELS_PER_LATENT
+        return UpscaleConfig(
+            scale=float(self.scale), sparse_ratio=float(self.sparse_ratio),
+            kv_ratio=float(self.kv_ratio), local_range=int(self.local_range),
+            color_fix=self.color_fix, seed=int(self.seed), sageattention=self.sageattention,
+            preprocess=self.preprocess, compile=bool(self.compile), tile_size=int(self.tile_size),
+            tile_overlap=int(self.tile_overlap), vae_tiling=bool(self.vae_tiling),
+            vae_tile=(self.vae_tile_height // px, self.vae_tile_width // px),
+            vae_stride=(self.vae_stride_height // px, self.vae_stride_width // px))
+
+
+def basic_settings(preset: str, scale: float, seed: int) -> NodeSettings:
+    """The basic node: a preset picks the mode, everything else is the official default."""
+    if preset not in PRESETS:
+        raise ValueError(f"FlashVSR ⚡: unknown preset {preset!r}; choose one of {list(PRESETS)}")
+    return NodeSettings(mode=PRESETS[preset], scale=scale, seed=seed)
+
+
+def advanced_settings(**values: Any) -> NodeSettings:
+    """The Advanced node: every widget value by name (frames excluded)."""
+    unknown = sorted(set(values) - {f.name for f in fields(NodeSettings)})
+    if unknown:
+        raise TypeError(f"FlashVSR ⚡ Advanced got unknown inputs {unknown}")
+    return NodeSettings(**values)
+
+
+def problems_with(spec: tuple[Widget, ...], values: Mapping[str, Any]) -> list[str]:
+    """Every range, choice and cross-field problem in ``values``; None means "linked, not known yet".
+
+    One message per problem, naming the input, the value and what to do, so a user can fix them all
+    in one go.
+    """
+    problems = []
+    for w in spec:
+        value = values.get(w.id)
+        if value is None or w.kind == "IMAGE":
+            continue
+        if w.kind == "COMBO" and value not in w.options:
+            problems.append(f"{w.id} is {value!r}; choose one of {list(w.options)}")
+        elif w.kind in ("INT", "FLOAT") and not w.min <= value <= w.max:
+            problems.append(f"{w.id} is {value}; it must be between {_num(w.min)} and {_num(w.max)}")
+    return problems + _cross_field_problems(values)
+
+
+def _cross_field_problems(values: Mapping[str, Any]) -> list[str]:
+    problems = []
+    tile, overlap = values.get("tile_size"), values.get("tile_overlap")
+    if tile:
+        if tile < 256 or tile % 128:
+            problems.append(f"tile_size is {tile}; use 0 (no tiling) or a multiple of 128 of at "
+                            "least 256, e.g. 512")
+        elif overlap is not None and overlap >= tile // 2:
+            problems.append(f"tile_overlap is {overlap}; it must be less than half of tile_size "
+                            f"({tile}), i.e. at most {tile // 2 - 1}")
+    for axis in ("height", "width"):
+        size, stride = values.get(f"vae_tile_{axis}"), values.get(f"vae_stride_{axis}")
+        for name, v in ((f"vae_tile_{axis}", size), (f"vae_stride_{axis}", stride)):
+            if v is not None and v % VAE_PIXELS_PER_LATENT:
+                problems.append(f"{name} is {v}; use a multiple of {VAE_PIXELS_PER_LATENT}")
+        if size is not None and stride is not None and stride > size:
+            problems.append(f"vae_stride_{axis} ({stride}) is larger than vae_tile_{axis} ({size}), "
+                            "which would leave gaps; use a stride of at most the tile")
+    return problems
+
+
+def _num(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else str(x)

@@ -1,0 +1,222 @@
+"""The pack inside a real ComfyUI server and its real front end (runs only with a ComfyUI checkout).
+
+    FLASHVSR_COMFYUI_GIT=/path/to/ComfyUI(.git) python -m pytest tests/integration -v
+
+Uses the shared harness (``../shared/tools/comfyui-harness``, or ``FLASHVSR_HARNESS``) to check
+ComfyUI out, build its CPU venv and start ``main.py --cpu`` with this pack linked into
+``custom_nodes/ComfyUI-FlashVSR``; small generated weights sit in a temporary ``FlashVSR`` folder
+added through ``--extra-model-paths-config``, and the server runs with ``HF_HUB_OFFLINE=1``.
+Screenshots land in ``<workdir>/flashvsr-browser/``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+
+from comfyui_flashvsr.flashvsr.testing import write_tiny_weights
+from comfyui_flashvsr.nodes import options as o
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+HERE = pathlib.Path(__file__).resolve().parent
+COMFY_GIT = os.environ.get("FLASHVSR_COMFYUI_GIT")
+HARNESS = pathlib.Path(os.environ.get("FLASHVSR_HARNESS",
+                                      ROOT.parent / "shared" / "tools" / "comfyui-harness"))
+WORKDIR = pathlib.Path(os.environ.get("FLASHVSR_HARNESS_WORKDIR", "/tmp/comfy-harness-flashvsr"))
+PORT = int(os.environ.get("FLASHVSR_COMFYUI_PORT", "8190"))
+URL = f"http://127.0.0.1:{PORT}"
+PACK_NAME = "ComfyUI-FlashVSR"
+CLIP = dict(frames=12, width=48, height=32)
+
+pytestmark = pytest.mark.skipif(not COMFY_GIT, reason="set FLASHVSR_COMFYUI_GIT to a ComfyUI git repository")
+
+
+def http(path: str, body: dict | None = None, timeout: float = 60):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw or b"null")
+    except json.JSONDecodeError:
+        return status, raw.decode("utf-8", "replace")
+
+
+def run_prompt(prompt: dict, timeout: float = 600) -> dict:
+    status, body = http("/prompt", {"prompt": prompt})
+    assert status == 200, body
+    pid, t_end = body["prompt_id"], time.monotonic() + timeout
+    while time.monotonic() < t_end:
+        _, hist = http(f"/history/{pid}")
+        if pid in hist and hist[pid]["status"].get("status_str") in ("success", "error"):
+            return hist[pid]
+        time.sleep(0.5)
+    raise AssertionError(f"prompt {pid} did not finish in {timeout} s")
+
+
+def node_text(history: dict, class_type: str, prompt: dict) -> list[str]:
+    (nid,) = [k for k, v in prompt.items() if v["class_type"] == class_type]
+    return history["outputs"][nid]["text"]
+
+
+def _basic_prompt(frames: int, seed: int, size: int = 32) -> dict:
+    return {"1": {"class_type": "EmptyImage",
+                  "inputs": {"width": size, "height": size, "batch_size": frames, "color": 0}},
+            "2": {"class_type": o.NODE_ID_BASIC,
+                  "inputs": {"frames": ["1", 0], "preset": "Tiny", "scale": 2.0, "seed": seed}},
+            "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("comfy")
+    (tmp / "models" / "FlashVSR").mkdir(parents=True)
+    write_tiny_weights(tmp / "models" / "FlashVSR", "v1.1")
+    (tmp / "input").mkdir()
+    (tmp / "output").mkdir()
+    yaml = tmp / "extra_model_paths.yaml"
+    yaml.write_text(f"flashvsr_test:\n  is_default: true\n  FlashVSR: {tmp / 'models' / 'FlashVSR'}\n")
+    link = tmp / PACK_NAME
+    link.symlink_to(ROOT, target_is_directory=True)
+    cmd = [str(HARNESS / "comfy_harness.sh"), "--comfy-git", COMFY_GIT, "--workdir", str(WORKDIR),
+           "--port", str(PORT), "--pack", str(link), "--keep-running", "--browser", "smoke",
+           "--expect-node", o.NODE_ID_BASIC, "--expect-node", o.NODE_ID_ADVANCED]
+    for arg in ("--extra-model-paths-config", yaml, "--input-directory", tmp / "input",
+                "--output-directory", tmp / "output"):
+        cmd += ["--server-arg", str(arg)]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    started = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
+    try:
+        assert started.returncode == 0, started.stdout[-4000:] + started.stderr[-4000:]
+        venv_python = WORKDIR / "venv" / "bin" / "python"
+        subprocess.run([venv_python, HERE / "sample_clip.py", tmp / "input" / "flashvsr_sample.mp4",
+                        "--frames", str(CLIP["frames"]), "--width", str(CLIP["width"]),
+                        "--height", str(CLIP["height"])], check=True, timeout=120)
+        yield {"tmp": tmp, "venv_python": venv_python,
+               "browser_python": WORKDIR / "browser-venv" / "bin" / "python",
+               "log": WORKDIR / "server.log"}
+    finally:
+        subprocess.run([str(HARNESS / "comfy_harness.sh"), "--stop", "--workdir", str(WORKDIR)], timeout=120)
+
+
+def browser(server, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([server["browser_python"], HARNESS / "comfy_browser.py", "--url", URL,
+                           "--out-dir", WORKDIR / "flashvsr-browser", *args],
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_object_info_lists_both_nodes_with_their_ids_names_order_and_tooltips(server):
+    for node_id, display, spec in ((o.NODE_ID_BASIC, o.DISPLAY_BASIC, o.BASIC_INPUTS),
+                                   (o.NODE_ID_ADVANCED, o.DISPLAY_ADVANCED, o.ADVANCED_INPUTS)):
+        _, info = http(f"/object_info/{node_id}")
+        node = info[node_id]
+        assert (node["display_name"], node["category"]) == (display, o.CATEGORY)
+        assert node["python_module"] == f"custom_nodes.{PACK_NAME}"
+        assert list(node["input"]["required"]) == [w.id for w in spec]
+        assert node["input_order"]["required"] == [w.id for w in spec]
+        assert all(opts[1]["tooltip"] for opts in node["input"]["required"].values())
+        assert node["output"] == ["IMAGE"] and node["output_name"] == ["frames"]
+    assert "Cannot import" not in server["log"].read_text()
+
+
+def test_info_route_says_whether_sageattention_is_installed(server):
+    for path in ("/flashvsr/info", "/api/flashvsr/info"):
+        status, info = http(path)
+        assert status == 200 and isinstance(info["sageattention"]["installed"], bool)
+
+
+def test_bad_values_are_rejected_before_running_with_messages_that_say_what_to_do(server):
+    prompt = _basic_prompt(2, 0, size=16)
+    prompt["2"] = {"class_type": o.NODE_ID_ADVANCED,
+                   "inputs": {"frames": ["1", 0], **{w.id: w.default for w in o.ADVANCED_INPUTS[1:]},
+                              "tile_size": 512, "tile_overlap": 300}}
+    status, body = http("/prompt", {"prompt": prompt})
+    assert status == 400
+    details = json.dumps(body["node_errors"]["2"])
+    assert "tile_overlap is 300; it must be less than half of tile_size (512), i.e. at most 255" in details
+    prompt["2"]["inputs"].update(tile_overlap=64, sageattention="maybe")
+    status, body = http("/prompt", {"prompt": prompt})
+    assert status == 400 and body["node_errors"]["2"]["errors"][0]["type"] == "value_not_in_list"
+
+
+@pytest.mark.parametrize("name,node_id", [("basic", o.NODE_ID_BASIC), ("advanced", o.NODE_ID_ADVANCED)])
+def test_example_workflow_converts_in_the_front_end_and_runs(server, name, node_id):
+    api_path = server["tmp"] / f"{name}.api.json"
+    conv = browser(server, "convert", "--workflow", str(ROOT / "example_workflows" / f"{name}.json"),
+                   "--out", str(api_path))
+    assert conv.returncode == 0, conv.stdout + conv.stderr
+    prompt = json.loads(api_path.read_text())
+    hist = run_prompt(prompt)
+    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:3000]
+    text = node_text(hist, node_id, prompt)
+    assert text[0].startswith("attention: ") and f"{CLIP['frames']} frames in" in text[0]
+    (save,) = [k for k, v in prompt.items() if v["class_type"] == "SaveVideo"]
+    [video] = [v for v in hist["outputs"][save]["images"]]
+    path = server["tmp"] / "output" / video["subfolder"] / video["filename"]
+    probe = subprocess.run([server["venv_python"], HERE / "sample_clip.py", path, "--probe"],
+                           capture_output=True, text=True, check=True)
+    assert json.loads(probe.stdout) == {"frames": CLIP["frames"], "width": CLIP["width"] * 4,
+                                        "height": CLIP["height"] * 4, "audio": True}
+
+
+@pytest.mark.parametrize("name,node_id", [("basic", o.NODE_ID_BASIC), ("advanced", o.NODE_ID_ADVANCED)])
+def test_templates_browser_lists_and_opens_the_example(server, name, node_id):
+    res = browser(server, "templates", "--pack", PACK_NAME, "--open", name, "--expect-node", node_id)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_cancel_stops_within_a_chunk_and_the_cached_model_still_runs(server):
+    assert run_prompt(_basic_prompt(2, 1))["status"]["status_str"] == "success"  # model now loaded
+    long_run = server["tmp"] / "long.api.json"
+    long_run.write_text(json.dumps(_basic_prompt(240, 2)))
+    res = subprocess.run([server["venv_python"], HERE / "ws_cancel.py", "--url", URL, "--prompt", long_run,
+                          "--node", "2", "--after", "2"], capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    seen = json.loads(res.stdout.strip().splitlines()[-1])
+    assert seen["ended"] == "interrupted" and seen["interrupted_node"] == "2"
+    assert seen["total"] > 10 and len(seen["after"]) <= 1  # at most the chunk already running
+    assert max(seen["before"] + seen["after"]) < seen["total"]
+    again = _basic_prompt(2, 3)
+    hist = run_prompt(again)
+    assert hist["status"]["status_str"] == "success"
+    assert "weights: already loaded" in node_text(hist, o.NODE_ID_BASIC, again)
+
+
+def test_comfy_unload_models_frees_the_cached_pipeline(server):
+    run_prompt(_basic_prompt(2, 9, size=16))
+    assert http("/flashvsr/info")[1]["loaded"] is not None
+    http("/free", {"unload_models": True})
+    t0 = time.monotonic()
+    while http("/flashvsr/info")[1]["loaded"] is not None:
+        assert time.monotonic() - t0 < 30, "POST /free did not release the FlashVSR model"
+        time.sleep(0.5)
+
+
+def test_user_adds_advanced_node_disables_sage_runs_and_sees_the_report_on_the_node(server):
+    res = subprocess.run([server["browser_python"], HERE / "flashvsr_browser.py", "--harness", HARNESS,
+                          "--url", URL, "--out-dir", WORKDIR / "flashvsr-browser"],
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    result = json.loads(res.stdout.strip().splitlines()[-1])
+    assert result["fallbacks"] == [] and result["status"] == "success"
+    report = result["report_on_node"]
+    assert report[0].startswith("attention: ") and "sage (" not in report[0]
+    assert not any("requested but not used" in line for line in report)
+    installed = result["badge_info"]["installed"]
+    assert isinstance(installed, bool)
+    if installed:
+        assert "installed" in result["badge_enable"] and "off here" in result["badge_disable"]
+    else:
+        assert result["badge_enable"] == "SageAttention not installed: PyTorch attention"
+        assert result["badge_disable"] == "SageAttention not installed"
+    [sent] = [v for v in result["api_prompt"].values() if v["class_type"] == o.NODE_ID_ADVANCED]
+    assert sent["inputs"]["sageattention"] == "disable"

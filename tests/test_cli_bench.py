@@ -1,0 +1,87 @@
+"""``flashvsr bench``: every mode x sageattention case measured, labelled as random-weight numbers."""
+import argparse
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from comfyui_flashvsr.flashvsr import bench, cli
+
+
+class FakePipe:
+    def __init__(self, mode):
+        self.mode, self.calls = mode, []
+
+    def upscale(self, frames, cfg):
+        self.calls.append((frames.shape[0], cfg.sageattention))
+        out = frames.repeat_interleave(int(cfg.scale), 1).repeat_interleave(int(cfg.scale), 2)
+        return SimpleNamespace(frames=out, stats=SimpleNamespace(attention=f"fake-{cfg.sageattention}"))
+
+
+def _params(**kw):
+    base = dict(modes=("tiny", "full"), sage=("enable", "disable"), out_h=64, out_w=64, scale=2.0,
+                frames=5, widths="tiny", version="v1.1", device="cpu", precision="fp32",
+                warmup_frames=2, repeat=3)
+    base.update(kw)
+    return bench.BenchParams(**base)
+
+
+def test_every_mode_and_sage_setting_is_measured_after_a_warmup():
+    built = {}
+
+    def build(mode):
+        built[mode] = FakePipe(mode)
+        return built[mode]
+
+    results = bench.run(_params(), build)
+    assert [(r.mode, r.sageattention) for r in results] == [
+        ("tiny", "enable"), ("tiny", "disable"), ("full", "enable"), ("full", "disable")]
+    # one warm-up (2 frames) then 3 measured runs (5 frames) per setting
+    assert built["tiny"].calls == ([(2, "enable")] + [(5, "enable")] * 3
+                                   + [(2, "disable")] + [(5, "disable")] * 3)
+    assert all(r.frames == 5 and r.fps > 0 and r.attention == f"fake-{r.sageattention}" for r in results)
+
+
+def test_table_and_json_carry_the_random_weights_label():
+    params = _params(modes=("tiny",), sage=("disable",))
+    data = bench.report(params, bench.run(params, FakePipe), bench.environment("cpu"))
+    text, md = bench.table(data), bench.table(data, markdown=True)
+    for out in (text, md):
+        assert bench.LABEL_RANDOM in out and bench.LABEL_TINY in out
+        assert "fake-disable" in out
+    assert md.count("\n| tiny | disable |") == 1
+    assert json.loads(json.dumps(data))["labels"] == [bench.LABEL_RANDOM, bench.LABEL_TINY]
+
+
+def test_full_width_runs_are_not_labelled_as_reduced():
+    assert bench.labels(_params(widths="full")) == [bench.LABEL_RANDOM]
+
+
+def test_bench_command_runs_the_real_reduced_networks_on_cpu(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--widths", "tiny", "--size", "128x128", "--frames", "21",
+                     "--warmup-frames", "0", "--modes", "tiny", "--sage", "disable",
+                     "--device", "cpu", "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    (result,) = data["results"]
+    assert result["frames"] == 21 and result["fps"] > 0 and result["peak_vram_bytes"] is None
+    assert result["attention"] and data["params"]["precision"] == "fp32"
+    assert bench.LABEL_TINY in capsys.readouterr().out
+
+
+def test_peak_ram_includes_a_short_lived_allocation():
+    before = int(open("/proc/self/statm").read().split()[1]) * 4096
+    with bench.PeakRSS() as ram:
+        block = np.ones(200 * 2**20, np.uint8)
+        del block
+    assert ram.peak_bytes - before >= 150 * 2**20
+
+
+def test_size_and_list_arguments_are_validated():
+    assert bench._size("768x1408") == (768, 1408)
+    with pytest.raises(argparse.ArgumentTypeError, match="768x1408"):
+        bench._size("768 by 1408")
+    with pytest.raises(argparse.ArgumentTypeError, match="tiny, tiny-long, full"):
+        bench._csv(("tiny", "tiny-long", "full"))("tiny,huge")

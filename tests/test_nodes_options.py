@@ -1,0 +1,123 @@
+"""The node inputs as data: ids, order, tooltips, defaults, ranges and validation messages."""
+import dataclasses
+
+import pytest
+
+from comfyui_flashvsr.flashvsr.config import UpscaleConfig
+from comfyui_flashvsr.nodes import options as o
+
+# Ids used by other FlashVSR packs (docs/peers.md); ours must never equal one of them.
+PEER_IDS = {
+    "AILab_FlashVSR", "AILab_FlashVSR_Advanced", "FlashVSRNode", "FlashVSRNodeAdv", "FlashVSRInitPipe",
+    "FlashVSR_SM_Model", "FlashVSR_SM_KSampler", "FlashVSR_SM_VideoPathLoop", "FlashVSRModelLoader",
+    "TEFlashVSRModelLoader", "TEFlashVSRTuning", "TEFlashVSRRestore", "FlashVSR", "FlashVSR_Upscale",
+}
+
+# Workflows store widget values by position: this order is part of the public contract.
+ADVANCED_ORDER = [
+    "frames", "version", "mode", "scale", "sageattention", "color_fix", "sparse_ratio", "kv_ratio",
+    "local_range", "tile_size", "tile_overlap", "vae_tiling", "vae_tile_height", "vae_tile_width",
+    "vae_stride_height", "vae_stride_width", "precision", "device", "keep_model_loaded", "preprocess",
+    "compile", "seed",
+]
+
+
+def test_node_ids_and_display_names_are_the_published_ones():
+    assert (o.NODE_ID_BASIC, o.DISPLAY_BASIC) == ("FlashVSRBolt", "FlashVSR ⚡")
+    assert (o.NODE_ID_ADVANCED, o.DISPLAY_ADVANCED) == ("FlashVSRBoltAdvanced", "FlashVSR ⚡ Advanced")
+
+
+def test_node_ids_collide_with_no_other_flashvsr_pack():
+    ours = {o.NODE_ID_BASIC, o.NODE_ID_ADVANCED}
+    assert not ours & PEER_IDS
+    assert not any(i.startswith(("AILab_FlashVSR", "FlashVSRNode", "FlashVSR_SM_")) for i in ours)
+
+
+def test_widget_order_is_frozen():
+    assert [w.id for w in o.ADVANCED_INPUTS] == ADVANCED_ORDER
+    assert [w.id for w in o.BASIC_INPUTS] == ["frames", "preset", "scale", "seed"]
+
+
+@pytest.mark.parametrize("spec", [o.BASIC_INPUTS, o.ADVANCED_INPUTS], ids=["basic", "advanced"])
+def test_every_input_has_a_tooltip_and_a_valid_default(spec):
+    for w in spec:
+        assert len(w.tooltip) > 20, w.id
+        if w.kind == "COMBO":
+            assert w.default in w.options, w.id
+        elif w.kind in ("INT", "FLOAT"):
+            assert w.min <= w.default <= w.max, w.id
+    defaults = {w.id: w.default for w in spec}
+    assert o.problems_with(spec, defaults) == []
+
+
+def test_advanced_covers_every_engine_option():
+    # color_fix_float32 only chooses the arithmetic of the colour fix (fp32 avoids bf16 banding).
+    engine_fields = {f.name for f in dataclasses.fields(UpscaleConfig)} - {"color_fix_float32"}
+    widget_ids = {w.id for w in o.ADVANCED_INPUTS}
+    covered = widget_ids | {"vae_tile", "vae_stride"}
+    assert engine_fields <= covered
+
+
+def test_default_settings_give_the_engine_defaults():
+    assert o.NodeSettings().upscale_config() == UpscaleConfig()
+
+
+def test_presets_cover_tiny_tiny_long_and_full():
+    modes = {o.basic_settings(p, 4.0, 0).mode for p in ("Tiny", "Tiny-Long", "Full")}
+    assert modes == {"tiny", "tiny-long", "full"}
+    s = o.basic_settings("Full", 2.0, 7)
+    assert (s.version, s.sageattention, s.scale, s.seed) == ("v1.1", "enable", 2.0, 7)
+    assert s.keep_model_loaded
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match=r"unknown preset 'Huge'.*'Tiny', 'Tiny-Long', 'Full'"):
+        o.basic_settings("Huge", 4.0, 0)
+
+
+def test_out_of_range_values_name_the_input_and_the_range():
+    problems = o.problems_with(o.ADVANCED_INPUTS, {"scale": 5.0, "local_range": 0, "mode": "huge"})
+    assert "scale is 5.0; it must be between 1 and 4" in problems
+    assert "local_range is 0; it must be between 1 and 63" in problems
+    assert "mode is 'huge'; choose one of ['tiny', 'tiny-long', 'full']" in problems
+
+
+def test_linked_inputs_are_left_to_run_time():
+    assert o.problems_with(o.ADVANCED_INPUTS, {w.id: None for w in o.ADVANCED_INPUTS}) == []
+
+
+def test_tile_size_must_be_off_or_a_multiple_of_128_from_256():
+    assert o.problems_with(o.ADVANCED_INPUTS, {"tile_size": 512, "tile_overlap": 64}) == []
+    [msg] = o.problems_with(o.ADVANCED_INPUTS, {"tile_size": 300, "tile_overlap": 32})
+    assert msg.startswith("tile_size is 300; use 0 (no tiling) or a multiple of 128")
+
+
+def test_tile_overlap_must_be_less_than_half_the_tile():
+    [msg] = o.problems_with(o.ADVANCED_INPUTS, {"tile_size": 512, "tile_overlap": 256})
+    assert msg == "tile_overlap is 256; it must be less than half of tile_size (512), i.e. at most 255"
+
+
+def test_vae_stride_larger_than_its_tile_is_rejected():
+    problems = o.problems_with(o.ADVANCED_INPUTS, {"vae_tile_width": 480, "vae_stride_width": 520})
+    assert problems == ["vae_stride_width (520) is larger than vae_tile_width (480), which would leave "
+                        "gaps; use a stride of at most the tile"]
+
+
+def test_vae_tiles_are_entered_in_pixels_and_passed_in_latent_units():
+    s = o.NodeSettings(vae_tiling=True, vae_tile_height=256, vae_tile_width=512,
+                       vae_stride_height=128, vae_stride_width=256)
+    cfg = s.upscale_config()
+    assert (cfg.vae_tile, cfg.vae_stride, cfg.vae_tiling) == ((32, 64), (16, 32), True)
+
+
+def test_invalid_settings_raise_every_problem_at_once():
+    with pytest.raises(ValueError) as err:
+        o.advanced_settings(scale=0.5, sparse_ratio=9.0, color_fix="sepia")
+    text = str(err.value)
+    assert text.startswith("FlashVSR ⚡: ")
+    assert "scale is 0.5" in text and "sparse_ratio is 9.0" in text and "color_fix is 'sepia'" in text
+
+
+def test_advanced_settings_rejects_inputs_it_does_not_know():
+    with pytest.raises(TypeError, match=r"unknown inputs \['turbo'\]"):
+        o.advanced_settings(turbo=True)

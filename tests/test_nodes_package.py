@@ -1,0 +1,101 @@
+"""The pack as ComfyUI sees it before any node runs: entry point, import cost, web/, example workflows."""
+import inspect
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+import comfyui_flashvsr
+from comfyui_flashvsr.nodes import options as o
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CORE_VIDEO_NODES = {"LoadVideo", "GetVideoComponents", "CreateVideo", "SaveVideo"}
+CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
+
+IMPORT_WITHOUT_COMFY = r"""
+import importlib.abc, importlib.util, sys
+BLOCKED = {"comfy", "comfy_api", "folder_paths", "server", "nodes", "sageattention", "triton"}
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"blocked in this test: {name}")
+sys.meta_path.insert(0, Block())
+spec = importlib.util.spec_from_file_location("pack", sys.argv[1] + "/__init__.py",
+                                              submodule_search_locations=[sys.argv[1]])
+pack = importlib.util.module_from_spec(spec); sys.modules["pack"] = pack; spec.loader.exec_module(pack)
+print("torch imported by the pack import:", "torch" in sys.modules)
+import pack.nodes.options, pack.nodes.runner, pack.nodes.schema
+import torch
+print("cuda initialised:", torch.cuda.is_initialized())
+"""
+
+
+def test_pack_imports_without_comfyui_sageattention_or_triton_and_stays_light():
+    out = subprocess.run([sys.executable, "-c", IMPORT_WITHOUT_COMFY, str(ROOT)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "torch imported by the pack import: False" in out.stdout
+    assert "cuda initialised: False" in out.stdout
+
+
+def test_comfyui_gets_an_async_entrypoint_and_a_web_folder_but_no_v1_mappings():
+    assert inspect.iscoroutinefunction(comfyui_flashvsr.comfy_entrypoint)
+    # With NODE_CLASS_MAPPINGS present ComfyUI would take the V1 path and never call the entrypoint.
+    assert not hasattr(comfyui_flashvsr, "NODE_CLASS_MAPPINGS")
+    assert (ROOT / comfyui_flashvsr.WEB_DIRECTORY / "flashvsr.js").is_file()
+
+
+def test_web_extension_handles_both_nodes_and_asks_the_info_route():
+    js = (ROOT / "web" / "flashvsr.js").read_text()
+    assert f'"{o.NODE_ID_BASIC}"' in js and f'"{o.NODE_ID_ADVANCED}"' in js
+    assert 'fetchApi("/flashvsr/info")' in js
+    assert "onExecuted" in js and "onDrawForeground" in js
+
+
+def _workflow(name):
+    return json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+
+
+def _flashvsr_values(spec, widgets_values):
+    """Widget values by name; the front end stores a seed's fixed/randomize switch right after it."""
+    values, it = {}, iter(widgets_values)
+    for w in spec:
+        if w.kind == "IMAGE":
+            continue
+        values[w.id] = next(it)
+        if w.control_after_generate:
+            assert next(it) in CONTROL_VALUES
+    assert next(it, None) is None, "more widget values than the node has widgets"
+    return values
+
+
+@pytest.mark.parametrize("name,node_id,spec", [("basic", o.NODE_ID_BASIC, o.BASIC_INPUTS),
+                                               ("advanced", o.NODE_ID_ADVANCED, o.ADVANCED_INPUTS)])
+def test_example_workflow_is_core_video_nodes_around_flashvsr(name, node_id, spec):
+    wf = _workflow(name)
+    nodes = {n["id"]: n for n in wf["nodes"]}
+    assert {n["type"] for n in nodes.values()} == CORE_VIDEO_NODES | {node_id}
+    (fv,) = [n for n in nodes.values() if n["type"] == node_id]
+    assert o.problems_with(spec, _flashvsr_values(spec, fv["widgets_values"])) == []
+
+    def ends(link):
+        _, src, src_slot, dst, dst_slot, _type = link
+        return (nodes[src]["type"], nodes[src]["outputs"][src_slot]["name"],
+                nodes[dst]["type"], nodes[dst]["inputs"][dst_slot]["name"])
+
+    assert {ends(link) for link in wf["links"]} == {
+        ("LoadVideo", "VIDEO", "GetVideoComponents", "video"),
+        ("GetVideoComponents", "images", node_id, "frames"),
+        (node_id, "frames", "CreateVideo", "images"),
+        ("GetVideoComponents", "fps", "CreateVideo", "fps"),
+        ("GetVideoComponents", "audio", "CreateVideo", "audio"),
+        ("CreateVideo", "VIDEO", "SaveVideo", "video"),
+    }
+
+
+@pytest.mark.parametrize("name", ["basic", "advanced"])
+def test_example_workflow_has_a_jpeg_thumbnail_of_the_same_name(name):
+    data = (ROOT / "example_workflows" / f"{name}.jpg").read_bytes()
+    assert data[:3] == b"\xff\xd8\xff" and len(data) > 10_000
