@@ -57,38 +57,33 @@ def _config(factory, sd, what: str, source: str):
         raise CheckpointMismatch(f"{what} ({source or 'state dict'}): {err}. Is this the right file for this slot?") from None
 
 
-def build_dit(sd, device="cpu", dtype=torch.bfloat16, source: str = "") -> WanDiT:
-    cfg = _config(DiTConfig.from_state_dict, sd, "DiT", source)
+def _build(make, config_from, sd, what: str, device, dtype, source: str):
+    """Config from the shapes, network on the meta device, strict load (assigning the tensors), cast."""
+    cfg = _config(config_from, sd, what, source)
     with torch.device("meta"):
-        net = WanDiT(cfg)
-    load_exact(net, sd, what="DiT", source=source)
+        net = make(cfg)
+    load_exact(net, sd, what=what, source=source)
     return _finish(net, device, dtype)
+
+
+def build_dit(sd, device="cpu", dtype=torch.bfloat16, source: str = "") -> WanDiT:
+    return _build(WanDiT, DiTConfig.from_state_dict, sd, "DiT", device, dtype, source)
 
 
 def build_projector(sd, version, device="cpu", dtype=torch.bfloat16, source: str = "") -> LQProjector:
-    cfg = _config(LQProjectorConfig.from_state_dict, sd, "LQ projector", source)
-    with torch.device("meta"):
-        net = LQProjector(cfg, causal=Version.parse(version) is Version.V1_1)
-    load_exact(net, sd, what="LQ projector", source=source)
-    return _finish(net, device, dtype)
+    causal = Version.parse(version) is Version.V1_1
+    return _build(lambda cfg: LQProjector(cfg, causal=causal), LQProjectorConfig.from_state_dict, sd,
+                  "LQ projector", device, dtype, source)
 
 
 def build_tcdecoder(sd, device="cpu", dtype=torch.bfloat16, source: str = "") -> TCDecoder:
-    cfg = _config(TCDecoderConfig.from_state_dict, sd, "TCDecoder", source)
-    with torch.device("meta"):
-        net = TCDecoder(cfg)
-    load_exact(net, sd, what="TCDecoder", source=source)
-    return _finish(net, device, dtype)
+    return _build(TCDecoder, TCDecoderConfig.from_state_dict, sd, "TCDecoder", device, dtype, source)
 
 
 def build_vae(sd, device="cpu", dtype=torch.bfloat16, source: str = ""):
     from ..models import wan_vae
-    sub = wan_vae.decoder_state_dict(sd)
-    cfg = _config(wan_vae.WanVAEConfig.from_state_dict, sub, "Wan VAE", source)
-    with torch.device("meta"):
-        net = wan_vae.WanVAEDecoder(cfg)
-    load_exact(net, sub, what="Wan VAE decoder", source=source)
-    return _finish(net, device, dtype)
+    return _build(wan_vae.WanVAEDecoder, wan_vae.WanVAEConfig.from_state_dict, wan_vae.decoder_state_dict(sd),
+                  "Wan VAE decoder", device, dtype, source)
 
 
 def build_decoder(kind: str, sd, device="cpu", dtype=torch.bfloat16, source: str = "", **vae_tiling):

@@ -21,4 +21,15 @@ def _register_package() -> None:
     spec.loader.exec_module(module)
 
 
+def _register_test_helpers() -> None:
+    """tests/fake_hub.py as ``flashvsr_tests_fake_hub`` (importlib mode puts no test dir on sys.path)."""
+    name = "flashvsr_tests_fake_hub"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "fake_hub.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+
+
 _register_package()
+_register_test_helpers()

@@ -15,17 +15,7 @@ from safetensors.torch import save as save_safetensors
 from comfyui_flashvsr.flashvsr.weights import MissingWeights, ensure_weights
 
 
-def _load_helpers():
-    name = "flashvsr_tests_fake_hub"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_hub.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-hub_helpers = _load_helpers()
+hub_helpers = importlib.import_module("flashvsr_tests_fake_hub")
 CONTENTS = hub_helpers.tiny_official_bytes()
 CATALOG = hub_helpers.tiny_catalog(CONTENTS)
 V11 = "JunhaoZhuang/FlashVSR-v1.1"

@@ -18,17 +18,7 @@ from comfyui_flashvsr.flashvsr.weights import (COMMON_PREFIXES, MissingWeights, 
                                                sha256_of)
 
 
-def _load_helpers():
-    name = "flashvsr_tests_fake_hub"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("fake_hub.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-hub = _load_helpers()
+hub = importlib.import_module("flashvsr_tests_fake_hub")
 CONTENTS = hub.tiny_official_bytes()
 CATALOG = hub.tiny_catalog(CONTENTS)
 NAMES = {"dit": "diffusion_pytorch_model_streaming_dmd.safetensors", "lq_proj": "LQ_proj_in.ckpt",

@@ -1,0 +1,90 @@
+"""Engine details that the fixtures do not reach: long clips, colour fixes, schedule, error paths."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_flashvsr.attention import AttentionDispatcher
+from comfyui_flashvsr.flashvsr import pipeline as pipeline_module
+from comfyui_flashvsr.flashvsr.color import adain, color_fix, wavelet
+from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
+from comfyui_flashvsr.flashvsr.schedule import chunk, plan_frames
+from comfyui_flashvsr.models.dit import DiTStreamState, SparseParams, rope_angles
+from comfyui_flashvsr.models.lcsa import local_block_mask
+
+
+def test_rope_is_computed_past_the_official_4093_frame_table():
+    pos = torch.tensor([4200, 4201])
+    angles = rope_angles(128, pos, 2, 3)
+    # temporal axis: the first 22 complex pairs, frequency 10000^(-2j/44)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, 44, 2).double() / 44))
+    expected = torch.polar(torch.ones(22, dtype=torch.float64), 4201 * inv)
+    assert torch.equal(angles[6, 0, :22], expected)      # token 6 = second frame, row 0, col 0
+
+
+def test_dit_runs_a_chunk_at_frame_16800():
+    pipe = FlashVSR.random(mode="tiny", device="cpu", dtype=torch.float32, size="micro")
+    state = DiTStreamState(chunk_index=4198)             # temporal positions 8400, 8401
+    x = torch.randn(1, 16, 2, 16, 16)
+    out = pipe.dit.forward_chunk(x, None, pipe.consts, state, SparseParams(2.0, 3, 11),
+                                 AttentionDispatcher().session("disable"))
+    assert out.shape == x.shape and torch.isfinite(out).all()
+
+
+def test_chunk_schedule_covers_every_model_frame_once():
+    plan = plan_frames(203, official=False)
+    covered = []
+    for k in range(plan.chunks):
+        ck = chunk(k)
+        covered += list(range(ck.out_start, ck.out_end))
+        assert ck.lq_end == ck.out_end + 4            # four frames of look-ahead
+    assert covered == list(range(plan.model_frames - 4))
+    assert plan.model_frames - 4 >= 203
+
+
+def test_local_window_is_not_clamped_at_the_border():
+    m = local_block_mask(1, 12, 11)
+    assert m[0].sum().item() == 6          # column 0 sees columns 0..5 only
+    assert m[6].sum().item() == 11
+
+
+def test_adain_matches_the_reference_statistics():
+    g = torch.Generator().manual_seed(0)
+    hq, lq = torch.randn(2, 3, 8, 8, generator=g) * 3 + 1, torch.randn(2, 3, 8, 8, generator=g) * 0.5
+    out = adain(hq, lq)
+    assert torch.allclose(out.mean((2, 3)), lq.mean((2, 3)), atol=1e-5)
+    std_out = out.var((2, 3), unbiased=False).sqrt()
+    std_lq = (lq.var((2, 3), unbiased=False) + 1e-5).sqrt()
+    std_hq = (hq.var((2, 3), unbiased=False) + 1e-5).sqrt()
+    expected = hq.var((2, 3), unbiased=False).sqrt() / std_hq * std_lq
+    assert torch.allclose(std_out, expected, atol=1e-5)
+
+
+def test_wavelet_takes_low_frequencies_from_lq_and_details_from_hq():
+    hq = torch.zeros(1, 3, 32, 32)
+    hq[..., ::2, ::2] = 0.5                       # pure high frequency around a 0.125 mean
+    lq = torch.full((1, 3, 32, 32), -0.4)        # flat colour
+    out = wavelet(hq, lq)
+    assert abs(out.mean().item() - (-0.4)) < 0.02
+    assert (out.max() - out.min()).item() > 0.3
+
+
+def test_none_colour_fix_returns_frames_unchanged_and_others_clamp():
+    hq = torch.randn(2, 3, 8, 8) * 5
+    assert color_fix(hq, hq, "none") is hq
+    for method in ("adain", "wavelet"):
+        out = color_fix(hq, torch.rand(2, 3, 8, 8), method)
+        assert out.min() >= -1 and out.max() <= 1
+
+
+def test_out_of_gpu_memory_is_reported_with_what_to_do(monkeypatch):
+    pipe = FlashVSR.random(mode="tiny", device="cpu", dtype=torch.float32, size="micro")
+
+    def boom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        yield
+
+    monkeypatch.setattr(pipeline_module, "run_stream", boom)
+    with pytest.raises(RuntimeError, match="out of GPU memory.*tiny-long.*tile_size"):
+        pipe.upscale(torch.rand(3, 16, 16, 3))
+
