@@ -22,27 +22,29 @@ class Decoder(Protocol):
 class TinyDecoder:
     """TCDecoder: conditioned on the LQ frames; output ~[0, 1] mapped to [-1, 1], not clamped."""
 
-    def __init__(self, net: TCDecoder, run_layers=None):
+    def __init__(self, net: TCDecoder, run_layers=None, latents_per_pass: int = 2):
         self.net, self.run_layers = net, run_layers     # run_layers: a compiled net.run_layers, or None
+        self.latents_per_pass = latents_per_pass        # fewer = lower peak VRAM (same frames)
 
     def new_state(self):
         from ..models.tcdecoder import TCDecoderState
         return TCDecoderState()
 
     def decode(self, latents, cond, state):
-        return self.net.decode_chunk(latents, cond, state, self.run_layers) * 2 - 1
+        return self.net.decode_chunk(latents, cond, state, self.run_layers, self.latents_per_pass) * 2 - 1
 
 
 class FullDecoder:
     """Wan 2.1 VAE decoder (ignores the condition); optional spatial tiling in latent units."""
 
-    def __init__(self, net, tiled: bool = False, tile=(60, 104), stride=(30, 52)):
+    def __init__(self, net, tiled: bool = False, tile=(60, 104), stride=(30, 52), compiled_norms: bool = False):
         self.net, self.tiled, self.tile, self.stride = net, tiled, tuple(tile), tuple(stride)
+        self.compiled_norms = compiled_norms
 
     def new_state(self):
         from ..models.wan_vae import VAETiling, WanVAEDecodeOptions
         tiling = VAETiling(self.tile, self.stride) if self.tiled else None
-        return self.net.new_state(WanVAEDecodeOptions(tiling=tiling))
+        return self.net.new_state(WanVAEDecodeOptions(tiling=tiling, compiled_norms=self.compiled_norms))
 
     def decode(self, latents, cond, state):
         return self.net.decode_chunk(latents, state)

@@ -16,7 +16,7 @@ from .frames import FrameSource
 from .loader import build_decoder, build_dit, build_projector
 from .preprocess import Upsampler, plan_geometry
 
-VAE_PREFIXES = ("weights/vae/", "weights/wan_vae/", "weights/vae_decoder/")
+KNOWN_COMPONENTS = ("weights/dit/", "weights/lq_proj/", "weights/tcdecoder/")
 
 
 @dataclass
@@ -44,9 +44,20 @@ def load_case(path: pathlib.Path, meta: dict) -> Case:
     return Case(meta, load_file(str(path)))
 
 
+def _vae_prefix(case: Case) -> str | None:
+    """The weights/<component>/ folder holding a Wan VAE (its name is not fixed by format v1)."""
+    prefixes = {k[: k.index("/", len("weights/")) + 1] for k in case.tensors
+                if k.startswith("weights/") and k.count("/") >= 2}
+    for prefix in sorted(prefixes - set(KNOWN_COMPONENTS)):
+        names = [k[len(prefix):] for k in case.tensors if k.startswith(prefix)]
+        if any(n.split("decoder.", 1)[-1].startswith(("middle.", "upsamples.")) for n in names):
+            return prefix
+    return None
+
+
 def _decoder_kind(case: Case) -> str:
     declared = str(case.meta.get("case_params", {}).get("decoder", "tiny")).lower()
-    if declared in ("full", "vae", "wan_vae") or any(k.startswith(VAE_PREFIXES) for k in case.tensors):
+    if declared in ("full", "vae", "wan_vae") or _vae_prefix(case) is not None:
         return "full"
     return "tiny"
 
@@ -56,7 +67,10 @@ def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention:
     dit = build_dit(case.weights("weights/dit/"), device, dtype)
     projector = build_projector(case.weights("weights/lq_proj/"), p["version"], device, dtype)
     if _decoder_kind(case) == "full":
-        prefix = next(pre for pre in VAE_PREFIXES if any(k.startswith(pre) for k in case.tensors))
+        prefix = _vae_prefix(case)
+        if prefix is None:
+            raise ValueError(f"case {case.meta.get('case')} uses the Full decoder but stores no Wan VAE "
+                             "weights under weights/<name>/")
         decoder = build_decoder("full", case.weights(prefix), device, dtype)
     else:
         decoder = build_decoder("tiny", case.weights("weights/tcdecoder/"), device, dtype)

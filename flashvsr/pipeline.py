@@ -116,8 +116,12 @@ class FlashVSR:
     def _decoder_for(self, cfg: UpscaleConfig):
         from .decoders import FullDecoder, TinyDecoder
         if self.mode is Mode.FULL:
-            return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride)
-        return TinyDecoder(self.decoder, self._compiled_tc() if self._compiling(cfg) else None)
+            return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride,
+                               compiled_norms=self._compiling(cfg) and _fused_vae_norms_supported())
+        # Tiny-Long decodes one latent (4 frames) per pass: about half the decoder's full-resolution
+        # activations, which dominate the peak after the KV cache.
+        per_pass = 1 if self.mode is Mode.TINY_LONG else 2
+        return TinyDecoder(self.decoder, self._compiled_tc() if self._compiling(cfg) else None, per_pass)
 
     def _compiling(self, cfg: UpscaleConfig) -> bool:
         from ..models.compiled import triton_usable
@@ -238,6 +242,12 @@ class FlashVSR:
         from ..attention.probe import probe_sage
         p = probe_sage()
         return {"installed": p.available, "version": p.version, "flavour": p.flavour, "reason": p.reason}
+
+
+def _fused_vae_norms_supported() -> bool:
+    """The VAE's fused norm kernel rounds like eager only with inductor's emulate_precision_casts."""
+    import torch._inductor.config as inductor_config
+    return hasattr(inductor_config, "emulate_precision_casts")
 
 
 def _tuned(chunks: Iterator) -> Iterator:

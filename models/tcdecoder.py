@@ -132,7 +132,7 @@ class TCDecoder(nn.Module):
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, cond: torch.Tensor, state: TCDecoderState,
-                     run_layers=None) -> torch.Tensor:
+                     run_layers=None, latents_per_pass: int = LATENTS_PER_PASS) -> torch.Tensor:
         """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1].
 
         ``run_layers``: a compiled :meth:`run_layers` to use instead of the eager one.
@@ -147,8 +147,8 @@ class TCDecoder(nn.Module):
         # per 128-channel bf16 tensor at 768x1408) and every pass has the steady chunk's shape.
         run = run_layers or self.run_layers
         outs = []
-        for i in range(0, x.shape[0], LATENTS_PER_PASS):
-            y, state.memory = run(x[i:i + LATENTS_PER_PASS], state.memory)
+        for i in range(0, x.shape[0], latents_per_pass):
+            y, state.memory = run(x[i:i + latents_per_pass], state.memory)
             outs.append(y)
         x = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         if not state.started:

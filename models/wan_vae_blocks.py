@@ -73,7 +73,9 @@ def compiled_norm_silu() -> Callable[[torch.Tensor, torch.Tensor, float, torch.T
     if importlib.util.find_spec("triton") is None:
         raise RuntimeError("compiled_norms needs Triton (pip install triton, or triton-windows on "
                            "Windows); leave compiled_norms off without it")
-    return torch.compile(_norm_silu_into, dynamic=True, options={"emulate_precision_casts": True})
+    from .compiled import CompiledWithFallback
+    compiled = torch.compile(_norm_silu_into, dynamic=True, options={"emulate_precision_casts": True})
+    return CompiledWithFallback("the Wan VAE norms", compiled, _norm_silu_into)
 
 
 def upsample_nearest2x(x: torch.Tensor, fmt2d: torch.memory_format) -> torch.Tensor:

@@ -37,8 +37,10 @@ def test_output_size_is_exactly_scale_times_input_for_odd_sizes(tiny):
 
 
 def test_tiny_long_gives_the_same_frames_as_tiny(tiny, tiny_long):
+    # Tiny-Long decodes one latent per pass (less VRAM); only the conv batching differs.
     frames = clip(30)
-    assert torch.equal(tiny.upscale(frames).frames, tiny_long.upscale(frames).frames)
+    a, b = tiny.upscale(frames).frames, tiny_long.upscale(frames).frames
+    assert (a - b).abs().max().item() < 1e-5
 
 
 def test_streaming_input_gives_the_same_frames_as_a_tensor(tiny):
