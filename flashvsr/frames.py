@@ -6,7 +6,7 @@ and never more than ~12 frames behind the newest one, so a source only buffers t
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 
 import torch
 
@@ -67,6 +67,3 @@ def _as_frame(frame) -> torch.Tensor:
         raise ValueError(f"expected each frame as (H, W, C), got shape {tuple(frame.shape)}")
     return frame
 
-
-def iterate(frames) -> Iterator[torch.Tensor]:
-    yield from frames

@@ -8,11 +8,10 @@
 from __future__ import annotations
 
 import logging
-import math
 import pathlib
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import dit_ops
 from .dit_ops import heads_view
@@ -239,13 +238,8 @@ class WanDiT(nn.Module):
         for blk in self.blocks:
             k = blk.cross_attn.norm_k(blk.cross_attn.k(ctx))
             v = blk.cross_attn.v(ctx)
-            cross.append((self._heads(k, heads), self._heads(v, heads)))
+            cross.append((heads_view(k, heads), heads_view(v, heads)))
         return DiTConstants(t=t, t_mod=t_mod, cross_kv=cross)
-
-    @staticmethod
-    def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
-        b, length, c = x.shape
-        return x.view(b, length, heads, c // heads).transpose(1, 2)
 
     @staticmethod
     def _merge(x: torch.Tensor) -> torch.Tensor:
