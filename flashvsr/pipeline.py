@@ -117,10 +117,10 @@ class FlashVSR:
         if self.mode is Mode.FULL:
             return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride,
                                compiled_norms=self._compiling(cfg) and _fused_vae_norms_supported())
-        # Tiny-Long decodes one latent (4 frames) per pass: about half the decoder's full-resolution
-        # activations, which dominate the peak after the KV cache.
-        per_pass = 1 if self.mode is Mode.TINY_LONG else 2
-        return TinyDecoder(self.decoder, self._compiled_tc() if self._compiling(cfg) else None, per_pass)
+        # Two latents (8 frames) per decoder pass for both TCDecoder modes: the measured setting
+        # (docs/benchmarks.md). One latent per pass would roughly halve the decoder's share of the
+        # peak; not yet measured on a GPU (docs/performance.md).
+        return TinyDecoder(self.decoder, self._compiled_tc() if self._compiling(cfg) else None)
 
     def _compiling(self, cfg: UpscaleConfig) -> bool:
         from ..models.compiled import triton_usable

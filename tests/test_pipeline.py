@@ -37,10 +37,20 @@ def test_output_size_is_exactly_scale_times_input_for_odd_sizes(tiny):
 
 
 def test_tiny_long_gives_the_same_frames_as_tiny(tiny, tiny_long):
-    # Tiny-Long decodes one latent per pass (less VRAM); only the conv batching differs.
     frames = clip(30)
-    a, b = tiny.upscale(frames).frames, tiny_long.upscale(frames).frames
-    assert (a - b).abs().max().item() < 1e-5
+    assert torch.equal(tiny.upscale(frames).frames, tiny_long.upscale(frames).frames)
+
+
+def test_decoder_passes_of_one_latent_give_the_same_frames(tiny):
+    from comfyui_flashvsr.flashvsr.decoders import TinyDecoder
+    g = torch.Generator().manual_seed(3)
+    latents, cond = torch.randn(1, 16, 6, 4, 4, generator=g), torch.rand(1, 3, 21, 32, 32, generator=g) * 2 - 1
+    outs = []
+    for per_pass in (1, 2, 6):
+        dec = TinyDecoder(tiny.decoder, latents_per_pass=per_pass)
+        outs.append(dec.decode(latents, cond, dec.new_state()))
+    assert outs[0].shape == (1, 3, 21, 32, 32)
+    assert (outs[0] - outs[2]).abs().max().item() < 1e-5 and (outs[1] - outs[2]).abs().max().item() < 1e-5
 
 
 def test_streaming_input_gives_the_same_frames_as_a_tensor(tiny):
