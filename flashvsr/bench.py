@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import config
+from .cli import pixels
 
 log = logging.getLogger(__name__)
 
@@ -247,14 +248,6 @@ def table(data: dict, markdown: bool = False) -> str:
     return "\n".join(head + ["", fmt.format(*cols)] + [fmt.format(*r) for r in rows])
 
 
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 768x1408 (HxW), got {text!r}") from None
-    return h, w
-
-
 def _csv(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(v.strip() for v in text.split(",") if v.strip())
@@ -273,7 +266,7 @@ def add_parser(sub) -> None:
     p.add_argument("--modes", type=_csv(modes), default=modes, help="comma list (default: all)")
     p.add_argument("--sage", type=_csv(("enable", "disable")), default=("enable", "disable"),
                    help="sageattention settings to compare (default: enable,disable)")
-    p.add_argument("--size", type=_size, default=(768, 1408), help="OUTPUT size HxW (768x1408)")
+    p.add_argument("--size", type=pixels, default=(768, 1408), help="OUTPUT size HxW (768x1408)")
     p.add_argument("--scale", type=float, default=4.0)
     p.add_argument("--frames", type=int, default=45, help="input frames per run (default 45)")
     p.add_argument("--warmup-frames", type=int, default=21, help="0 disables the warm-up run")

@@ -224,7 +224,7 @@ def pixels(text: str) -> tuple[int, int]:
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 480x832, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected HxW such as 768x1408, got {text!r}") from None
     return h, w
 
 

@@ -80,8 +80,8 @@ def test_peak_ram_includes_a_short_lived_allocation():
 
 
 def test_size_and_list_arguments_are_validated():
-    assert bench._size("768x1408") == (768, 1408)
+    assert bench.pixels("768x1408") == (768, 1408)
     with pytest.raises(argparse.ArgumentTypeError, match="768x1408"):
-        bench._size("768 by 1408")
+        bench.pixels("768 by 1408")
     with pytest.raises(argparse.ArgumentTypeError, match="tiny, tiny-long, full"):
         bench._csv(("tiny", "tiny-long", "full"))("tiny,huge")
