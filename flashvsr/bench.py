@@ -46,6 +46,8 @@ class BenchParams:
     repeat: int = 1        # measured runs per case; the median time is reported
     compile: bool = True   # UpscaleConfig.compile (CUDA only)
     seed: int = 0
+    tile_size: int = 0     # UpscaleConfig.tile_size: spatial tiling in output pixels (0 = off)
+    tile_overlap: int = 128
 
     @property
     def in_h(self) -> int:
@@ -151,7 +153,8 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
         pipe = build(mode)
         for sage in params.sage:
             cfg = config.UpscaleConfig(scale=params.scale, sageattention=sage, seed=params.seed,
-                                       compile=params.compile)
+                                       compile=params.compile, tile_size=params.tile_size,
+                                       tile_overlap=params.tile_overlap)
             if params.warmup_frames:
                 pipe.upscale(warm, cfg)
             runs = sorted((measure(pipe, frames, cfg, params.device, mode)
@@ -233,7 +236,8 @@ def table(data: dict, markdown: bool = False) -> str:
                 f"{round(p['out_w'] / p['scale'])}, x{p['scale']:g}), {p['frames']} frames, "
                 f"{p['precision']}, weights {p['version']}, "
                 f"compile {'on' if p['compile'] and p['device'].startswith('cuda') else 'off'}, "
-                f"median of {p['repeat']} run(s)")
+                + (f"tiles {p['tile_size']} px (overlap {p['tile_overlap']}), " if p.get("tile_size") else "")
+                + f"median of {p['repeat']} run(s)")
     cols = ["mode", "sageattention", "fps", "s/frame", "peak VRAM", "peak RAM", "attention ran"]
     rows = [[r["mode"], r["sageattention"], f"{r['fps']:.2f}", f"{r['seconds'] / r['frames']:.3f}",
              _gib(r["peak_vram_bytes"]), _gib(r["peak_ram_bytes"]), r["attention"] or "?"]
@@ -273,6 +277,9 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=1, help="measured runs per case (median reported)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the DiT glue eagerly (no torch.compile; CUDA only)")
+    p.add_argument("--tile-size", type=int, default=0,
+                   help="spatial tiling in output pixels, multiple of 128 (0 = off; e.g. 1024 for 4K output)")
+    p.add_argument("--tile-overlap", type=int, default=128)
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
     p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version])
@@ -296,7 +303,7 @@ def command(args: argparse.Namespace) -> int:
                          scale=args.scale, frames=args.frames, widths=args.widths,
                          version=args.version, device=device, precision=precision,
                          warmup_frames=min(args.warmup_frames, args.frames), repeat=args.repeat,
-                         compile=args.compile)
+                         compile=args.compile, tile_size=args.tile_size, tile_overlap=args.tile_overlap)
     for label in labels(params):
         log.warning(label)
     data = report(params, run(params), environment(device))

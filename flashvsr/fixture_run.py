@@ -62,7 +62,10 @@ def _decoder_kind(case: Case) -> str:
     return "tiny"
 
 
-def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention: str = "disable") -> CaseRun:
+def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention: str = "disable",
+             fast: bool = False) -> CaseRun:
+    """``fast`` (CUDA): the pipeline's fast path, i.e. compiled DiT glue and the projector's per-tap
+    convolutions, to check it against the official outputs too."""
     p = case.meta["case_params"]
     dit = build_dit(case.weights("weights/dit/"), device, dtype)
     projector = build_projector(case.weights("weights/lq_proj/"), p["version"], device, dtype)
@@ -75,7 +78,12 @@ def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention:
     else:
         decoder = build_decoder("tiny", case.weights("weights/tcdecoder/"), device, dtype)
     consts = dit.prepare(case.tensors["input/prompt_context"])
-    models = EngineModels(dit, projector, decoder, consts, torch.device(device), dtype)
+    ops = None
+    if fast:
+        from ..models.dit_ops import compiled_ops
+        projector.use_conv_taps()
+        ops = compiled_ops()
+    models = EngineModels(dit, projector, decoder, consts, torch.device(device), dtype, ops)
 
     frames = case.tensors["input/lq_lowres_u8"]
     cfg = UpscaleConfig(scale=float(p["scale"]), sparse_ratio=float(p["sparse_ratio"]),

@@ -11,6 +11,8 @@ import hashlib
 
 import torch
 
+from .host_copy import upload
+
 CHANNELS = 16
 
 
@@ -25,4 +27,4 @@ def latent_noise(seed: int, start: int, count: int, height: int, width: int, *, 
     for index in range(start, start + count):
         gen = torch.Generator("cpu").manual_seed(_frame_seed(seed, index))
         frames.append(torch.randn((CHANNELS, height, width), generator=gen, dtype=torch.float32))
-    return torch.stack(frames, dim=1)[None].to(device=device, dtype=dtype)
+    return upload(torch.stack(frames, dim=1)[None], torch.device(device), dtype)

@@ -19,6 +19,7 @@ from ..attention import AttentionDispatcher
 from .config import Mode, UpscaleConfig, Version
 from .engine import EngineModels, Tile, run_stream, total_chunks
 from .frames import FrameSource
+from .host_copy import DeferredDownload
 from .preprocess import MULTIPLE, plan_geometry
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ class FlashVSR:
         self.dit, self.projector, self.decoder = dit, projector, decoder
         self.prompt = prompt
         if self.device.type == "cuda":
-            projector.use_channels_last()
+            projector.use_conv_taps()
             if self.mode is Mode.FULL:
                 decoder.to_channels_last()
         self.consts = dit.prepare(prompt)
@@ -117,10 +118,9 @@ class FlashVSR:
         if self.mode is Mode.FULL:
             return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride,
                                compiled_norms=self._compiling(cfg) and _fused_vae_norms_supported())
-        # Two latents (8 frames) per decoder pass for both TCDecoder modes: the measured setting
-        # (docs/benchmarks.md). One latent per pass would roughly halve the decoder's share of the
-        # peak; not yet measured on a GPU (docs/performance.md).
-        return TinyDecoder(self.decoder, self._compiled_tc() if self._compiling(cfg) else None)
+        # One latent (4 frames) per decoder pass: same frames and speed as two per pass, 2.4 GiB less
+        # peak VRAM at 768x1408 on the H100 (docs/performance.md).
+        return TinyDecoder(self.decoder, self._compiled_tc() if self._compiling(cfg) else None, latents_per_pass=1)
 
     def _compiling(self, cfg: UpscaleConfig) -> bool:
         from ..models.compiled import triton_usable
@@ -150,6 +150,16 @@ class FlashVSR:
         weight = torch.zeros((1, geom.out_h, geom.out_w, 1), dtype=torch.float32) if len(tiles) > 1 else None
         attn = self.attention.session(cfg.sageattention)
         done = 0
+        downloads = DeferredDownload()
+
+        def place(ready) -> None:
+            nonlocal done
+            for host, (s0, tile, ramp) in ready:
+                _place(out, weight, s0, host, tile, ramp)
+                done += 1
+                if on_progress is not None:
+                    on_progress(done, total)
+
         start = self._start_timing()
         try:
             for tile in tiles:
@@ -159,11 +169,12 @@ class FlashVSR:
                     f, s0 = chunk_out.frames, chunk_out.start
                     if pin_all:
                         out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
+                        done += 1
+                        if on_progress is not None:
+                            on_progress(done, total)
                     else:
-                        _place(out, weight, s0, _to_host(f), tile, ramp)
-                    done += 1
-                    if on_progress is not None:
-                        on_progress(done, total)
+                        place(downloads.push(f, (s0, tile, ramp)))
+            place(downloads.flush())
             if cuda:
                 torch.cuda.synchronize(self.device)
             if weight is not None:
@@ -193,13 +204,21 @@ class FlashVSR:
         self.last_stats = None
         start, done, count = self._start_timing(), 0, 0
         try:
+            downloads = DeferredDownload()
+
+            def ready(items):
+                nonlocal count, done
+                for u8, _ in items:
+                    count += u8.shape[0]
+                    done += 1
+                    if on_progress is not None:
+                        on_progress(done, max(total, done))
+                    yield u8
+
             for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn)):
-                u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8).cpu()
-                count += u8.shape[0]
-                done += 1
-                if on_progress is not None:
-                    on_progress(done, max(total, done))
-                yield u8
+                u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8)
+                yield from ready(downloads.push(u8))
+            yield from ready(downloads.flush())
         finally:
             self._release()
         self.last_stats = self._stats(start, count, attn, done)
@@ -314,15 +333,6 @@ def _ramp(tile: Tile, geom, overlap: int) -> torch.Tensor:
                 w[length - ramp:] = r.flip(0)
         return w
     return axis(tile.top, tile.height, geom.model_h)[:, None] * axis(tile.left, tile.width, geom.model_w)[None, :]
-
-
-def _to_host(frames: torch.Tensor) -> torch.Tensor:
-    if frames.device.type != "cuda":
-        return frames
-    stage = torch.empty(frames.shape, dtype=frames.dtype, pin_memory=True)
-    stage.copy_(frames, non_blocking=True)
-    torch.cuda.current_stream(frames.device).synchronize()
-    return stage
 
 
 def _place(out, weight, start, frames, tile, ramp) -> None:

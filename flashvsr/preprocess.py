@@ -18,6 +18,8 @@ from functools import lru_cache
 import numpy as np
 import torch
 
+from .host_copy import upload
+
 MULTIPLE = 128   # the (2, 8, 8) windows of 16-pixel tokens need H and W divisible by 128
 
 
@@ -76,7 +78,7 @@ def _bicubic_weights(n_in: int, n_out: int) -> np.ndarray:
 
 
 def bicubic_matrix(n_in: int, n_out: int, device, dtype=torch.float32) -> torch.Tensor:
-    return torch.from_numpy(_bicubic_weights(n_in, n_out)).to(device=device, dtype=dtype)
+    return upload(torch.from_numpy(_bicubic_weights(n_in, n_out)), torch.device(device), dtype)
 
 
 class Upsampler:
@@ -91,7 +93,7 @@ class Upsampler:
     def __call__(self, frame: torch.Tensor) -> torch.Tensor:
         if self.geom.official:
             return self._official(frame)
-        x = _to_unit_float(frame).to(self.device, non_blocking=True).permute(2, 0, 1)   # (3, H, W) in [0, 1]
+        x = upload(_to_unit_float(frame), self.device).permute(2, 0, 1)   # (3, H, W) in [0, 1]
         x = torch.matmul(torch.matmul(self._rows, x), self._cols.T) * 2 - 1
         g = self.geom
         pad_h, pad_w = g.model_h - g.out_h, g.model_w - g.out_w
@@ -106,7 +108,7 @@ class Upsampler:
         img = Image.fromarray(u8, "RGB").resize((g.scaled_w, g.scaled_h), Image.BICUBIC)
         img = img.crop((g.crop_left, g.crop_top, g.crop_left + g.model_w, g.crop_top + g.model_h))
         x = torch.from_numpy(np.asarray(img).copy()).to(torch.float32).permute(2, 0, 1)
-        return (x / 255.0 * 2.0 - 1.0).to(device=self.device, dtype=self.dtype)
+        return upload(x / 255.0 * 2.0 - 1.0, self.device, self.dtype)
 
 
 def _to_unit_float(frame: torch.Tensor) -> torch.Tensor:

@@ -122,7 +122,8 @@ def rope_angles(head_dim: int, t_pos: torch.Tensor, h: int, w: int) -> torch.Ten
     dev = t_pos.device
 
     def rot(pos, axis_dim):
-        ang = torch.outer(pos.to(torch.float64), _axis_inv_freq(axis_dim).to(dev))
+        # the host-computed frequencies go up without blocking (a blocking copy drains the GPU queue)
+        ang = torch.outer(pos.to(torch.float64), _axis_inv_freq(axis_dim).to(dev, non_blocking=True))
         return torch.polar(torch.ones_like(ang), ang)
 
     ft, fh, fw = rot(t_pos, t_dim), rot(torch.arange(h, device=dev), s_dim), rot(torch.arange(w, device=dev), s_dim)
@@ -159,7 +160,9 @@ class KVRing:
     def _slots_index(self, groups, s1: int, device) -> torch.Tensor:
         key = (tuple(groups), str(device))
         if key not in self._index:     # a handful of patterns per run; avoids a host copy per layer
-            self._index[key] = torch.tensor([g * s1 + b for g in groups for b in range(s1)], device=device)
+            # built on the host and copied without blocking: a blocking copy would drain the GPU queue
+            idx = torch.tensor([g * s1 + b for g in groups for b in range(s1)])
+            self._index[key] = idx.to(device, non_blocking=True)
         return self._index[key]
 
     @classmethod

@@ -71,7 +71,9 @@ def draft_block_mask(pooled_q: torch.Tensor, pooled_k: torch.Tensor, num_heads: 
     probs = torch.softmax(scores, dim=-1)
     flat = probs.reshape(num_heads * query_groups, s1 * nk)             # index = head*groups + group
     kept = min(flat.shape[1] - 1, topk)
-    thresholds = torch.topk(flat, kept + 1, dim=1).values[:, -1:]
+    # The (kept+1)-th largest value, as upstream's topk(kept+1)[-1]; a sort finds the same value
+    # (ties included) in half the time on CUDA for k near half the row (H100: 99 vs 195 us).
+    thresholds = torch.sort(flat, dim=1, descending=True).values[:, kept:kept + 1]
     mask = (flat > thresholds).reshape(num_heads, nq, nk).unsqueeze(0)
     if not return_details:
         return mask

@@ -49,6 +49,20 @@ class CausalConv3d(nn.Conv3d):
 
     def __init__(self, cin: int, cout: int):
         super().__init__(cin, cout, kernel_size=(4, 3, 3), stride=(2, 1, 1), padding=0)
+        self.by_taps = False
+
+    def use_taps(self) -> None:
+        """Run as a sum of 2-D convolutions, one per temporal tap (CUDA).
+
+        cuDNN has Hopper kernels for 2-D but picks an sm80 kernel for this 3-D convolution; on the
+        H100 the sum is 24 % faster (2.19 -> 1.72 ms and 4.55 -> 3.45 ms per call at 768x1408). The
+        weight is stored tap-major, (4, O, 3, 3, C) in memory, so each tap is a channels-last 2-D
+        weight without a copy; partial sums are added in float32 (one rounding more than cuDNN's 3-D
+        kernel: bf16 noise).
+        """
+        w = self.weight.data
+        self.weight.data = w.permute(2, 0, 3, 4, 1).contiguous().permute(1, 4, 0, 2, 3)
+        self.by_taps = True
 
     def forward(self, x: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
         front = CACHE_FRAMES
@@ -56,9 +70,20 @@ class CausalConv3d(nn.Conv3d):
             x = torch.cat([cache, x], dim=2)
             front -= cache.shape[2]
         x = F.pad(x, (1, 1, 1, 1, front, 0), mode="replicate")
-        if self.weight.is_contiguous(memory_format=torch.channels_last_3d):
-            x = x.contiguous(memory_format=torch.channels_last_3d)
+        if self.by_taps:
+            return self._by_taps(x)
         return super().forward(x)
+
+    def _by_taps(self, x: torch.Tensor) -> torch.Tensor:
+        taps, stride = self.weight.shape[2], self.stride[0]
+        t_out = (x.shape[2] - taps) // stride + 1
+        acc = None
+        for i in range(taps):
+            frames = x[0, :, i:i + stride * (t_out - 1) + 1:stride].transpose(0, 1)     # (T_out, C, H, W)
+            part = F.conv2d(frames.contiguous(memory_format=torch.channels_last), self.weight[:, :, i])
+            acc = part.float() if acc is None else acc.add_(part)
+        acc += self.bias.float()[:, None, None]
+        return acc.to(x.dtype).transpose(0, 1)[None]
 
 
 class RMSNorm3d(nn.Module):
@@ -88,10 +113,10 @@ class LQProjector(nn.Module):
         self.norm2 = RMSNorm3d(cfg.hidden2)
         self.linear_layers = nn.ModuleList(nn.Linear(cfg.hidden2, cfg.out_dim) for _ in range(cfg.layer_num))
 
-    def use_channels_last(self) -> "LQProjector":
-        """NDHWC conv weights: cuDNN's fast 3-D convolutions without per-call layout conversions."""
+    def use_conv_taps(self) -> "LQProjector":
+        """Both 3-D convolutions as sums of per-tap 2-D convolutions (faster on CUDA; see CausalConv3d)."""
         for conv in (self.conv1, self.conv2):
-            conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+            conv.use_taps()
         return self
 
     @staticmethod

@@ -129,15 +129,15 @@ def fixture_check() -> list[dict]:
     folder = pathlib.Path(os.environ.get("FLASHVSR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "flashvsr_ref"))
     for path in sorted(folder.glob("case_*.json")):
         case = load_case(path.with_suffix(".safetensors"), json.loads(path.read_text()))
-        for sage in ("disable", "enable"):
-            r = run_case(case, torch.bfloat16, device="cuda", sageattention=sage)
+        for sage, fast in (("disable", False), ("enable", False), ("disable", True)):
+            r = run_case(case, torch.bfloat16, device="cuda", sageattention=sage, fast=fast)
             ref = case.tensors["fp32/frames_final_s2"]
             ours = r.final.float()[..., ::2, ::2]
             mse = torch.mean((ours.double() - ref.double()) ** 2).item()
             masks_equal = all(torch.equal(r.masks[(int(n.split('/')[1][5:]), int(n.split('/')[2][5:]))],
                                           case.tensors[n]) for n in case.tensors
                               if n.startswith("bf16/") and n.endswith("block_mask"))
-            rows.append({"case": path.stem, "sage": sage, "psnr_vs_fp32": round(10 * math.log10(4 / mse), 2),
+            rows.append({"case": path.stem, "sage": sage, "fast_path": fast, "psnr_vs_fp32": round(10 * math.log10(4 / mse), 2),
                          "bf16_masks_equal": masks_equal, "nan": bool(torch.isnan(r.final).any())})
     return rows
 

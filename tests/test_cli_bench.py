@@ -71,6 +71,17 @@ def test_bench_command_runs_the_real_reduced_networks_on_cpu(tmp_path, capsys):
     assert bench.LABEL_TINY in capsys.readouterr().out
 
 
+def test_bench_runs_tiled_and_says_so(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--widths", "tiny", "--size", "256x384", "--scale", "2", "--frames", "5",
+                     "--warmup-frames", "0", "--modes", "tiny", "--sage", "disable", "--device", "cpu",
+                     "--tile-size", "256", "--tile-overlap", "64", "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert data["params"]["tile_size"] == 256 and data["results"][0]["frames"] == 5
+    assert "tiles 256 px (overlap 64)" in capsys.readouterr().out
+
+
 def test_peak_ram_includes_a_short_lived_allocation():
     before = int(open("/proc/self/statm").read().split()[1]) * 4096
     with bench.PeakRSS() as ram:
