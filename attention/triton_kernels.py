@@ -27,13 +27,15 @@ class KernelConfig:
     num_warps: int
     num_stages: int
     tma: bool = False     # K/V/Q/O through tensor descriptors (Hopper's bulk copy engine), bf16/fp16 only
+    longest_first: bool = True   # launch the query blocks with the most key blocks first (shorter tail)
 
     def __post_init__(self) -> None:
         if self.block_n not in (64, 128):
             raise ValueError(f"block_n must be 64 or 128, got {self.block_n}")
 
     def label(self) -> str:
-        return f"{'tma' if self.tma else 'ptr'} N{self.block_n} w{self.num_warps} s{self.num_stages}"
+        order = "" if self.longest_first else " grid-order"
+        return f"{'tma' if self.tma else 'ptr'} N{self.block_n} w{self.num_warps} s{self.num_stages}{order}"
 
 
 # Chosen by measurement on H100 (attention/bench.py sweep, docs/benchmarks.md): TMA loads, 64-key
@@ -54,14 +56,21 @@ def default_config(capability: tuple[int, int], int8: bool = False) -> KernelCon
 
 
 @triton.jit
+def _task(ORDER, NQ):
+    # One program per (query block, batch*head) task; ORDER lists the tasks, longest first, so the
+    # last wave is not left with a few long query blocks (counts range 21..164 in a real layer).
+    task = tl.load(ORDER + tl.program_id(0))
+    return task % NQ, task // NQ
+
+
+@triton.jit
 def _bsa_fwd(
-    Q, K, V, O, LUT, CNT, qk_scale,
+    Q, K, V, O, LUT, CNT, ORDER, NQ, qk_scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
     slb, slh, slm, scb, sch, H,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
 ):
-    qblk = tl.program_id(0)
-    bh = tl.program_id(1)
+    qblk, bh = _task(ORDER, NQ)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     SUB: tl.constexpr = MBLOCK // BLOCK_N
@@ -98,13 +107,12 @@ def _bsa_fwd(
 
 @triton.jit
 def _bsa_fwd_tma(
-    q_desc, k_desc, v_desc, o_desc, LUT, CNT, qk_scale, slb, slh, slm, scb, sch, H,
+    q_desc, k_desc, v_desc, o_desc, LUT, CNT, ORDER, NQ, qk_scale, slb, slh, slm, scb, sch, H,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
 ):
     # Same algorithm as _bsa_fwd; the descriptors are 4-D over (B, H, L, D) with the tensors' own
     # strides, so permuted (B, L, H, D) storage needs no copy.
-    qblk = tl.program_id(0)
-    bh = tl.program_id(1)
+    qblk, bh = _task(ORDER, NQ)
     b = bh // H
     h = bh % H
     SUB: tl.constexpr = MBLOCK // BLOCK_N
@@ -193,6 +201,14 @@ def _descriptor(t: torch.Tensor, rows: int):
     return TensorDescriptor(t, list(t.shape), list(t.stride()), [1, 1, rows, t.shape[-1]])
 
 
+def task_order(counts: torch.Tensor, longest_first: bool) -> torch.Tensor:
+    """int32 task ids (batch*head*nq + query block), the query blocks with most key blocks first."""
+    flat = counts.reshape(-1)
+    if not longest_first:
+        return torch.arange(flat.numel(), dtype=torch.int32, device=flat.device)
+    return torch.argsort(flat, descending=True, stable=True).to(torch.int32)
+
+
 def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None):
     """Block-sparse attention with bf16/fp16 tensor-core products and fp32 softmax.
 
@@ -204,7 +220,9 @@ def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: fl
     bsz, heads, lq, dim = q.shape
     out = torch.empty_like(q)
     qk_scale = (dim ** -0.5 if scale is None else scale) * LOG2E
-    grid = (lq // MASK_BLOCK, bsz * heads)
+    nq = lq // MASK_BLOCK
+    order = task_order(counts, config.longest_first)
+    grid = (order.numel(),)
     common = dict(HEAD_DIM=dim, BLOCK_N=config.block_n, MBLOCK=MASK_BLOCK,
                   num_warps=config.num_warps, num_stages=config.num_stages)
     lut_strides = (lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1))
@@ -212,10 +230,10 @@ def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: fl
         descs = (_descriptor(q, MASK_BLOCK), _descriptor(k, config.block_n),
                  _descriptor(v, config.block_n), _descriptor(out, MASK_BLOCK))
         if all(d is not None for d in descs):
-            _bsa_fwd_tma[grid](*descs, lut, counts, qk_scale, *lut_strides, heads, **common)
+            _bsa_fwd_tma[grid](*descs, lut, counts, order, nq, qk_scale, *lut_strides, heads, **common)
             return out
     _bsa_fwd[grid](
-        q, k, v, out, lut, counts, qk_scale,
+        q, k, v, out, lut, counts, order, nq, qk_scale,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *lut_strides, heads, **common,

@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from ..models.tcdecoder import TCDecoder
+from ..models.tcdecoder import TCDecoder, TCDecoderPasses
 
 
 class Decoder(Protocol):
@@ -22,16 +22,15 @@ class Decoder(Protocol):
 class TinyDecoder:
     """TCDecoder: conditioned on the LQ frames; output ~[0, 1] mapped to [-1, 1], not clamped."""
 
-    def __init__(self, net: TCDecoder, run_layers=None, latents_per_pass: int = 2):
-        self.net, self.run_layers = net, run_layers     # run_layers: a compiled net.run_layers, or None
-        self.latents_per_pass = latents_per_pass        # fewer = lower peak VRAM (same frames)
+    def __init__(self, net: TCDecoder, passes: TCDecoderPasses | None = None):
+        self.net, self.passes = net, passes or TCDecoderPasses()    # smaller passes = lower peak VRAM
 
     def new_state(self):
         from ..models.tcdecoder import TCDecoderState
         return TCDecoderState()
 
     def decode(self, latents, cond, state):
-        return self.net.decode_chunk(latents, cond, state, self.run_layers, self.latents_per_pass) * 2 - 1
+        return self.net.decode_chunk(latents, cond, state, self.passes) * 2 - 1
 
 
 class FullDecoder:

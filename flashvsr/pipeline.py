@@ -114,13 +114,15 @@ class FlashVSR:
 
     # ---- running ------------------------------------------------------------------------
     def _decoder_for(self, cfg: UpscaleConfig):
+        from ..models.tcdecoder import TCDecoderPasses
         from .decoders import FullDecoder, TinyDecoder
         if self.mode is Mode.FULL:
             return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride,
                                compiled_norms=self._compiling(cfg) and _fused_vae_norms_supported())
-        # One latent (4 frames) per decoder pass: same frames and speed as two per pass, 2.4 GiB less
-        # peak VRAM at 768x1408 on the H100 (docs/performance.md).
-        return TinyDecoder(self.decoder, self._compiled_tc() if self._compiling(cfg) else None, latents_per_pass=1)
+        # One latent per body pass and one frame per tail pass (2 output frames): same frames and
+        # speed as bigger passes, much lower peak VRAM at 768x1408 on the H100 (docs/performance.md).
+        body, tail = self._compiled_tc() if self._compiling(cfg) else (None, None)
+        return TinyDecoder(self.decoder, TCDecoderPasses(latents=1, tail_frames=1, body=body, tail=tail))
 
     def _compiling(self, cfg: UpscaleConfig) -> bool:
         from ..models.compiled import triton_usable
@@ -129,7 +131,8 @@ class FlashVSR:
     def _compiled_tc(self):
         if self._tc_layers is None:
             from ..models.compiled import compile_with_fallback
-            self._tc_layers = compile_with_fallback(self.decoder.run_layers, "the TCDecoder")
+            self._tc_layers = (compile_with_fallback(self.decoder.run_body, "the TCDecoder"),
+                               compile_with_fallback(self.decoder.run_tail, "the TCDecoder's last stage"))
         return self._tc_layers
 
     def upscale(self, frames: torch.Tensor, config: UpscaleConfig | None = None, on_progress: Progress | None = None,
@@ -174,6 +177,7 @@ class FlashVSR:
                             on_progress(done, total)
                     else:
                         place(downloads.push(f, (s0, tile, ramp)))
+                    del chunk_out, f     # the GPU copy must not live on while the next chunk runs
             place(downloads.flush())
             if cuda:
                 torch.cuda.synchronize(self.device)
@@ -217,7 +221,9 @@ class FlashVSR:
 
             for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn)):
                 u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8)
+                del chunk_out        # the GPU copy must not live on while the next chunk runs
                 yield from ready(downloads.push(u8))
+                del u8
             yield from ready(downloads.flush())
         finally:
             self._release()

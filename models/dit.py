@@ -204,6 +204,14 @@ class DiTStreamState:
     local_mask: torch.Tensor | None = None
     local_key: tuple[int, int, int] | None = None
     observe: object | None = None        # optional callback(layer, name, tensor) for parity tests
+    _orders: dict = field(default_factory=dict)
+
+    def token_order(self, f: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Window-order permutation and its inverse for one chunk shape, built once per run."""
+        key = (f, h, w, str(device))
+        if key not in self._orders:
+            self._orders[key] = dit_ops.window_order(f, h, w, device)
+        return self._orders[key]
 
 
 @dataclass(frozen=True)
@@ -263,9 +271,11 @@ class WanDiT(nn.Module):
         x = x.flatten(2).transpose(1, 2)
         if lq_tokens is not None:
             x = x + lq_tokens
+        order, inverse = state.token_order(f, h, w, x.device)
+        x = x[:, order]                                    # window order until the head
         start = 0 if state.chunk_index == 0 else 4 + 2 * state.chunk_index
         t_pos = torch.arange(start, start + f, device=x.device)
-        angles = rope_angles(cfg.dim // cfg.num_heads, t_pos, h, w)
+        angles = rope_angles(cfg.dim // cfg.num_heads, t_pos, h, w)[order]
         rot = (angles.real.contiguous(), angles.imag.contiguous())
         ops = ops or dit_ops.EAGER
         s1 = (h // WINDOW[1]) * (w // WINDOW[2])
@@ -277,27 +287,26 @@ class WanDiT(nn.Module):
             state.kv = [None] * len(self.blocks)
         topk = int(s1 * s1 * sparse.topk_ratio) - 1
         for i, blk in enumerate(self.blocks):
-            x = self._block(i, blk, x, consts, rot, (f, h, w), state, topk, sparse.kv_groups, s1, attn, ops)
+            x = self._block(i, blk, x, consts, rot, f // WINDOW[0], state, topk, sparse.kv_groups, s1, attn, ops)
         shift, scale = (self.head.modulation + consts.t.unsqueeze(1)).chunk(2, dim=1)
-        out = self.head.head(self.head.norm(x) * (1 + scale) + shift)
+        out = self.head.head(self.head.norm(x) * (1 + scale) + shift)[:, inverse]
         out = self._unpatchify(out, f, h, w)
         state.chunk_index += 1
         return latents - out
 
-    def _block(self, i, blk: DiTBlock, x, consts, rot, fhw, state, topk, kv_groups, s1, attn, ops):
-        f, h, w = fhw
+    def _block(self, i, blk: DiTBlock, x, consts, rot, query_groups, state, topk, kv_groups, s1, attn, ops):
         heads = self.cfg.num_heads
         sa, ca, ffn = blk.self_attn, blk.cross_attn, blk.ffn
         q_w, k_w, v_w, pooled_q, pooled_k, mods = ops["pre"](
             x, blk.modulation, consts.t_mod, sa.q.weight, sa.q.bias, sa.k.weight, sa.k.bias, sa.v.weight, sa.v.bias,
-            sa.norm_q.weight, sa.norm_k.weight, rot[0], rot[1], heads, f, h, w)
+            sa.norm_q.weight, sa.norm_k.weight, rot[0], rot[1], heads)
         ring = state.kv[i]
         if ring is None:
             ring = state.kv[i] = KVRing.allocate(k_w, pooled_k, s1, kv_groups)
         groups = ring.add(k_w, v_w, pooled_k, s1)                   # logical order, oldest first
         cols = ring.columns(groups, s1)
         pooled_k = ring.pooled.index_select(0, cols)
-        mask = draft_block_mask(pooled_q, pooled_k, heads, f // WINDOW[0], state.local_mask, topk)
+        mask = draft_block_mask(pooled_q, pooled_k, heads, query_groups, state.local_mask, topk)
         if state.observe is not None:
             state.observe(i, "block_mask", mask)
             if i == 0:
@@ -308,7 +317,7 @@ class WanDiT(nn.Module):
         o = self._merge(o).reshape(-1, BLOCK_TOKENS, q_w.shape[-1])
         ring.evict(groups, kv_groups)
         x, q = ops["post_self"](x, o, sa.o.weight, sa.o.bias, mods[2], blk.norm3.weight, blk.norm3.bias,
-                                ca.q.weight, ca.q.bias, ca.norm_q.weight, f, h, w)
+                                ca.q.weight, ca.q.bias, ca.norm_q.weight)
         k, v = consts.cross_kv[i]
         o = self._merge(attn.dense(heads_view(q, heads), k, v))
         return ops["post_cross"](x, o, ca.o.weight, ca.o.bias, mods[3], mods[4], mods[5],

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .compiled import compile_with_fallback, triton_usable
-from .lcsa import WINDOW
+from .lcsa import BLOCK_TOKENS, WINDOW
 
 
 EPS = 1e-6
@@ -54,22 +54,32 @@ def heads_view(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x.reshape(1, -1, heads, c // heads).transpose(1, 2)
 
 
-def pre_attention(x, modulation, t_mod, qw, qb, kw, kb, vw, vb, nqw, nkw, cos, sin, heads: int,
-                  f: int, h: int, w: int):
-    """Modulated norm1, q/k/v, RMS norms, RoPE and window partition; also the pooled windows."""
+def window_order(f: int, h: int, w: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(order, inverse): ``x[:, order]`` puts (t, y, x)-ordered tokens in window order, ``[:, inverse]``
+    undoes it. The DiT keeps its tokens in window order for the whole chunk: every op but attention
+    and RoPE is per token, so the result is the same, and no layer has to regroup q, k, v and the
+    attention output (3-4 ms of copies per chunk at 768x1408)."""
+    idx = torch.arange(f * h * w, device=device).view(1, -1, 1)
+    return to_windows(idx, f, h, w).reshape(-1), from_windows(idx.view(-1, BLOCK_TOKENS, 1), f, h, w).reshape(-1)
+
+
+def pre_attention(x, modulation, t_mod, qw, qb, kw, kb, vw, vb, nqw, nkw, cos, sin, heads: int):
+    """Modulated norm1, q/k/v, RMS norms and RoPE of window-ordered tokens, as (windows, 128, C);
+    also the window means."""
     mods = (modulation + t_mod).chunk(6, dim=1)
     shift, scale = mods[0], mods[1]
     y = F.layer_norm(x, (x.shape[-1],), eps=EPS) * (1 + scale) + shift
     q = rope(rms_norm(F.linear(y, qw, qb), nqw), cos, sin, heads)
     k = rope(rms_norm(F.linear(y, kw, kb), nkw), cos, sin, heads)
     v = F.linear(y, vw, vb)
-    q_w, k_w, v_w = to_windows(q, f, h, w), to_windows(k, f, h, w), to_windows(v, f, h, w)
+    c = x.shape[-1]
+    q_w, k_w, v_w = (t.view(-1, BLOCK_TOKENS, c) for t in (q, k, v))
     return q_w, k_w, v_w, q_w.mean(dim=1), k_w.mean(dim=1), mods
 
 
-def post_self_attention(x, o_windows, ow, ob, gate, n3w, n3b, cqw, cqb, cnqw, f: int, h: int, w: int):
+def post_self_attention(x, o_windows, ow, ob, gate, n3w, n3b, cqw, cqb, cnqw):
     """Self-attention output projection and gated residual; then the cross-attention query."""
-    o = from_windows(o_windows, f, h, w)
+    o = o_windows.reshape(x.shape)
     x = x + gate * F.linear(o, ow, ob)
     q = rms_norm(F.linear(F.layer_norm(x, (x.shape[-1],), n3w, n3b, eps=EPS), cqw, cqb), cnqw)
     return x, q

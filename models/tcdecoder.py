@@ -69,6 +69,24 @@ class TGrow(nn.Module):
         return self.conv(x).reshape(t * self.stride, c, h, w)
 
 
+@dataclass(frozen=True)
+class TCDecoderPasses:
+    """How a chunk is cut into passes (same frames whatever the cut) and which functions run them.
+
+    ``latents``: latent frames per body pass; ``tail_frames``: output frames per tail pass.
+    ``body``/``tail``: compiled :meth:`TCDecoder.run_body` / :meth:`TCDecoder.run_tail`, or None for
+    the eager ones.
+    """
+    latents: int = LATENTS_PER_PASS
+    tail_frames: int = 4 * LATENTS_PER_PASS
+    body: object = None
+    tail: object = None
+
+    def __post_init__(self) -> None:
+        if self.latents < 1 or self.tail_frames < 1:
+            raise ValueError(f"passes must be >= 1, got latents={self.latents}, tail_frames={self.tail_frames}")
+
+
 @dataclass
 class TCDecoderState:
     memory: list[torch.Tensor] | None = None   # per MemBlock: its last input frame
@@ -93,15 +111,17 @@ class TCDecoder(nn.Module):
         )
 
     @staticmethod
-    def shuffle_condition(cond: torch.Tensor) -> torch.Tensor:
-        """(1, 3, T, H, W) LQ frames -> (ceil(T/4), 768, H/8, W/8); pads the front with frame 0."""
+    def shuffle_condition(cond: torch.Tensor, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """(1, 3, T, H, W) LQ frames -> (ceil(T/4), 768, H/8, W/8), front padded with frame 0;
+        ``start``/``count`` select latent frames (a pass's share, without shuffling the rest)."""
         ft, fh, fw = COND_SHUFFLE
         b, c, t, h, w = cond.shape
-        if t % ft:
-            cond = torch.cat([cond[:, :, :1].expand(-1, -1, ft - t % ft, -1, -1), cond], dim=2)
-            t = cond.shape[2]
-        x = cond.view(b, c, t // ft, ft, h // fh, fh, w // fw, fw).permute(0, 2, 1, 3, 5, 7, 4, 6)
-        return x.reshape(b * (t // ft), c * ft * fh * fw, h // fh, w // fw)
+        pad = -t % ft
+        count = (t + pad) // ft - start if count is None else count
+        frames = torch.arange(start * ft, (start + count) * ft, device=cond.device) - pad
+        cond = cond.index_select(2, frames.clamp_min(0))
+        x = cond.view(b, c, count, ft, h // fh, fh, w // fw, fw).permute(0, 2, 1, 3, 5, 7, 4, 6)
+        return x.reshape(b * count, c * ft * fh * fw, h // fh, w // fw)
 
     def memory_shapes(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
         """Shape of each MemBlock's remembered input for latents of h x w (one frame)."""
@@ -115,41 +135,73 @@ class TCDecoder(nn.Module):
                 stage += 1
         return shapes
 
-    def run_layers(self, x: torch.Tensor, memory: list[torch.Tensor]):
-        """All layers over a chunk of frames (t, C, h, w); memory = each MemBlock's previous input.
+    @property
+    def tail_start(self) -> int:
+        """Index of the last upsampling: from here on every layer works on each frame by itself
+        (no MemBlock), so the full-resolution tail can run one output frame at a time."""
+        start = max(i for i, layer in enumerate(self.decoder) if isinstance(layer, nn.Upsample))
+        if not isinstance(self.decoder[start + 1], TGrow):
+            raise ValueError("unexpected TCDecoder layout: the last upsampling must be followed by a TGrow")
+        return start
 
-        A pure function of its inputs (returns the new memory), so it can be compiled.
+    def run_body(self, x: torch.Tensor, memory: list[torch.Tensor]):
+        """The layers before the full-resolution tail over a chunk of frames (t, C, h, w); memory =
+        each MemBlock's previous input. A pure function of its inputs (returns the new memory), so
+        it can be compiled.
+
+        It ends with the last TGrow, moved before the last (nearest) upsampling: a 1x1 convolution
+        commutes with nearest upsampling, so this is the same arithmetic on 4x fewer pixels, and
+        its output holds separate frames that the tail can take one by one.
         """
+        start = self.tail_start
         new_memory = []
-        for layer in self.decoder:
+        for layer in list(self.decoder)[:start]:
             if isinstance(layer, MemBlock):
                 past = torch.cat([memory[len(new_memory)], x[:-1]], dim=0)
                 new_memory.append(x[-1:].clone())
                 x = layer(x, past)
             else:
                 x = layer(x)
-        return x, new_memory
+        return self.decoder[start + 1](x), new_memory
+
+    def run_tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Last upsampling and the full-resolution convolutions of frames from :meth:`run_body`."""
+        start = self.tail_start
+        x = self.decoder[start](x)
+        for layer in list(self.decoder)[start + 2:]:
+            x = layer(x)
+        return x
+
+    def run_layers(self, x: torch.Tensor, memory: list[torch.Tensor]):
+        """All layers over a chunk of frames at once (the reference the split passes must match)."""
+        x, memory = self.run_body(x, memory)
+        return self.run_tail(x), memory
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, cond: torch.Tensor, state: TCDecoderState,
-                     run_layers=None, latents_per_pass: int = LATENTS_PER_PASS) -> torch.Tensor:
-        """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1].
-
-        ``run_layers``: a compiled :meth:`run_layers` to use instead of the eager one.
-        """
-        x = torch.cat([self.shuffle_condition(cond), latents[0].transpose(0, 1)], dim=1)
+                     passes: "TCDecoderPasses | None" = None) -> torch.Tensor:
+        """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1]."""
+        passes = passes or TCDecoderPasses()
+        lat = latents[0].transpose(0, 1)
         if state.memory is None:
             h, w = latents.shape[-2:]
             # The official decoder's first "past" is zeros (input * 0).
-            state.memory = [torch.zeros(s, dtype=x.dtype, device=x.device) for s in self.memory_shapes(h, w)]
-        # Two latents (8 frames) per pass: the MemBlocks carry their memory across passes, so this is
-        # exact, it caps the full-resolution activations (chunk 0 has 6 latents = 24 frames, ~6.6 GB
-        # per 128-channel bf16 tensor at 768x1408) and every pass has the steady chunk's shape.
-        run = run_layers or self.run_layers
+            state.memory = [torch.zeros(s, dtype=lat.dtype, device=lat.device) for s in self.memory_shapes(h, w)]
+        # A few latents per pass, a few frames per tail pass: the MemBlocks carry their memory across
+        # passes and the tail is frame-local, so this is exact; it caps the full-resolution
+        # activations (chunk 0 has 6 latents = 24 frames, ~6.6 GB per 128-channel bf16 tensor at
+        # 768x1408) and every pass has the same shape in every chunk. Inputs are joined per pass
+        # and each pass's features are dropped before the next one starts: Tiny-Long's peak VRAM
+        # is set here (docs/performance.md).
+        body, tail = passes.body or self.run_body, passes.tail or self.run_tail
         outs = []
-        for i in range(0, x.shape[0], latents_per_pass):
-            y, state.memory = run(x[i:i + latents_per_pass], state.memory)
-            outs.append(y)
+        for i in range(0, lat.shape[0], passes.latents):
+            n = min(passes.latents, lat.shape[0] - i)
+            x = torch.cat([self.shuffle_condition(cond, i, n), lat[i:i + n]], dim=1)
+            y, state.memory = body(x, state.memory)
+            del x
+            outs += [tail(y[j:j + passes.tail_frames]) for j in range(0, y.shape[0], passes.tail_frames)]
+            del y
         x = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
         if not state.started:
             state.started = True

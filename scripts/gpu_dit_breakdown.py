@@ -16,6 +16,7 @@ import json
 import pathlib
 import sys
 import time
+from dataclasses import replace
 
 import torch
 
@@ -174,10 +175,9 @@ def kernel_on_real_inputs(cap: dict) -> list[dict]:
     rlut, rcounts = build_lut(rnd)
     qc, kc, vc = q.contiguous(), k.contiguous(), v.contiguous()
     ref = tk.block_sparse_attention(qc, kc, vc, lut, counts, tk.SM90_CONFIG)
-    configs = [tk.SM90_CONFIG,
-               tk.KernelConfig(64, 4, 3, True), tk.KernelConfig(128, 8, 2, True),
-               tk.KernelConfig(64, 8, 2, True), tk.KernelConfig(128, 8, 2, False),
-               tk.KernelConfig(64, 4, 2, False)]
+    configs = [tk.SM90_CONFIG, tk.KernelConfig(64, 4, 2, True, longest_first=False),
+               tk.KernelConfig(128, 8, 2, True), tk.KernelConfig(128, 8, 2, True, longest_first=False),
+               tk.KernelConfig(64, 4, 2, False), tk.KernelConfig(64, 4, 2, False, longest_first=False)]
     rows = []
 
     def add(label, fn, nsel):
@@ -206,19 +206,26 @@ def kernel_on_real_inputs(cap: dict) -> list[dict]:
 def stage_memory(pipe, cfg, frames) -> dict:
     """Peak allocated GiB inside each stage call (and what was allocated before it), per stage."""
     out = {}
+    active: list[list] = []          # [label, running peak, allocated before] of the calls in progress
 
     def wrap(obj, name, label):
         fn = getattr(obj, name)
 
         def timed(*a, **kw):
+            cur = torch.cuda.max_memory_allocated()
+            for frame in active:         # nested calls reset the peak: fold it into the outer ones first
+                frame[1] = max(frame[1], cur)
             torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
+            active.append([label, 0, torch.cuda.memory_allocated()])
             r = fn(*a, **kw)
-            peak = torch.cuda.max_memory_allocated()
-            row = out.setdefault(label, {"peak_gib": 0.0})
+            cur = torch.cuda.max_memory_allocated()
+            for frame in active:
+                frame[1] = max(frame[1], cur)
+            _, peak, before = active.pop()
+            row = out.setdefault(label, {"peak_gib": 0.0, "calls": 0})
             if peak / 2 ** 30 > row["peak_gib"]:
-                row.update(peak_gib=round(peak / 2 ** 30, 2), before_gib=round(before / 2 ** 30, 2), call=row.get("calls", 0))
-            row["calls"] = row.get("calls", 0) + 1
+                row.update(peak_gib=round(peak / 2 ** 30, 2), before_gib=round(before / 2 ** 30, 2), call=row["calls"])
+            row["calls"] += 1
             return r
         setattr(obj, name, timed)
         return fn
@@ -227,9 +234,21 @@ def stage_memory(pipe, cfg, frames) -> dict:
     p0 = wrap(pipe.projector, "stream", "lq_projector")
     orig = pipe._decoder_for
 
+    class Fn:                       # compiled callables cannot take attributes; wrap a holder
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, *a, **kw):
+            return self.fn(*a, **kw)
+
     def decoder_for(c):
         d = orig(c)
         wrap(d, "decode", "decoder")
+        if hasattr(d, "passes"):
+            body, tail = Fn(d.passes.body or d.net.run_body), Fn(d.passes.tail or d.net.run_tail)
+            wrap(body, "fn", "decoder body pass")
+            wrap(tail, "fn", "decoder tail pass")
+            d.passes = replace(d.passes, body=body, tail=tail)
         return d
     pipe._decoder_for = decoder_for
     try:
@@ -239,28 +258,67 @@ def stage_memory(pipe, cfg, frames) -> dict:
     return out
 
 
+def live_memory(pipe, cfg, frames, at_call: int = 2) -> list[dict]:
+    """What is allocated when the decoder starts its ``at_call``-th chunk: live blocks grouped by
+    the innermost line of this repository that allocated them (torch's memory history)."""
+    torch.cuda.memory._record_memory_history(max_entries=500000)
+    orig = pipe._decoder_for
+    snap = {}
+
+    def decoder_for(c):
+        d = orig(c)
+        fn = d.decode
+        calls = [0]
+
+        def decode(*a, **kw):
+            if calls[0] == at_call:
+                snap["s"] = torch.cuda.memory._snapshot()
+            calls[0] += 1
+            return fn(*a, **kw)
+        d.decode = decode
+        return d
+    pipe._decoder_for = decoder_for
+    try:
+        pipe.upscale(frames, cfg)
+    finally:
+        pipe._decoder_for = orig
+        torch.cuda.memory._record_memory_history(enabled=None)
+    groups = collections.Counter()
+    for seg in snap["s"]["segments"]:
+        for blk in seg["blocks"]:
+            if blk["state"] != "active_allocated":
+                continue
+            ours = [f for f in blk.get("frames", []) if str(ROOT) in f["filename"]
+                    and "gpu_dit_breakdown" not in f["filename"]]
+            where = f"{ours[0]['filename'].replace(str(ROOT) + '/', '')}:{ours[0]['line']} {ours[0]['name']}" if ours else "?"
+            groups[where] += blk["size"]
+    return [{"where": w, "gib": round(n / 2 ** 30, 3)} for w, n in groups.most_common(25)]
+
+
 def tiny_long_memory(frames, cfg) -> list[dict]:
     from comfyui_flashvsr.flashvsr.decoders import TinyDecoder
     from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
     pipe = FlashVSR.random(mode="tiny-long", device="cuda", dtype=torch.bfloat16, size="full")
     orig = pipe._decoder_for
     rows = []
-    for per_pass in (2, 1):
-        def decoder_for(c, per_pass=per_pass):
+    for per_pass, tail in ((2, 8), (1, 2), (1, 1)):
+        def decoder_for(c, per_pass=per_pass, tail=tail):
             d = orig(c)
-            return TinyDecoder(d.net, d.run_layers, latents_per_pass=per_pass)
+            return TinyDecoder(d.net, replace(d.passes, latents=per_pass, tail_frames=tail))
         pipe._decoder_for = decoder_for
         pipe.upscale(frames[:25], cfg)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         res = pipe.upscale(frames, cfg)
-        rows.append({"latents_per_pass": per_pass, "fps": round(res.stats.fps, 2),
+        rows.append({"latents_per_pass": per_pass, "tail_frames": tail, "fps": round(res.stats.fps, 2),
                      "peak_vram_gib": round(res.stats.peak_vram_bytes / 2 ** 30, 2),
                      "max_reserved_gib": round(torch.cuda.max_memory_reserved() / 2 ** 30, 2)})
         print(rows[-1], flush=True)
     pipe._decoder_for = orig
     rows.append({"stage_memory_default_decoder": stage_memory(pipe, cfg, frames)})
     print(rows[-1], flush=True)
+    rows.append({"live_at_decoder_start": live_memory(pipe, cfg, frames)})
+    print(json.dumps(rows[-1], indent=0), flush=True)
     rows.append({"tiny_long_host_syncs": host_syncs(pipe, cfg, frames)})
     print(rows[-1], flush=True)
     del pipe

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("triton")
 
 TESTS = pathlib.Path(__file__).resolve().parent
-CONFIGS = [(64, 4, 2, False), (128, 8, 2, False), (128, 8, 2, True), (64, 8, 3, True)]
+CONFIGS = [(64, 4, 2, False), (128, 8, 2, False), (128, 8, 2, True), (64, 8, 3, True), (64, 4, 2, True, False)]
 
 CHILD = textwrap.dedent("""
     import json, sys
@@ -80,7 +80,7 @@ def interpreted():
 
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "tma" * c[3] + f"N{c[0]}w{c[1]}s{c[2]}")
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "tma" * c[3] + f"N{c[0]}w{c[1]}s{c[2]}" + "-grid-order" * (len(c) > 4 and not c[4]))
 def test_triton_kernel_matches_reference_and_zeroes_empty_query_blocks(interpreted, layout, config):
     got = interpreted[f"bf16 {layout} {list(config)}"]
     assert got["rel_l2"] < 2e-3               # fp16 operands, fp32 softmax (fp16 SDPA vs fp32: ~5e-4)
@@ -119,7 +119,7 @@ def aot_compile(kernels, name, arch, config, dtype="bf16"):
     from triton.compiler import ASTSource
 
     fn = getattr(kernels, name)
-    pointers = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LUT": "i32", "CNT": "i32",
+    pointers = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LUT": "i32", "CNT": "i32", "ORDER": "i32",
                 "Q8": "i8", "K8": "i8", "QS": "fp32", "KS": "fp32"}
     rows = {"q_desc": 128, "o_desc": 128, "k_desc": config.block_n, "v_desc": config.block_n}
     signature, attrs = {}, {}

@@ -41,16 +41,22 @@ def test_tiny_long_gives_the_same_frames_as_tiny(tiny, tiny_long):
     assert torch.equal(tiny.upscale(frames).frames, tiny_long.upscale(frames).frames)
 
 
-def test_decoder_passes_of_one_latent_give_the_same_frames(tiny):
+def test_decoder_passes_of_any_size_give_the_same_frames(tiny):
     from comfyui_flashvsr.flashvsr.decoders import TinyDecoder
+    from comfyui_flashvsr.models.tcdecoder import TCDecoderPasses
     g = torch.Generator().manual_seed(3)
     latents, cond = torch.randn(1, 16, 6, 4, 4, generator=g), torch.rand(1, 3, 21, 32, 32, generator=g) * 2 - 1
     outs = []
-    for per_pass in (1, 2, 6):
-        dec = TinyDecoder(tiny.decoder, latents_per_pass=per_pass)
-        outs.append(dec.decode(latents, cond, dec.new_state()))
-    assert outs[0].shape == (1, 3, 21, 32, 32)
-    assert (outs[0] - outs[2]).abs().max().item() < 1e-5 and (outs[1] - outs[2]).abs().max().item() < 1e-5
+    for per_pass, tail in ((6, 24), (1, 1), (2, 8), (2, 3), (1, 2)):
+        dec = TinyDecoder(tiny.decoder, TCDecoderPasses(latents=per_pass, tail_frames=tail))
+        state = dec.new_state()
+        # a second chunk too: the MemBlock memory must carry over between chunks whatever the cut
+        outs.append(torch.cat([dec.decode(latents, cond, state), dec.decode(latents[:, :, :2], cond[:, :, :8], state)], 2))
+    assert outs[0].shape == (1, 3, 29, 32, 32)
+    for out in outs[1:]:
+        assert (out - outs[0]).abs().max().item() < 1e-5
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+        TCDecoderPasses(latents=0)
 
 
 def test_streaming_input_gives_the_same_frames_as_a_tensor(tiny):
