@@ -64,6 +64,37 @@ def _task(ORDER, NQ):
 
 
 @triton.jit
+def _empty_rows(ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Online-softmax state of ROWS query rows before any key: maxima, sums, accumulator."""
+    return (tl.full([ROWS], float("-inf"), tl.float32), tl.zeros([ROWS], tl.float32),
+            tl.zeros([ROWS, HEAD_DIM], tl.float32))
+
+
+@triton.jit
+def _key_list(LUT, CNT, b, h, qblk, slb, slh, slm, scb, sch, SUB: tl.constexpr):
+    """Where this query block's selected key blocks are listed, and how many key tiles to walk."""
+    return LUT + b * slb + h * slh + qblk * slm, tl.load(CNT + b * scb + h * sch + qblk) * SUB
+
+
+@triton.jit
+def _softmax_step(qk, qk_scale, v, m_i, l_i, acc):
+    """One key tile of the online softmax in base 2: ``qk * qk_scale`` are the tile's scores in log2
+    units, ``v`` its values; returns the new row maxima, row sums and (rescaled) accumulator."""
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.math.exp2(qk * qk_scale - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _normalised(acc, l_i):
+    # l_i is 0 only for a query block with no selected key block; acc is 0 there too.
+    return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+
+
+@triton.jit
 def _bsa_fwd(
     Q, K, V, O, LUT, CNT, ORDER, NQ, qk_scale,
     sqb, sqh, sqm, skb, skh, skn, svb, svh, svn, sob, soh, som,
@@ -83,25 +114,15 @@ def _bsa_fwd(
     # registers per thread for K and again for V (spills with Triton 3.6).
     k_base = K + b * skb + h * skh
     v_base = V + b * svb + h * svh
-    lut = LUT + b * slb + h * slh + qblk * slm
-    n_steps = tl.load(CNT + b * scb + h * sch + qblk) * SUB
+    lut, n_steps = _key_list(LUT, CNT, b, h, qblk, slb, slh, slm, scb, sch, SUB)
 
-    m_i = tl.full([MBLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([MBLOCK], tl.float32)
-    acc = tl.zeros([MBLOCK, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = _empty_rows(MBLOCK, HEAD_DIM)
     for j in range(0, n_steps):
         rows = tl.load(lut + j // SUB) * MBLOCK + (j % SUB) * BLOCK_N + offs_n
         k = tl.load(k_base + rows[None, :] * skn + offs_d[:, None])             # (D, N): K^T tile
-        qk = tl.dot(q, k)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + rows[:, None] * svn + offs_d[None, :])
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    # l_i is 0 only for a query block with no selected key block; acc is 0 there too.
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        m_i, l_i, acc = _softmax_step(tl.dot(q, k), qk_scale, v, m_i, l_i, acc)
+    out = _normalised(acc, l_i)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty))
 
 
@@ -117,24 +138,15 @@ def _bsa_fwd_tma(
     h = bh % H
     SUB: tl.constexpr = MBLOCK // BLOCK_N
     q = q_desc.load([b, h, qblk * MBLOCK, 0]).reshape(MBLOCK, HEAD_DIM)
-    lut = LUT + b.to(tl.int64) * slb + h * slh + qblk * slm
-    n_steps = tl.load(CNT + b.to(tl.int64) * scb + h * sch + qblk) * SUB
+    lut, n_steps = _key_list(LUT, CNT, b.to(tl.int64), h, qblk, slb, slh, slm, scb, sch, SUB)
 
-    m_i = tl.full([MBLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([MBLOCK], tl.float32)
-    acc = tl.zeros([MBLOCK, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = _empty_rows(MBLOCK, HEAD_DIM)
     for j in range(0, n_steps):
         start = tl.load(lut + j // SUB) * MBLOCK + (j % SUB) * BLOCK_N
         k = k_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-        qk = tl.dot(q, k.T)
-        m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = v_desc.load([b, h, start, 0]).reshape(BLOCK_N, HEAD_DIM)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        m_i, l_i, acc = _softmax_step(tl.dot(q, k.T), qk_scale, v, m_i, l_i, acc)
+    out = _normalised(acc, l_i)
     o_desc.store([b, h, qblk * MBLOCK, 0], out.to(q.dtype).reshape(1, 1, MBLOCK, HEAD_DIM))
 
 
@@ -160,25 +172,17 @@ def _bsa_fwd_int8(
     k_ptrs = K8 + bh.to(tl.int64) * LK * HEAD_DIM + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
     ks_ptr = KS + bh.to(tl.int64) * (LK // BLOCK_N)
     v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :]
-    lut = LUT + b * slb + h * slh + qblk * slm
-    n_steps = tl.load(CNT + b * scb + h * sch + qblk) * SUB
+    lut, n_steps = _key_list(LUT, CNT, b, h, qblk, slb, slh, slm, scb, sch, SUB)
 
-    m_i = tl.full([MBLOCK], float("-inf"), tl.float32)
-    l_i = tl.zeros([MBLOCK], tl.float32)
-    acc = tl.zeros([MBLOCK, HEAD_DIM], tl.float32)
+    m_i, l_i, acc = _empty_rows(MBLOCK, HEAD_DIM)
     for j in range(0, n_steps):
         tile = tl.load(lut + j // SUB) * SUB + j % SUB
         start = tile * BLOCK_N
         k = tl.load(k_ptrs + start * HEAD_DIM)
-        qk = tl.dot(q, k).to(tl.float32) * (q_scale * tl.load(ks_ptr + tile))
-        m_new = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_new[:, None])
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptrs + start * svn)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        m_i = m_new
-    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        qk = tl.dot(q, k).to(tl.float32)
+        m_i, l_i, acc = _softmax_step(qk, q_scale * tl.load(ks_ptr + tile), v, m_i, l_i, acc)
+    out = _normalised(acc, l_i)
     tl.store(O + b * sob + h * soh + offs_m[:, None] * som + offs_d[None, :], out.to(O.dtype.element_ty))
 
 

@@ -11,24 +11,13 @@ from __future__ import annotations
 
 import argparse
 import collections
-import importlib.util
 import json
 import pathlib
-import sys
 import time
 from dataclasses import replace
 
 import torch
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _import_pack():
-    spec = importlib.util.spec_from_file_location("comfyui_flashvsr", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_flashvsr"] = mod
-    spec.loader.exec_module(mod)
+from _pack import ROOT, import_pack
 
 
 def _group(name: str) -> str:
@@ -332,7 +321,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", nargs="*", default=[])
     args = ap.parse_args()
-    _import_pack()
+    import_pack()
     from comfyui_flashvsr.flashvsr.config import UpscaleConfig
     from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)

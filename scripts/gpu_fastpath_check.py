@@ -6,21 +6,14 @@ sageattention enable vs disable; prints PSNR (peak 1) and max |diff| of the outp
 """
 from __future__ import annotations
 
-import importlib.util
 import math
-import pathlib
-import sys
 
 import torch
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from _pack import import_pack
 
 
 def main() -> None:
-    spec = importlib.util.spec_from_file_location("comfyui_flashvsr", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    sys.modules["comfyui_flashvsr"] = mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    import_pack()
     from comfyui_flashvsr.flashvsr.config import UpscaleConfig
     from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
     pipe = FlashVSR.random(mode="tiny", device="cuda", dtype=torch.bfloat16, size="full")

@@ -7,25 +7,14 @@ Also checks the golden fixtures on the GPU (bf16 masks and PSNR vs the float32 r
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import math
 import pathlib
 import statistics
-import sys
 import time
 
 import torch
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _import_pack():
-    spec = importlib.util.spec_from_file_location("comfyui_flashvsr", ROOT / "__init__.py",
-                                                  submodule_search_locations=[str(ROOT)])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["comfyui_flashvsr"] = mod
-    spec.loader.exec_module(mod)
+from _pack import ROOT, import_pack
 
 
 class StageTimer:
@@ -153,7 +142,7 @@ def main():
     ap.add_argument("--long-frames", type=int, default=201)
     ap.add_argument("--skip-fixtures", action="store_true")
     args = ap.parse_args()
-    _import_pack()
+    import_pack()
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     results = {}
     if not args.skip_fixtures:

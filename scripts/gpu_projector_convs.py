@@ -38,9 +38,9 @@ def main():
         w2 = [w[:, :, i].contiguous(memory_format=torch.channels_last) for i in range(4)]
         wl2 = torch.stack(w2, 2)
         cases = {
-            "conv3d channels-last (now)": lambda: F.conv3d(xl, wl, b, stride=(2, 1, 1)),
-            "conv3d NCDHW": lambda: F.conv3d(x, w, b, stride=(2, 1, 1)),
-            "4 x conv2d channels-last, summed": lambda: conv3d_as_2d(x, wl2, b),
+            "conv3d channels-last": lambda xl=xl, wl=wl, b=b: F.conv3d(xl, wl, b, stride=(2, 1, 1)),
+            "conv3d NCDHW": lambda x=x, w=w, b=b: F.conv3d(x, w, b, stride=(2, 1, 1)),
+            "4 x conv2d channels-last, summed": lambda x=x, wl2=wl2, b=b: conv3d_as_2d(x, wl2, b),
         }
         flops = 2 * cin * 36 * cout * ((frames - 4) // 2 + 1) * 48 * 88
         for name, fn in cases.items():
