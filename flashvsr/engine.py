@@ -7,6 +7,7 @@ variants differ only in the decoder object and in where finished frames go (the 
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -41,6 +42,25 @@ class ChunkOutput:
     index: int
     start: int                 # index of the first output frame in this chunk
     frames: torch.Tensor       # (t, out_h, out_w, 3) float in [0, 1] on the compute device
+    stream: "torch.cuda.Stream | None" = None   # where ``frames`` was made: use it there (see run_stream)
+
+    def using(self):
+        """Context in which to read ``frames`` on the GPU (its stream), without making the DiT wait."""
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _decoding_on(stream, *inputs: torch.Tensor):
+    """Run the block on ``stream`` after the work queued so far on the current stream (the DiT);
+    the current stream goes on with the next chunk without waiting for the decoder."""
+    if stream is None:
+        yield
+        return
+    stream.wait_stream(torch.cuda.current_stream(stream.device))
+    for t in inputs:
+        t.record_stream(stream)         # made on the DiT's stream, freed while the decoder may still read it
+    with torch.cuda.stream(stream):
+        yield
 
 
 def chunk_needed(k: int, source: FrameSource, official: bool) -> bool:
@@ -58,11 +78,14 @@ def total_chunks(n: int, official: bool) -> int:
 
 def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: UpscaleConfig, attn,
                noise: torch.Tensor | None = None, observer: Observer | None = None,
-               tile: "Tile | None" = None) -> Iterator[ChunkOutput]:
+               tile: "Tile | None" = None, decode_stream: "torch.cuda.Stream | None" = None) -> Iterator[ChunkOutput]:
     """Yield output frames chunk by chunk. ``noise`` (1, 16, T, h, w) overrides the seeded noise.
 
     With ``tile`` the run covers only that window of the model frame (spatial tiling): ``geom`` is
-    still the whole frame's geometry, the tile's own sizes come from ``tile``.
+    still the whole frame's geometry, the tile's own sizes come from ``tile``. With
+    ``decode_stream`` (CUDA) each chunk is decoded and colour-fixed on that stream while the next
+    chunk's projector and DiT run on the current one; the yielded frames belong to that stream
+    (read them inside ``ChunkOutput.using()``).
     """
     dev, dtype = models.device, models.dtype
     full_up = Upsampler(geom, dev, dtype)
@@ -113,21 +136,22 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
         if observer is not None:
             observer("latents", k, latents)
         cond = lq(ck.out_start, ck.out_end)
-        frames = models.decoder.decode(latents, cond, dec_state)               # (1, 3, t, H, W) in [-1, 1]
-        if observer is not None:
-            observer("frames_decoded", k, frames)
-        frames, ref = _crop(frames[0].transpose(0, 1), geom), _crop(cond[0].transpose(0, 1), geom)
-        frames = color_fix(frames, ref, cfg.color_fix, float32=cfg.color_fix_float32)
-        if observer is not None:
-            observer("frames_final", k, frames)
         stop = ck.out_end
         if not geom.official and not source.has(ck.out_end - 1):
             stop = source.count            # exact mode: the padded tail is not the user's
-        out = ((frames[: max(0, stop - ck.out_start)].float() + 1) * 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-        # Nothing of this chunk but its output may stay alive while the caller works and the next
-        # chunk runs (a generator keeps its locals): ~0.3 GB at 768x1408.
-        del latents, cond, frames, ref
-        yield ChunkOutput(k, ck.out_start, out)
+        with _decoding_on(decode_stream, latents, cond):
+            frames = models.decoder.decode(latents, cond, dec_state)           # (1, 3, t, H, W) in [-1, 1]
+            if observer is not None:
+                observer("frames_decoded", k, frames)
+            frames, ref = _crop(frames[0].transpose(0, 1), geom), _crop(cond[0].transpose(0, 1), geom)
+            frames = color_fix(frames, ref, cfg.color_fix, float32=cfg.color_fix_float32)
+            if observer is not None:
+                observer("frames_final", k, frames)
+            out = ((frames[: max(0, stop - ck.out_start)].float() + 1) * 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+            # Nothing of this chunk but its output may stay alive while the caller works and the
+            # next chunk runs (a generator keeps its locals): ~0.3 GB at 768x1408.
+            del latents, cond, frames, ref
+        yield ChunkOutput(k, ck.out_start, out, decode_stream)
         del out
         for i in [i for i in hr if i < ck.out_end]:
             del hr[i]

@@ -67,6 +67,7 @@ class FlashVSR:
         self.consts = dit.prepare(prompt)
         self.attention = AttentionDispatcher()
         self._tc_layers = None          # compiled TCDecoder pass, built on first CUDA run
+        self._stream = None             # decoder stream (see _decode_stream)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -124,6 +125,18 @@ class FlashVSR:
         body, tail = self._compiled_tc() if self._compiling(cfg) else (None, None)
         return TinyDecoder(self.decoder, TCDecoderPasses(latents=1, tail_frames=1, body=body, tail=tail))
 
+    def _decode_stream(self, cfg: UpscaleConfig):
+        """A second CUDA stream for decoding chunk k while the DiT works on chunk k+1 (Tiny and Full).
+
+        Tiny-Long decodes on the DiT's stream: overlapping would hold both working sets at once,
+        and its point is the lowest, flat memory.
+        """
+        if self.device.type != "cuda" or self.mode is Mode.TINY_LONG or not cfg.overlap_decode:
+            return None
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
+
     def _compiling(self, cfg: UpscaleConfig) -> bool:
         from ..models.compiled import triton_usable
         return cfg.compile and self.device.type == "cuda" and triton_usable()
@@ -168,15 +181,19 @@ class FlashVSR:
             for tile in tiles:
                 src = FrameSource(frames)
                 ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
-                for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn, noise=noise, tile=tile)):
+                for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn, noise=noise, tile=tile,
+                                                   decode_stream=self._decode_stream(cfg))):
                     f, s0 = chunk_out.frames, chunk_out.start
-                    if pin_all:
-                        out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
-                        done += 1
-                        if on_progress is not None:
-                            on_progress(done, total)
-                    else:
-                        place(downloads.push(f, (s0, tile, ramp)))
+                    with chunk_out.using():
+                        if pin_all:
+                            out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
+                            done += 1
+                            if on_progress is not None:
+                                on_progress(done, total)
+                        else:
+                            ready = downloads.push(f, (s0, tile, ramp))
+                    if not pin_all:
+                        place(ready)
                     del chunk_out, f     # the GPU copy must not live on while the next chunk runs
             place(downloads.flush())
             if cuda:
@@ -219,11 +236,13 @@ class FlashVSR:
                         on_progress(done, max(total, done))
                     yield u8
 
-            for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn)):
-                u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8)
-                del chunk_out        # the GPU copy must not live on while the next chunk runs
-                yield from ready(downloads.push(u8))
-                del u8
+            for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn,
+                                               decode_stream=self._decode_stream(cfg))):
+                with chunk_out.using():
+                    u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8)
+                    done_u8 = downloads.push(u8)
+                del chunk_out, u8    # the GPU copies must not live on while the next chunk runs
+                yield from ready(done_u8)
             yield from ready(downloads.flush())
         finally:
             self._release()
