@@ -99,6 +99,49 @@ def host_profile(pipe, cfg, frames, top: int = 45) -> str:
     return buf.getvalue()
 
 
+def chunk_period(pipe, cfg, frames, window=(2, 4)) -> dict:
+    """The whole pipeline's period per steady chunk: GPU time between the starts of consecutive DiT
+    chunks (everything the GPU does per chunk, idle gaps included), the host's time for the same,
+    and the kernels of every stream over ``window`` (whole periods) grouped like ``steady_kernels``."""
+    from torch.profiler import ProfilerActivity, profile
+    prof = profile(activities=[ProfilerActivity.CUDA])
+    dit = pipe.dit
+    orig = dit.forward_chunk
+    starts, host = {}, {}
+
+    def wrapped(latents, lq, consts, state, *a, **kw):
+        idx = state.chunk_index
+        if idx in window:
+            torch.cuda.synchronize()     # only at the window's edges
+            (prof.start if idx == window[0] else prof.stop)()
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        starts[idx], host[idx] = ev, time.perf_counter()
+        return orig(latents, lq, consts, state, *a, **kw)
+
+    dit.forward_chunk = wrapped
+    try:
+        pipe.upscale(frames, cfg)
+        torch.cuda.synchronize()
+    finally:
+        dit.forward_chunk = orig
+    idx = sorted(starts)
+    gpu = {i: round(starts[i].elapsed_time(starts[j]), 2) for i, j in zip(idx, idx[1:])
+           if not (window[0] <= i < window[1]) and not (i < window[0] < j)}
+    hst = {i: round((host[j] - host[i]) * 1000, 2) for i, j in zip(idx, idx[1:])}
+    n = window[1] - window[0]
+    groups = collections.Counter()
+    copies = 0.0
+    for ev in prof.key_averages():
+        t = (getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)) / 1000.0 / n
+        if "Memcpy" in ev.key:
+            copies += t
+        groups[_group(ev.key)] += t
+    return {"gpu_period_ms": gpu, "host_period_ms": hst,
+            "kernels_ms_per_period": {k: round(v, 2) for k, v in groups.items()},
+            "kernel_sum_ms_per_period": round(sum(groups.values()), 2), "memcpy_ms_per_period": round(copies, 2)}
+
+
 def host_syncs(pipe, cfg, frames) -> list[dict]:
     """Every operation of one run that makes the host wait for the GPU, with our innermost caller."""
     import traceback
@@ -320,6 +363,7 @@ def main():
     ap.add_argument("--frames", type=int, default=57)
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", nargs="*", default=[])
+    ap.add_argument("--mode", default="tiny")
     args = ap.parse_args()
     import_pack()
     from comfyui_flashvsr.flashvsr.config import UpscaleConfig
@@ -329,13 +373,16 @@ def main():
     frames = torch.rand((args.frames, 192, 352, 3), generator=gen)
     cfg = UpscaleConfig(scale=4.0, sageattention="disable")
     results = {}
-    pipe = FlashVSR.random(mode="tiny", device="cuda", dtype=torch.bfloat16, size="full")
+    pipe = FlashVSR.random(mode=args.mode, device="cuda", dtype=torch.bfloat16, size="full")
     pipe.upscale(frames[:25], cfg)
     if "kernels" not in args.skip:
         plain = steady_kernels(pipe, cfg, frames, chunks=())      # no profiler: DiT time and host time per chunk
         results["steady"] = steady_kernels(pipe, cfg, frames)
         results["steady"]["without_profiler"] = {k: plain[k] for k in ("dit_ms_per_chunk", "dit_host_enqueue_ms")}
         print(json.dumps(results["steady"], indent=1), flush=True)
+    if "period" not in args.skip:
+        results["period"] = chunk_period(pipe, cfg, frames)
+        print(json.dumps(results["period"]), flush=True)
     if "syncs" not in args.skip:
         results["host_syncs"] = host_syncs(pipe, cfg, frames)
         print(json.dumps(results["host_syncs"], indent=1), flush=True)
