@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import json
 import pathlib
 import time
@@ -29,6 +30,21 @@ def _group(name: str) -> str:
     if low.startswith("triton_"):
         return "compiled glue"
     return "other"
+
+
+def _run_with_dit(pipe, cfg, frames, forward_chunk) -> None:
+    """One run with the DiT's ``forward_chunk`` replaced (a wrapper around the original)."""
+    orig = pipe.dit.forward_chunk
+    pipe.dit.forward_chunk = forward_chunk
+    try:
+        pipe.upscale(frames, cfg)
+        torch.cuda.synchronize()
+    finally:
+        pipe.dit.forward_chunk = orig
+
+
+def _device_ms(event) -> float:
+    return (getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)) / 1000.0
 
 
 def steady_kernels(pipe, cfg, frames, chunks=(2, 3, 4)) -> dict:
@@ -57,12 +73,7 @@ def steady_kernels(pipe, cfg, frames, chunks=(2, 3, 4)) -> dict:
             prof.stop()
         return out
 
-    dit.forward_chunk = wrapped
-    try:
-        pipe.upscale(frames, cfg)
-        torch.cuda.synchronize()
-    finally:
-        dit.forward_chunk = orig
+    _run_with_dit(pipe, cfg, frames, wrapped)
     per_chunk_ms = {i: s.elapsed_time(e) for i, s, e in events}
     n = len(chunks)
     if not n:
@@ -70,11 +81,11 @@ def steady_kernels(pipe, cfg, frames, chunks=(2, 3, 4)) -> dict:
     rows = []
     groups = collections.Counter()
     for ev in prof.key_averages():
-        t = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        t = _device_ms(ev) / n
         if t <= 0:
             continue
-        rows.append((ev.key, ev.count / n, t / 1000.0 / n))
-        groups[_group(ev.key)] += t / 1000.0 / n
+        rows.append((ev.key, ev.count / n, t))
+        groups[_group(ev.key)] += t
     rows.sort(key=lambda r: -r[2])
     return {"dit_ms_per_chunk": per_chunk_ms, "dit_host_enqueue_ms": cpu_ms,
             "groups_ms_per_chunk": {k: round(v, 2) for k, v in groups.items()},
@@ -119,21 +130,16 @@ def chunk_period(pipe, cfg, frames, window=(2, 4)) -> dict:
         starts[idx], host[idx] = ev, time.perf_counter()
         return orig(latents, lq, consts, state, *a, **kw)
 
-    dit.forward_chunk = wrapped
-    try:
-        pipe.upscale(frames, cfg)
-        torch.cuda.synchronize()
-    finally:
-        dit.forward_chunk = orig
+    _run_with_dit(pipe, cfg, frames, wrapped)
     idx = sorted(starts)
-    gpu = {i: round(starts[i].elapsed_time(starts[j]), 2) for i, j in zip(idx, idx[1:])
+    gpu = {i: round(starts[i].elapsed_time(starts[j]), 2) for i, j in itertools.pairwise(idx)
            if not (window[0] <= i < window[1]) and not (i < window[0] < j)}
-    hst = {i: round((host[j] - host[i]) * 1000, 2) for i, j in zip(idx, idx[1:])}
+    hst = {i: round((host[j] - host[i]) * 1000, 2) for i, j in itertools.pairwise(idx)}
     n = window[1] - window[0]
     groups = collections.Counter()
     copies = 0.0
     for ev in prof.key_averages():
-        t = (getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)) / 1000.0 / n
+        t = _device_ms(ev) / n
         if "Memcpy" in ev.key:
             copies += t
         groups[_group(ev.key)] += t
