@@ -1,11 +1,14 @@
-"""Where a steady DiT chunk's time goes, kernel by kernel, and the block-sparse kernel on real inputs.
+"""Where a steady chunk's time and memory go at 768x1408 output (speed only: random full-size weights).
 
-Speed only (random full-size weights). Run on a GPU from the repository root:
-    python scripts/gpu_dit_breakdown.py --json $OUT/breakdown.json
-Prints (1) the CUDA kernels of three steady chunks of the DiT (768x1408 output), grouped into
-attention / GEMM / compiled glue / other, per chunk; (2) the block-sparse kernel timed on the
-q, k, v and mask of one real steady layer (real strides, real mask) against contiguous copies and a
-random mask of the same density; (3) Tiny-Long peak VRAM with one- and two-latent decoder passes.
+Run on a GPU from the repository root (sections can be left out with --skip NAME ...):
+    python scripts/gpu_dit_breakdown.py [--mode tiny|tiny-long|full] [--frames N] --json $OUT/breakdown.json
+- kernels: the CUDA kernels of three steady DiT chunks, grouped (attention / GEMM / compiled glue /
+  other), per chunk, and the DiT's GPU and host time per chunk with and without the profiler;
+- period: the whole pipeline's GPU period per steady chunk (all streams, idle time included);
+- syncs: every call of a run that makes the host wait for the GPU, with the line that made it;
+- host: a cProfile of one run;
+- attention: the block-sparse kernel on the q, k, v and mask of one real layer, per configuration;
+- memory: Tiny-Long peak VRAM per decoder pass size, per stage, and what is alive when it decodes.
 """
 from __future__ import annotations
 
