@@ -64,6 +64,15 @@ def _task(ORDER, NQ):
 
 
 @triton.jit
+def _pointer_program(ORDER, NQ, H, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr):
+    """This program's query block, batch*head, 64-bit batch and head, and row/key/dim offsets
+    (the pointer-load kernels)."""
+    qblk, bh = _task(ORDER, NQ)
+    return (qblk, bh, (bh // H).to(tl.int64), (bh % H).to(tl.int64), qblk * MBLOCK + tl.arange(0, MBLOCK),
+            tl.arange(0, BLOCK_N), tl.arange(0, HEAD_DIM))
+
+
+@triton.jit
 def _empty_rows(ROWS: tl.constexpr, HEAD_DIM: tl.constexpr):
     """Online-softmax state of ROWS query rows before any key: maxima, sums, accumulator."""
     return (tl.full([ROWS], float("-inf"), tl.float32), tl.zeros([ROWS], tl.float32),
@@ -101,14 +110,8 @@ def _bsa_fwd(
     slb, slh, slm, scb, sch, H,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
 ):
-    qblk, bh = _task(ORDER, NQ)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    qblk, _, b, h, offs_m, offs_n, offs_d = _pointer_program(ORDER, NQ, H, HEAD_DIM, BLOCK_N, MBLOCK)
     SUB: tl.constexpr = MBLOCK // BLOCK_N
-    offs_m = qblk * MBLOCK + tl.arange(0, MBLOCK)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-
     q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqm + offs_d[None, :])
     # Scalar bases only: a (D, N) tensor of 64-bit pointers held across the loop would take 64
     # registers per thread for K and again for V (spills with Triton 3.6).
@@ -152,21 +155,14 @@ def _bsa_fwd_tma(
 
 @triton.jit
 def _bsa_fwd_int8(
-    Q8, QS, K8, KS, V, O, LUT, CNT,
+    Q8, QS, K8, KS, V, O, LUT, CNT, ORDER, NQ,
     svb, svh, svn, sob, soh, som, slb, slh, slm, scb, sch, H, LQ, LK,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
 ):
     # Q8/K8 are contiguous (B, H, L, D) int8; QS holds one scale per 128 query rows (softmax scale
     # and log2(e) folded in), KS one per BLOCK_N key rows, both contiguous (B, H, L / tile).
-    qblk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    qblk, bh, b, h, offs_m, offs_n, offs_d = _pointer_program(ORDER, NQ, H, HEAD_DIM, BLOCK_N, MBLOCK)
     SUB: tl.constexpr = MBLOCK // BLOCK_N
-    offs_m = qblk * MBLOCK + tl.arange(0, MBLOCK)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-
     q = tl.load(Q8 + bh.to(tl.int64) * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
     q_scale = tl.load(QS + bh.to(tl.int64) * (LQ // MBLOCK) + qblk)
     k_ptrs = K8 + bh.to(tl.int64) * LK * HEAD_DIM + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
@@ -221,7 +217,7 @@ def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: fl
     cannot be used.
     """
     _check_last_dim(q, k, v)
-    bsz, heads, lq, dim = q.shape
+    _, heads, lq, dim = q.shape
     out = torch.empty_like(q)
     qk_scale = (dim ** -0.5 if scale is None else scale) * LOG2E
     nq = lq // MASK_BLOCK
@@ -281,13 +277,13 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
     ``quantized`` may carry a precomputed :func:`quantize_qk` result (benchmarks time the kernel alone).
     """
     _check_last_dim(v)
-    bsz, heads, lq, dim = q.shape
+    _, heads, lq, dim = q.shape
     lk = k.shape[2]
     q8, q_scales, k8, k_scales = quantized or quantize_qk(q, k, config.block_n, scale)
     out = torch.empty_like(q)
-    grid = (lq // MASK_BLOCK, bsz * heads)
-    _bsa_fwd_int8[grid](
-        q8, q_scales, k8, k_scales, v, out, lut, counts,
+    order = task_order(counts, config.longest_first)
+    _bsa_fwd_int8[(order.numel(),)](
+        q8, q_scales, k8, k_scales, v, out, lut, counts, order, lq // MASK_BLOCK,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1), heads, lq, lk,
         HEAD_DIM=dim, BLOCK_N=config.block_n, MBLOCK=MASK_BLOCK,

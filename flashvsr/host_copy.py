@@ -30,29 +30,27 @@ class DeferredDownload:
     """
 
     def __init__(self) -> None:
-        self._pending: list[tuple[torch.Tensor, torch.cuda.Event | None, object]] = []
+        self._pending: tuple[torch.Tensor, torch.cuda.Event, object] | None = None   # one copy in flight
 
     def push(self, tensor: torch.Tensor, meta: object = None) -> list[tuple[torch.Tensor, object]]:
-        earlier = self._pending
-        if tensor.device.type == "cuda":
-            stage = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            stage.copy_(tensor, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(tensor.device))
-            self._pending = [(stage, done, meta)]
-            return self._wait(earlier)
-        self._pending = []
-        return self._wait(earlier) + [(tensor, meta)]
+        earlier, self._pending = self._pending, None
+        if tensor.device.type != "cuda":
+            return self._finished(earlier) + [(tensor, meta)]
+        stage = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        stage.copy_(tensor, non_blocking=True)       # queued before waiting for the earlier copy
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(tensor.device))
+        self._pending = (stage, done, meta)
+        return self._finished(earlier)
 
     def flush(self) -> list[tuple[torch.Tensor, object]]:
-        earlier, self._pending = self._pending, []
-        return self._wait(earlier)
+        earlier, self._pending = self._pending, None
+        return self._finished(earlier)
 
     @staticmethod
-    def _wait(items) -> list[tuple[torch.Tensor, object]]:
-        out = []
-        for stage, done, meta in items:
-            if done is not None:
-                done.synchronize()
-            out.append((stage, meta))
-        return out
+    def _finished(item) -> list[tuple[torch.Tensor, object]]:
+        if item is None:
+            return []
+        stage, done, meta = item
+        done.synchronize()
+        return [(stage, meta)]

@@ -109,6 +109,9 @@ class TCDecoder(nn.Module):
             MemBlock(c2), MemBlock(c2), MemBlock(c2), nn.Upsample(scale_factor=2), TGrow(c2, 2),
             _conv(c2, c3, bias=False), nn.ReLU(), _conv(c3, c3, bias=False), nn.ReLU(), _conv(c3, 3),
         )
+        # The last upsampling (then its TGrow): from here on every layer works on each frame by
+        # itself (no MemBlock), so the full-resolution tail can run one output frame at a time.
+        self.tail_start = max(i for i, layer in enumerate(self.decoder) if isinstance(layer, nn.Upsample))
 
     @staticmethod
     def shuffle_condition(cond: torch.Tensor, start: int = 0, count: int | None = None) -> torch.Tensor:
@@ -134,15 +137,6 @@ class TCDecoder(nn.Module):
                 scale *= 2
                 stage += 1
         return shapes
-
-    @property
-    def tail_start(self) -> int:
-        """Index of the last upsampling: from here on every layer works on each frame by itself
-        (no MemBlock), so the full-resolution tail can run one output frame at a time."""
-        start = max(i for i, layer in enumerate(self.decoder) if isinstance(layer, nn.Upsample))
-        if not isinstance(self.decoder[start + 1], TGrow):
-            raise ValueError("unexpected TCDecoder layout: the last upsampling must be followed by a TGrow")
-        return start
 
     def run_body(self, x: torch.Tensor, memory: list[torch.Tensor]):
         """The layers before the full-resolution tail over a chunk of frames (t, C, h, w); memory =
