@@ -41,7 +41,7 @@ HEADS, DIM, LQ, LK, CROSS = 12, 128, 8448, 33792, 512
 DENSITIES = (0.25, 0.45, 1.0)
 SWEEP_BF16 = [(64, 8, 2, False), (128, 8, 2, False), (64, 4, 2, True), (64, 8, 2, True), (64, 8, 3, True),
               (128, 8, 2, True), (128, 8, 3, True)]    # 4 warps spill registers except TMA N64 (ptxas)
-SWEEP_INT8 = [(64, 8, 2), (128, 8, 2)]
+SWEEP_INT8 = [(64, 8, 2), (128, 8, 2), (64, 4, 2, True), (128, 8, 2, True)]
 
 
 def median_ms(fn, rep_ms: int = 200) -> float:
@@ -115,6 +115,10 @@ def sparse_table(tk, bf16_cfg, int8_cfg, rows: list, log) -> None:
             session = dispatcher.session("disable")
             cases.append(("dispatcher block_sparse (LUT + checks + kernel)",
                           lambda: session.block_sparse(q, k, v, mask)))
+            enabled = dispatcher.session("enable")
+            cases.append(("dispatcher block_sparse, sageattention=enable (" +
+                          ("INT8 kernel + quantisation)" if dispatcher.uses_int8("enable", q.device) else "bf16 kernel)"),
+                          lambda: enabled.block_sparse(q, k, v, mask)))
             cases.append(("dense SDPA, no mask (speed baseline only)", lambda: F.scaled_dot_product_attention(q, k, v)))
             cases.append(("masked SDPA reference", lambda: masked_reference(q, k, v, mask)))
         for name, fn in cases:

@@ -29,15 +29,22 @@ LOG = logging.getLogger(__name__)
 MODES = ("enable", "disable")
 SPARSE_BACKENDS = ("triton", "flex", "reference")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
+SLOWER_HERE = "SageAttention 1.x is slower than SDPA on Hopper GPUs (H100: 0.38x), so SDPA runs the dense calls"
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
     # CUDA order of block-sparse backends; "reference" must come last because it never refuses.
     sparse_backends: tuple = SPARSE_BACKENDS
-    # Use the INT8-QK Triton kernel for block-sparse attention when the mode is "enable". Off: on
-    # H100 it was not faster than the bf16 kernel (docs/benchmarks.md, "Attention kernels").
-    sparse_int8_with_sage: bool = False
+    # Use the INT8-QK Triton kernel for block-sparse attention when the mode is "enable". None: on
+    # Hopper only, where it was measured faster than the bf16 kernel (1.42 + 0.06 quantisation vs
+    # 1.65 ms per call on an H100, docs/benchmarks.md); elsewhere it is unmeasured.
+    sparse_int8_with_sage: Optional[bool] = None
+    # Run SageAttention for dense calls also where it is known to be slower than SDPA (1.x on
+    # Hopper: 0.38x on FlashVSR's cross-attention, and ~0.7 ms of host time per call). Off: there
+    # ``enable`` takes SDPA for the dense calls, says so, and keeps the INT8 kernel for the sparse
+    # ones, so the setting never costs speed.
+    dense_sage_where_slower: bool = False
     time_calls: bool = True
     reference_mask_budget: int = REFERENCE_MASK_BUDGET
 
@@ -65,9 +72,13 @@ class AttentionSession:
         return self.dispatcher.run_dense(self._report, self.mode, q, k, v)
 
     def _block_sparse(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                      block_mask: torch.Tensor) -> torch.Tensor:
-        """block_mask (B, H, Lq/128, Lk/128) bool; head h uses block_mask[:, h]; empty query blocks -> 0."""
-        return self.dispatcher.run_block_sparse(self._report, self.mode, q, k, v, block_mask)
+                      block_mask: torch.Tensor, key_mean: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """block_mask (B, H, Lq/128, Lk/128) bool; head h uses block_mask[:, h]; empty query blocks -> 0.
+
+        ``key_mean`` (B, H, D), optional: the keys' mean, if the caller has it for free; the INT8
+        kernel subtracts it before quantising K (any vector gives the same softmax).
+        """
+        return self.dispatcher.run_block_sparse(self._report, self.mode, q, k, v, block_mask, key_mean)
 
     def summary(self) -> str:
         line = self._report.summary()
@@ -97,7 +108,8 @@ class AttentionDispatcher:
         self._said: set = set()
         self._capabilities: dict = {}
         self._flex = CompiledFlex()
-        # name -> (refusal(q, k, v, mode) -> reason or None, run(q, k, v, lut, counts, mode) -> out)
+        # name -> (refusal(q, k, v, mode) -> reason or None,
+        #          run(q, k, v, lut, counts, mode, key_mean) -> out)
         self.sparse_runners: dict[str, tuple[Callable, Callable]] = {
             "triton": (self._triton_refusal, self._run_triton),
             "flex": (self._flex_refusal, self._run_flex),
@@ -128,7 +140,7 @@ class AttentionDispatcher:
         """
         if self.sage.available and self.sage.flavour == "1.x" and any(c[0] == 9 for c in self._capabilities.values()):
             return ("SageAttention 1.x is slower than PyTorch SDPA on Hopper GPUs (H100 measured 0.38x "
-                    "on FlashVSR's cross-attention): choose 'disable' for speed")
+                    "on FlashVSR's cross-attention)")
         return None
 
     def say_once(self, level: int, key: tuple, message: str) -> None:
@@ -159,7 +171,8 @@ class AttentionDispatcher:
                     why = f"sage raised {type(exc).__name__}: {exc}"
                     self._sage_failures[self.dense_call(q, k, v).signature(self.sage)] = why
             report.sage_not_used("dense", why)
-            self.say_once(logging.WARNING, ("sage", why),
+            chosen = why == SLOWER_HERE
+            self.say_once(logging.INFO if chosen else logging.WARNING, ("sage", why),
                           f"SageAttention was requested but dense attention uses SDPA: {why}")
         with report.record("dense", "sdpa", q.device):
             return F.scaled_dot_product_attention(q, k, v)
@@ -168,6 +181,9 @@ class AttentionDispatcher:
         probe = self.sage
         call = self.dense_call(q, k, v)
         why = sage_refusal(probe, call)
+        if (why is None and not self.config.dense_sage_where_slower and probe.flavour == "1.x"
+                and call.capability is not None and call.capability[0] == 9):
+            why = SLOWER_HERE
         if why is None:
             # A failure repeats for the same flavour, GPU, dtype and head dim: keep its first reason.
             why = self._sage_failures.get(call.signature(probe))
@@ -180,7 +196,7 @@ class AttentionDispatcher:
     def sparse_order(self, device: torch.device) -> tuple:
         return self.config.sparse_backends if device.type == "cuda" else ("reference",)
 
-    def run_block_sparse(self, report: RunReport, mode: str, q, k, v, block_mask) -> torch.Tensor:
+    def run_block_sparse(self, report: RunReport, mode: str, q, k, v, block_mask, key_mean=None) -> torch.Tensor:
         check_block_sparse_inputs(q, k, v, block_mask)
         lut, counts = build_lut(block_mask)
         signature = (q.device, q.dtype, tuple(q.shape), tuple(k.shape))
@@ -195,9 +211,9 @@ class AttentionDispatcher:
             if (name, signature) in self._failed:
                 continue
             try:
-                label = self._sparse_label(name, mode)
+                label = self._sparse_label(name, mode, q.device)
                 with report.record("block_sparse", label, q.device):
-                    return run(q, k, v, lut, counts, mode)
+                    return run(q, k, v, lut, counts, mode, key_mean)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 self.say_once(logging.WARNING, (name, "oom"),
@@ -210,11 +226,17 @@ class AttentionDispatcher:
         with report.record("block_sparse", "reference", q.device):
             return masked_reference(q, k, v, block_mask, mask_budget=self.config.reference_mask_budget)
 
-    def _int8(self, mode: str) -> bool:
-        return mode == "enable" and self.config.sparse_int8_with_sage
+    def uses_int8(self, mode: str, device: torch.device) -> bool:
+        """Whether the Triton block-sparse backend runs its INT8-QK kernel for this mode and device."""
+        if mode != "enable":
+            return False
+        if self.config.sparse_int8_with_sage is not None:
+            return self.config.sparse_int8_with_sage
+        cc = self.capability(device)
+        return cc is not None and cc[0] == 9
 
-    def _sparse_label(self, name: str, mode: str) -> str:
-        return "triton-int8" if name == "triton" and self._int8(mode) else name
+    def _sparse_label(self, name: str, mode: str, device: torch.device) -> str:
+        return "triton-int8" if name == "triton" and self.uses_int8(mode, device) else name
 
     def _triton_refusal(self, q, k, v, mode) -> Optional[str]:
         probe = probe_triton()
@@ -231,13 +253,13 @@ class AttentionDispatcher:
             return "last dim of q/k/v not contiguous"
         return None
 
-    def _run_triton(self, q, k, v, lut, counts, mode) -> torch.Tensor:
+    def _run_triton(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
         from . import triton_kernels as tk
 
-        int8 = self._int8(mode)
+        int8 = self.uses_int8(mode, q.device)
         config = tk.default_config(self.capability(q.device), int8=int8)
         if int8:
-            return tk.block_sparse_attention_int8(q, k, v, lut, counts, config)
+            return tk.block_sparse_attention_int8(q, k, v, lut, counts, config, key_mean=key_mean)
         return tk.block_sparse_attention(q, k, v, lut, counts, config)
 
     def _flex_refusal(self, q, k, v, mode) -> Optional[str]:
@@ -247,7 +269,7 @@ class AttentionDispatcher:
             return f"torch {torch.__version__} has no flex_attention ({exc})"
         return None if q.device.type == "cuda" else "compiled flex_attention is used on CUDA only"
 
-    def _run_flex(self, q, k, v, lut, counts, mode) -> torch.Tensor:
+    def _run_flex(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
         return self._flex(q, k, v, lut, counts)
 
 

@@ -180,8 +180,13 @@ def attention_checks(device: str) -> list[Check]:
     out.append(Check("attention", "dense: sage", INFO, f"not eligible: {why}") if why else
                _judge("dense: sage", lambda: run_sage(sage, q, k, v), ref_dense))
     slower = dispatcher.sage_slower_than_sdpa() if not why else None
-    if slower:
+    if slower and dispatcher.config.dense_sage_where_slower:
         out.append(Check("attention", "sageattention speed", WARN, f"enable is slower here: {slower}"))
+    elif slower:
+        int8 = dispatcher.uses_int8("enable", dev)
+        out.append(Check("attention", "sageattention speed", INFO,
+                         f"{slower}: enable runs SDPA for the dense calls"
+                         + (" and the INT8 Triton kernel for the block-sparse ones" if int8 else "")))
     lut, counts = build_lut(mask)
     for name in dispatcher.sparse_order(dev):
         label = f"block-sparse: {name}"
@@ -191,7 +196,11 @@ def attention_checks(device: str) -> list[Check]:
         refusal, run = dispatcher.sparse_runners[name]
         why = refusal(q, k, v, "disable")
         out.append(Check("attention", label, INFO, f"not eligible: {why}") if why else
-                   _judge(label, lambda run=run: run(q, k, v, lut, counts, "disable"), ref_sparse))
+                   _judge(label, lambda run=run: run(q, k, v, lut, counts, "disable", None), ref_sparse))
+        if name == "triton" and not why and dispatcher.uses_int8("enable", dev):
+            # what sageattention=enable runs for the sparse layers on this GPU (Sage-style INT8 QK)
+            out.append(_judge("block-sparse: triton-int8 (enable)",
+                              lambda run=run: run(q, k, v, lut, counts, "enable", None), ref_sparse))
     if dev.type != "cuda":
         out.append(Check("attention", "block-sparse: triton, flex", INFO,
                          "used on CUDA only; on this device every sparse call takes the reference"))

@@ -91,12 +91,27 @@ def post_cross_attention(x, o, cow, cob, shift, scale, gate, f0w, f0b, f2w, f2b)
     return x + gate * F.linear(F.gelu(F.linear(y, f0w, f0b), approximate="tanh"), f2w, f2b)
 
 
+def post_cross_attention_gelu_epilogue(x, o, cow, cob, shift, scale, gate, f0w, f0b, f2w, f2b):
+    """:func:`post_cross_attention` with the FFN's bias and tanh GELU applied by the GEMM itself
+    (cuBLASLt epilogue) instead of a separate pass over the (L, 8960) activations: 0.364 against
+    0.431 ms per layer on an H100 at 768x1408. The GELU is taken of the float32 accumulator before
+    the one rounding to bf16 (eager rounds, then applies GELU), a difference within bf16 rounding."""
+    if not x.is_cuda:       # the CPU kernel of _addmm_activation applies the erf GELU, not tanh
+        return post_cross_attention(x, o, cow, cob, shift, scale, gate, f0w, f0b, f2w, f2b)
+    x = x + F.linear(o, cow, cob)
+    y = F.layer_norm(x, (x.shape[-1],), eps=EPS) * (1 + scale) + shift
+    hidden = torch._addmm_activation(f0b, y.reshape(-1, y.shape[-1]), f0w.t(), use_gelu=True)
+    return x + gate * F.linear(hidden.view(*y.shape[:-1], -1), f2w, f2b)
+
+
 EAGER = {"pre": pre_attention, "post_self": post_self_attention, "post_cross": post_cross_attention}
+# What the CUDA fast path compiles: the eager functions, with the FFN's GELU moved into its GEMM.
+FAST = dict(EAGER, post_cross=post_cross_attention_gelu_epilogue)
 
 
 @functools.lru_cache(maxsize=1)
 def compiled_ops() -> dict | None:
-    """The same functions through torch.compile (static shapes: two per resolution), or None."""
+    """The fast-path functions through torch.compile (static shapes: two per resolution), or None."""
     if not triton_usable():
         return None
-    return {name: compile_with_fallback(fn, f"DiT step {name!r}", fullgraph=True) for name, fn in EAGER.items()}
+    return {name: compile_with_fallback(fn, f"DiT step {name!r}", fullgraph=True) for name, fn in FAST.items()}

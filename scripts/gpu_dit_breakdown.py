@@ -373,6 +373,8 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--skip", nargs="*", default=[])
     ap.add_argument("--mode", default="tiny")
+    ap.add_argument("--sage", nargs="+", default=["disable"], choices=("enable", "disable"),
+                    help="sageattention settings for the kernels and period sections (the others use the first)")
     args = ap.parse_args()
     import_pack()
     from comfyui_flashvsr.flashvsr.config import UpscaleConfig
@@ -380,18 +382,21 @@ def main():
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     gen = torch.Generator().manual_seed(0)
     frames = torch.rand((args.frames, 192, 352, 3), generator=gen)
-    cfg = UpscaleConfig(scale=4.0, sageattention="disable")
     results = {}
     pipe = FlashVSR.random(mode=args.mode, device="cuda", dtype=torch.bfloat16, size="full")
-    pipe.upscale(frames[:25], cfg)
-    if "kernels" not in args.skip:
-        plain = steady_kernels(pipe, cfg, frames, chunks=())      # no profiler: DiT time and host time per chunk
-        results["steady"] = steady_kernels(pipe, cfg, frames)
-        results["steady"]["without_profiler"] = {k: plain[k] for k in ("dit_ms_per_chunk", "dit_host_enqueue_ms")}
-        print(json.dumps(results["steady"], indent=1), flush=True)
-    if "period" not in args.skip:
-        results["period"] = chunk_period(pipe, cfg, frames)
-        print(json.dumps(results["period"]), flush=True)
+    for sage in args.sage:
+        cfg = UpscaleConfig(scale=4.0, sageattention=sage)
+        pipe.upscale(frames[:25], cfg)
+        print(f"--- sageattention={sage}", flush=True)
+        if "kernels" not in args.skip:
+            plain = steady_kernels(pipe, cfg, frames, chunks=())      # no profiler: DiT time and host time per chunk
+            results[f"steady_{sage}"] = steady_kernels(pipe, cfg, frames)
+            results[f"steady_{sage}"]["without_profiler"] = {k: plain[k] for k in ("dit_ms_per_chunk", "dit_host_enqueue_ms")}
+            print(json.dumps(results[f"steady_{sage}"], indent=1), flush=True)
+        if "period" not in args.skip:
+            results[f"period_{sage}"] = chunk_period(pipe, cfg, frames)
+            print(json.dumps(results[f"period_{sage}"]), flush=True)
+    cfg = UpscaleConfig(scale=4.0, sageattention=args.sage[0])
     if "syncs" not in args.skip:
         results["host_syncs"] = host_syncs(pipe, cfg, frames)
         print(json.dumps(results["host_syncs"], indent=1), flush=True)

@@ -97,7 +97,7 @@ def test_sparse_backend_failure_falls_back_logs_once_and_is_not_retried_for_that
     dispatcher = AttentionDispatcher()
     tried = []
 
-    def broken(q, k, v, lut, counts, mode):
+    def broken(q, k, v, lut, counts, mode, key_mean):
         tried.append(tuple(q.shape))
         raise RuntimeError("out of resource: shared memory")
 
@@ -131,15 +131,35 @@ def test_sparse_backend_that_refuses_is_skipped_with_its_reason_logged_once(monk
 
 def test_int8_sparse_kernel_is_used_only_when_configured_and_mode_enables_sage(monkeypatch):
     dispatcher = AttentionDispatcher(AttentionConfig(sparse_int8_with_sage=True))
-    dispatcher.sparse_runners["triton"] = (lambda q, k, v, mode: None, lambda q, k, v, lut, c, mode: torch.zeros_like(q))
+    seen = []
+
+    def run(q, k, v, lut, counts, mode, key_mean):
+        seen.append(key_mean)
+        return torch.zeros_like(q)
+
+    dispatcher.sparse_runners["triton"] = (lambda q, k, v, mode: None, run)
     monkeypatch.setattr(dispatcher, "sparse_order", lambda device: ("triton", "reference"))
     q, k, v = qkv()
     mask = torch.ones(1, 2, 1, 2, dtype=torch.bool)
     on, off = dispatcher.session("enable"), dispatcher.session("disable")
-    on.block_sparse(q, k, v, mask)
+    mean = k.mean(dim=2)
+    on.block_sparse(q, k, v, mask, key_mean=mean)
     off.block_sparse(q, k, v, mask)
     assert on.summary().startswith("attention: triton-int8 (sparse)")
     assert off.summary() == "attention: triton (sparse)"
+    assert seen[0] is mean and seen[1] is None          # the caller's key mean reaches the kernel
+
+
+@pytest.mark.parametrize("capability, expected", [((9, 0), True), ((8, 9), False), ((10, 0), False), (None, False)])
+def test_int8_sparse_kernel_defaults_to_hopper_only_and_only_for_enable(monkeypatch, capability, expected):
+    dispatcher = AttentionDispatcher()
+    monkeypatch.setattr(dispatcher, "capability", lambda device: capability)
+    device = torch.device("cuda")
+    assert dispatcher.uses_int8("enable", device) is expected
+    assert dispatcher.uses_int8("disable", device) is False
+    forced = AttentionDispatcher(AttentionConfig(sparse_int8_with_sage=False))
+    monkeypatch.setattr(forced, "capability", lambda device: (9, 0))
+    assert forced.uses_int8("enable", device) is False
 
 
 @pytest.mark.parametrize("order", [("triton", "flex"), ("reference", "flex"), ("cudnn", "reference"), ()])
@@ -165,7 +185,7 @@ def test_sage_1x_on_hopper_is_announced_as_slower_than_sdpa():
         note = d.sage_slower_than_sdpa()
         assert (note is not None) == slower, (flavour, cap)
         if slower:
-            assert "disable" in note
+            assert "Hopper" in note and "SDPA" in note
     missing = AttentionDispatcher(sage=SageProbe(False, None, None, "not installed"))
     missing._capabilities[0] = (9, 0)
     assert missing.sage_slower_than_sdpa() is None

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from comfyui_flashvsr.attention import AttentionDispatcher
+from comfyui_flashvsr.attention import AttentionConfig, AttentionDispatcher
 from comfyui_flashvsr.attention.probe import SageProbe, detect_sage
 from comfyui_flashvsr.attention.sage import DenseCall, sage_refusal
 
@@ -167,6 +167,11 @@ def on_fake_h100(dispatcher, monkeypatch):
     return dispatcher
 
 
+# The tests below exercise sage itself on a Hopper-shaped call, where by default enable leaves
+# 1.x out of dense calls (it is slower than SDPA there); the default is tested on its own.
+SAGE_EVEN_IF_SLOWER = AttentionConfig(dense_sage_where_slower=True)
+
+
 def qkv(lq=128, lk=128, dtype=torch.float16):
     g = torch.Generator().manual_seed(0)
     return (torch.randn(1, 2, lq, 64, generator=g).to(dtype), torch.randn(1, 2, lk, 64, generator=g).to(dtype),
@@ -180,7 +185,7 @@ def test_sage_1x_leaves_the_callers_keys_unchanged(fake_sage, monkeypatch):
     probe.fn(q, mutated, v)                           # the stand-in really mutates what it is given
     assert not torch.equal(mutated, k)
 
-    session = on_fake_h100(AttentionDispatcher(sage=probe), monkeypatch).session("enable")
+    session = on_fake_h100(AttentionDispatcher(SAGE_EVEN_IF_SLOWER, sage=probe), monkeypatch).session("enable")
     before = k.clone()
     out = session.dense(q, k, v)
     assert torch.equal(k, before)
@@ -194,7 +199,7 @@ def test_sage_1x_leaves_the_callers_keys_unchanged(fake_sage, monkeypatch):
 def test_sage_failure_falls_back_to_sdpa_logs_once_and_is_not_retried(fake_sage, monkeypatch, caplog):
     probe = fake_sage(SAGE1_BODY.replace("CALLS.append(k.data_ptr())",
                                          "CALLS.append(1); raise ValueError('Unsupported head_dim: 64')"))
-    dispatcher = on_fake_h100(AttentionDispatcher(sage=probe), monkeypatch)
+    dispatcher = on_fake_h100(AttentionDispatcher(SAGE_EVEN_IF_SLOWER, sage=probe), monkeypatch)
     session = dispatcher.session("enable")
     q, k, v = qkv()
     with caplog.at_level(logging.WARNING):
@@ -217,7 +222,7 @@ def test_sage_out_of_memory_falls_back_for_that_call_only(fake_sage, monkeypatch
         "CALLS.append(1)\n        if len(CALLS) == 1:\n"
         "            import torch; raise torch.cuda.OutOfMemoryError('CUDA out of memory')")
     probe = fake_sage(body)
-    dispatcher = on_fake_h100(AttentionDispatcher(sage=probe), monkeypatch)
+    dispatcher = on_fake_h100(AttentionDispatcher(SAGE_EVEN_IF_SLOWER, sage=probe), monkeypatch)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     session = dispatcher.session("enable")
     q, k, v = qkv()
@@ -226,3 +231,20 @@ def test_sage_out_of_memory_falls_back_for_that_call_only(fake_sage, monkeypatch
     assert len(sys.modules["sageattention"].CALLS) == 2
     assert session.report()["calls"]["dense/sage"]["calls"] == 1
     assert session.report()["calls"]["dense/sdpa"]["calls"] == 1
+
+
+def test_enable_on_hopper_runs_sdpa_for_dense_calls_when_sage_1x_is_slower_and_says_so(fake_sage, monkeypatch, caplog):
+    probe = fake_sage(SAGE1_BODY, version="1.0.6")
+    session = on_fake_h100(AttentionDispatcher(sage=probe), monkeypatch).session("enable")
+    q, k, v = qkv()
+    with caplog.at_level(logging.INFO):
+        out = session.dense(q, k, v)
+        session.dense(q, k, v)
+    assert sys.modules["sageattention"].CALLS == []                  # never called
+    assert torch.equal(out, F.scaled_dot_product_attention(q, k, v))
+    report = session.report()
+    assert report["calls"] == {"dense/sdpa": {"calls": 2, "seconds": report["calls"]["dense/sdpa"]["seconds"]}}
+    summary = session.summary()
+    assert summary.startswith("attention: sdpa (dense)") and "slower than SDPA on Hopper" in summary
+    said = [r for r in caplog.records if "slower than SDPA" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelno == logging.INFO      # a choice, said once, not a warning

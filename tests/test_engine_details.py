@@ -88,3 +88,38 @@ def test_out_of_gpu_memory_is_reported_with_what_to_do(monkeypatch):
     with pytest.raises(RuntimeError, match="out of GPU memory.*tiny-long.*tile_size"):
         pipe.upscale(torch.rand(3, 16, 16, 3))
 
+
+
+def test_fast_dit_step_keeps_the_tanh_gelu_off_cuda():
+    # torch's CPU _addmm_activation applies the erf GELU; the fast step must not use it there
+    from comfyui_flashvsr.models import dit_ops
+
+    g = torch.Generator().manual_seed(0)
+    dim, ffn = 16, 40
+    args = [torch.randn(s, generator=g) for s in ((1, 8, dim), (1, 8, dim), (dim, dim), (dim,), (1, 1, dim),
+                                                  (1, 1, dim), (1, 1, dim), (ffn, dim), (ffn,), (dim, ffn), (dim,))]
+    assert torch.equal(dit_ops.FAST["post_cross"](*args), dit_ops.post_cross_attention(*args))
+    erf = torch._addmm_activation(args[8], args[1].view(-1, dim), args[7].t(), use_gelu=True)
+    tanh = torch.nn.functional.gelu(torch.nn.functional.linear(args[1].view(-1, dim), args[7], args[8]), approximate="tanh")
+    assert not torch.allclose(erf, tanh, atol=1e-6)            # the trap is real on this torch
+
+
+@pytest.mark.parametrize("order, groups, expect_slots", [
+    ([], 3, [0, 1, 2]),            # chunk 0: three adjacent free slots
+    ([0, 1, 2], 1, [3]),           # a steady chunk: one free slot
+    ([1, 2], 2, [0, 3]),           # free slots apart: the indexed path
+])
+def test_kv_ring_puts_new_groups_into_free_slots(order, groups, expect_slots):
+    from comfyui_flashvsr.models.dit import KVRing
+
+    s1, c = 2, 4
+    ring = KVRing(torch.zeros(4 * s1, 3, c), torch.zeros(4 * s1, 3, c), torch.zeros(4 * s1, c), list(order))
+    k = torch.arange(groups * s1 * 3 * c, dtype=torch.float32).view(groups * s1, 3, c) + 1
+    got = ring.add(k, -k, k[:, 0], s1)
+    assert got == order + expect_slots
+    for i, slot in enumerate(expect_slots):
+        rows = slice(slot * s1, (slot + 1) * s1)
+        assert torch.equal(ring.k[rows], k[i * s1:(i + 1) * s1]) and torch.equal(ring.v[rows], -k[i * s1:(i + 1) * s1])
+        assert torch.equal(ring.pooled[rows], k[i * s1:(i + 1) * s1, 0])
+    untouched = [s for s in range(4) if s not in expect_slots]
+    assert all(float(ring.k[s * s1:(s + 1) * s1].abs().sum()) == 0 for s in untouched)

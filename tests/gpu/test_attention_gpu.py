@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
-from comfyui_flashvsr.attention import AttentionDispatcher  # noqa: E402
+from comfyui_flashvsr.attention import AttentionConfig, AttentionDispatcher  # noqa: E402
 from comfyui_flashvsr.attention.block_sparse import BLOCK, CompiledFlex, build_lut, masked_reference  # noqa: E402
 from comfyui_flashvsr.attention.probe import probe_sage  # noqa: E402
 
@@ -69,17 +69,29 @@ def sage_or_skip():
 def test_sage_matches_fp32_attention_on_random_bf16(lq, lk):
     sage_or_skip()
     q, k, v = tensors(lq, lk, 2)
-    session = AttentionDispatcher().session("enable")
+    session = AttentionDispatcher(AttentionConfig(dense_sage_where_slower=True)).session("enable")
     out = session.dense(q, k, v)
     summary = session.summary()
     assert summary.startswith("attention: sage (dense)")
     slower = session.dispatcher.sage_slower_than_sdpa()
-    # SageAttention 1.x on Hopper is slower than SDPA: the summary must say so (issue #6 item 3)
+    # SageAttention 1.x on Hopper is slower than SDPA: when it runs anyway the summary says so
     assert (slower is not None) == ("slower" in summary)
     if probe_sage().flavour == "1.x" and torch.cuda.get_device_capability()[0] == 9:
         assert slower is not None
     ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
     assert cosine(out, ref) >= 0.999 and rel_l2(out, ref) <= 0.03
+
+
+def test_enable_by_default_never_runs_a_sage_that_is_slower_here():
+    probe = sage_or_skip()
+    q, k, v = tensors(LQ, CROSS, 2)
+    session = AttentionDispatcher().session("enable")
+    session.dense(q, k, v)
+    if probe.flavour == "1.x" and torch.cuda.get_device_capability()[0] == 9:
+        assert session.summary().startswith("attention: sdpa (dense)")
+        assert "slower than SDPA on Hopper" in session.summary()
+    else:
+        assert session.summary().startswith("attention: sage (dense)")
 
 
 def test_sage_leaves_cached_keys_unchanged():
@@ -109,14 +121,34 @@ def test_triton_kernel_matches_masked_reference_in_bf16(sparse_case, layout):
         assert_zero_where_empty(out, mask)
 
 
-def test_int8_kernel_meets_the_sage_accuracy_thresholds(sparse_case):
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+def test_int8_kernel_meets_the_sage_accuracy_thresholds(sparse_case, layout):
     from comfyui_flashvsr.attention import triton_kernels as tk
 
     q, k, v, mask, ref = sparse_case
+    if layout == "blhd":                              # the DiT's KV ring: (B, L, H, D) storage
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     k_before = k.clone()
     lut, counts = build_lut(mask)
-    out = tk.block_sparse_attention_int8(q, k, v, lut, counts, tk.default_config(torch.cuda.get_device_capability(), int8=True))
-    assert torch.equal(k, k_before)
+    cc = torch.cuda.get_device_capability()
+    for config in {tk.default_config(cc, int8=True), tk.KernelConfig(128, 8, 2), tk.KernelConfig(64, 4, 2, tma=True)}:
+        out = tk.block_sparse_attention_int8(q, k, v, lut, counts, config)
+        assert torch.equal(k, k_before)
+        assert cosine(out, ref) >= 0.999 and rel_l2(out, ref) <= 0.03, config
+        assert_zero_where_empty(out, mask)
+        assert out.stride() == q.stride()
+    # a caller's estimate of the key mean changes nothing beyond quantisation noise
+    hinted = tk.block_sparse_attention_int8(q, k, v, lut, counts, tk.default_config(cc, int8=True),
+                                            key_mean=k.float().mean(dim=2) + 0.1)
+    assert cosine(hinted, ref) >= 0.999 and rel_l2(hinted, ref) <= 0.03
+
+
+def test_dispatcher_enable_on_hopper_runs_the_int8_kernel_and_says_so(sparse_case):
+    q, k, v, mask, ref = sparse_case
+    session = AttentionDispatcher().session("enable")
+    out = session.block_sparse(q, k, v, mask, key_mean=k.float().mean(dim=2))
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert session.summary().startswith("attention: triton-int8 (sparse)" if hopper else "attention: triton (sparse)")
     assert cosine(out, ref) >= 0.999 and rel_l2(out, ref) <= 0.03
     assert_zero_where_empty(out, mask)
 
