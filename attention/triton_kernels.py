@@ -209,19 +209,20 @@ def task_order(counts: torch.Tensor, longest_first: bool) -> torch.Tensor:
     return torch.argsort(flat, descending=True, stable=True).to(torch.int32)
 
 
-def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None):
+def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None,
+                           order: torch.Tensor | None = None):
     """Block-sparse attention with bf16/fp16 tensor-core products and fp32 softmax.
 
     q (B, H, Lq, D), k/v (B, H, Lk, D), lut/counts from ``block_sparse.build_lut``; Lq and Lk multiples of 128.
     The output has q's memory layout. ``config.tma`` falls back to pointer loads where descriptors
-    cannot be used.
+    cannot be used. ``order`` may carry ``task_order(counts, config.longest_first)`` computed elsewhere.
     """
     _check_last_dim(q, k, v)
     _, heads, lq, dim = q.shape
     out = torch.empty_like(q)
     qk_scale = (dim ** -0.5 if scale is None else scale) * LOG2E
     nq = lq // MASK_BLOCK
-    order = task_order(counts, config.longest_first)
+    order = task_order(counts, config.longest_first) if order is None else order
     grid = (order.numel(),)
     common = dict(HEAD_DIM=dim, BLOCK_N=config.block_n, MBLOCK=MASK_BLOCK,
                   num_warps=config.num_warps, num_stages=config.num_stages)
@@ -271,17 +272,18 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_n: int, scale: float | N
 
 
 def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None,
-                                quantized=None):
+                                quantized=None, order: torch.Tensor | None = None):
     """INT8-QK variant (Sage-style): per-block int8 Q and mean-centred K, bf16/fp16 P·V, fp32 softmax.
 
-    ``quantized`` may carry a precomputed :func:`quantize_qk` result (benchmarks time the kernel alone).
+    ``quantized`` may carry a precomputed :func:`quantize_qk` result (benchmarks time the kernel alone);
+    ``order`` a precomputed :func:`task_order`.
     """
     _check_last_dim(v)
     _, heads, lq, dim = q.shape
     lk = k.shape[2]
     q8, q_scales, k8, k_scales = quantized or quantize_qk(q, k, config.block_n, scale)
     out = torch.empty_like(q)
-    order = task_order(counts, config.longest_first)
+    order = task_order(counts, config.longest_first) if order is None else order
     _bsa_fwd_int8[(order.numel(),)](
         q8, q_scales, k8, k_scales, v, out, lut, counts, order, lq // MASK_BLOCK,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
