@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from comfyui_flashvsr.attention import AttentionDispatcher
-from comfyui_flashvsr.attention.dispatch import AttentionConfig
 from comfyui_flashvsr.attention.block_sparse import build_lut
+from comfyui_flashvsr.attention.dispatch import AttentionConfig
 from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
 from comfyui_flashvsr.models import dit as dit_module
 from comfyui_flashvsr.models.dit import DiTStreamState, KVRing, SparseParams
