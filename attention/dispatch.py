@@ -5,6 +5,8 @@ Dense attention (cross-attention, any unmasked call): SageAttention when the ses
 Block-sparse attention (LCSA), on CUDA in ``AttentionConfig.sparse_backends`` order: our Triton
 kernel, compiled flex_attention, the masked-SDPA reference; on other devices the reference. A
 backend that raises is skipped for that (device, dtype, shape) from then on, logged once.
+Block-mask bookkeeping (the draft threshold, the LUT, the kernels' launch order): on CUDA the
+Triton kernels of ``mask_kernels.py`` where they work, else the torch code; the results are equal.
 
 The mode travels in the session object, never in a module global, so two pipelines with different
 modes can run one after the other in one process.
@@ -47,6 +49,9 @@ class AttentionConfig:
     dense_sage_where_slower: bool = False
     time_calls: bool = True
     reference_mask_budget: int = REFERENCE_MASK_BUDGET
+    # On CUDA with Triton, the draft threshold/mask and the block LUT come from mask_kernels.py:
+    # the same values as the torch code, in one kernel each instead of a sort and a handful.
+    triton_masks: bool = True
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.sparse_backends if b not in SPARSE_BACKENDS]
@@ -66,6 +71,7 @@ class AttentionSession:
         self._report = RunReport(time_calls=dispatcher.config.time_calls)
         self.dense = opaque_to_compile(self._dense)
         self.block_sparse = opaque_to_compile(self._block_sparse)
+        self.select_blocks = opaque_to_compile(self.dispatcher.select_blocks)
 
     def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, D). Never modifies k or v."""
@@ -103,7 +109,7 @@ class AttentionDispatcher:
         self.config = config
         self._sage = sage
         self._log = log
-        self._failed: set = set()                 # (sparse backend, signature) that raised
+        self._failed: set = set()                 # (sparse backend, signature), ("mask", kernel) that raised
         self._sage_failures: dict = {}            # DenseCall.signature -> reason
         self._said: set = set()
         self._capabilities: dict = {}
@@ -198,7 +204,7 @@ class AttentionDispatcher:
 
     def run_block_sparse(self, report: RunReport, mode: str, q, k, v, block_mask, key_mean=None) -> torch.Tensor:
         check_block_sparse_inputs(q, k, v, block_mask)
-        lut, counts = build_lut(block_mask)
+        lut, counts = self.block_lut(block_mask)
         signature = (q.device, q.dtype, tuple(q.shape), tuple(k.shape))
         for name in self.sparse_order(q.device):
             if name == "reference":
@@ -225,6 +231,43 @@ class AttentionDispatcher:
                               f"{q.dtype}: {type(exc).__name__}: {exc}; using the next backend for this shape")
         with report.record("block_sparse", "reference", q.device):
             return masked_reference(q, k, v, block_mask, mask_budget=self.config.reference_mask_budget)
+
+    # ---- block-mask bookkeeping ----------------------------------------------------------------
+
+    def _mask_kernel(self, name: str, device: torch.device, *args):
+        """``mask_kernels.<name>(*args)`` on CUDA with Triton, else None: the caller then runs the torch
+        code with the same results. A kernel that raises is not tried again (logged once)."""
+        if device.type != "cuda" or not self.config.triton_masks or ("mask", name) in self._failed:
+            return None
+        if not probe_triton().available:
+            return None
+        try:
+            from . import mask_kernels
+            return getattr(mask_kernels, name)(*args)
+        except torch.cuda.OutOfMemoryError:
+            raise
+        except Exception as exc:
+            self._failed.add(("mask", name))
+            self.say_once(logging.WARNING, ("mask", name),
+                          f"Triton mask kernel {name} failed ({type(exc).__name__}: {exc}); "
+                          "using the torch code (same results, slower)")
+            return None
+
+    def select_blocks(self, flat: torch.Tensor, kept: int):
+        """``lcsa.select_above_kth(flat, kept)`` by one Triton kernel, or None where it cannot serve."""
+        if flat.dtype != torch.float32:
+            return None
+        return self._mask_kernel("select_above_kth", flat.device, flat, kept)
+
+    def block_lut(self, block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``build_lut(block_mask)``, by one Triton kernel where it can serve."""
+        got = self._mask_kernel("lut_from_mask", block_mask.device, block_mask)
+        return got if got is not None else build_lut(block_mask)
+
+    def launch_order(self, counts: torch.Tensor) -> Optional[torch.Tensor]:
+        """The kernels' longest-first task order by one Triton kernel, or None (the kernels then
+        run their own argsort)."""
+        return self._mask_kernel("longest_first_order", counts.device, counts)
 
     def uses_int8(self, mode: str, device: torch.device) -> bool:
         """Whether the Triton block-sparse backend runs its INT8-QK kernel for this mode and device."""
@@ -258,9 +301,10 @@ class AttentionDispatcher:
 
         int8 = self.uses_int8(mode, q.device)
         config = tk.default_config(self.capability(q.device), int8=int8)
+        order = self.launch_order(counts) if config.longest_first else None
         if int8:
-            return tk.block_sparse_attention_int8(q, k, v, lut, counts, config, key_mean=key_mean)
-        return tk.block_sparse_attention(q, k, v, lut, counts, config)
+            return tk.block_sparse_attention_int8(q, k, v, lut, counts, config, order=order, key_mean=key_mean)
+        return tk.block_sparse_attention(q, k, v, lut, counts, config, order=order)
 
     def _flex_refusal(self, q, k, v, mode) -> Optional[str]:
         try:

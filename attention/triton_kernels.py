@@ -260,19 +260,20 @@ def task_order(counts: torch.Tensor, longest_first: bool) -> torch.Tensor:
     return torch.argsort(flat, descending=True, stable=True).to(torch.int32)
 
 
-def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None):
+def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None,
+                           order: torch.Tensor | None = None):
     """Block-sparse attention with bf16/fp16 tensor-core products and fp32 softmax.
 
     q (B, H, Lq, D), k/v (B, H, Lk, D), lut/counts from ``block_sparse.build_lut``; Lq and Lk multiples of 128.
     The output has q's memory layout. ``config.tma`` falls back to pointer loads where descriptors
-    cannot be used.
+    cannot be used. ``order`` may carry ``task_order(counts, config.longest_first)`` computed elsewhere.
     """
     _check_last_dim(q, k, v)
     _, heads, lq, dim = q.shape
     out = torch.empty_like(q)
     qk_scale = (dim ** -0.5 if scale is None else scale) * LOG2E
     nq = lq // MASK_BLOCK
-    order = task_order(counts, config.longest_first)
+    order = task_order(counts, config.longest_first) if order is None else order
     grid = (order.numel(),)
     common = dict(HEAD_DIM=dim, BLOCK_N=config.block_n, MBLOCK=MASK_BLOCK,
                   num_warps=config.num_warps, num_stages=config.num_stages)
@@ -340,14 +341,15 @@ def quantize_tiles(x: torch.Tensor, rows: int, multiplier: float = 1.0, mean: to
 
 
 def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None,
-                                quantized=None, key_mean: torch.Tensor | None = None):
+                                quantized=None, key_mean: torch.Tensor | None = None,
+                                order: torch.Tensor | None = None):
     """INT8-QK variant (Sage-style): per-block int8 Q and mean-centred K, bf16/fp16 P·V, fp32 softmax.
 
     Q and K are quantised out of place by one Triton pass each (the caller's K, often a KV cache,
     is never touched). Subtracting one vector from every key leaves each softmax unchanged, so
     ``key_mean`` (B, H, D) may be any estimate of the keys' mean (the DiT passes its window means);
     without it the mean is computed. ``quantized`` may carry a precomputed :func:`quantize_qk`
-    result (benchmarks time the kernel alone).
+    result (benchmarks time the kernel alone); ``order`` a precomputed :func:`task_order`.
     """
     _check_last_dim(q, k, v)
     _, heads, lq, dim = q.shape
@@ -359,7 +361,7 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
         quantized = (*quantize_tiles(q, MASK_BLOCK, multiplier), *quantize_tiles(k, config.block_n, 1.0, mean))
     q8, q_scales, k8, k_scales = quantized
     out = torch.empty_like(q)
-    order = task_order(counts, config.longest_first)
+    order = task_order(counts, config.longest_first) if order is None else order
     grid = (order.numel(),)
     lut_strides = (lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1))
     common = dict(HEAD_DIM=dim, BLOCK_N=config.block_n, MBLOCK=MASK_BLOCK,

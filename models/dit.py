@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from . import dit_ops
 from .dit_ops import heads_view
-from .lcsa import BLOCK_TOKENS, WINDOW, draft_block_mask, local_block_mask
+from .lcsa import BLOCK_TOKENS, WINDOW, draft_block_mask, local_bias, local_block_mask
 
 HEAD_DIM = 128   # Wan2.1 uses 128-wide heads; head count is not recorded in the checkpoint
 
@@ -148,21 +148,28 @@ class KVRing:
 
     The official cache concatenates [cached groups, new group] every chunk and drops the oldest
     group when more than ``int(kv_ratio)`` remain. Here each group keeps its slot until evicted; the
-    mask is computed on the groups in the official (logical) order and then scattered to the slots.
+    mask is computed on the groups in the official (logical) order and then moved to the slots.
     The attention kernels only read selected key blocks, so slot order does not matter to them.
     """
     k: torch.Tensor           # (slots*s1, 128, C)
     v: torch.Tensor
     pooled: torch.Tensor      # (slots*s1, C) window means of the keys
     order: list[int]          # slots of the cached groups, oldest first
-    _index: dict = field(default_factory=dict)   # (slots tuple) -> device index tensor, built once
+    _index: dict = field(default_factory=dict)   # (slots, device, inverse) -> device index tensor, built once
 
-    def _slots_index(self, groups, s1: int, device) -> torch.Tensor:
-        key = (tuple(groups), str(device))
+    def _slots_index(self, groups, s1: int, device, inverse: bool = False) -> torch.Tensor:
+        """Physical rows of the logical windows of ``groups``, or with ``inverse`` the logical
+        window of every physical row (only when ``groups`` fill every slot)."""
+        key = (tuple(groups), str(device), inverse)
         if key not in self._index:     # a handful of patterns per run; avoids a host copy per layer
+            cols = [g * s1 + b for g in groups for b in range(s1)]
+            if inverse:
+                rows = [0] * len(cols)
+                for logical, physical in enumerate(cols):
+                    rows[physical] = logical
+                cols = rows
             # built on the host and copied without blocking: a blocking copy would drain the GPU queue
-            idx = torch.tensor([g * s1 + b for g in groups for b in range(s1)])
-            self._index[key] = idx.to(device, non_blocking=True)
+            self._index[key] = torch.tensor(cols).to(device, non_blocking=True)
         return self._index[key]
 
     @classmethod
@@ -191,10 +198,13 @@ class KVRing:
     def columns(self, groups: list[int], s1: int) -> torch.Tensor:
         return self._slots_index(groups, s1, self.k.device)
 
-    def physical_mask(self, mask: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
-        """(1, H, nq, n_logical) -> (1, H, nq, n_slots*s1); free slots are never selected."""
+    def physical_mask(self, mask: torch.Tensor, groups: list[int], s1: int) -> torch.Tensor:
+        """(1, H, nq, len(groups)*s1) in logical order -> (1, H, nq, n_slots*s1); free slots are never
+        selected."""
+        if len(groups) * s1 == self.k.shape[0]:      # every slot in use (all steady chunks): one gather
+            return mask.index_select(-1, self._slots_index(groups, s1, mask.device, inverse=True))
         out = mask.new_zeros(mask.shape[:-1] + (self.k.shape[0],))
-        out[..., cols] = mask
+        out[..., self.columns(groups, s1)] = mask
         return out
 
     def evict(self, groups: list[int], kv_groups: int) -> None:
@@ -209,8 +219,16 @@ class DiTStreamState:
     kv: list[KVRing | None] = field(default_factory=list)
     local_mask: torch.Tensor | None = None
     local_key: tuple[int, int, int] | None = None
+    biases: dict = field(default_factory=dict)     # (query groups, key groups) -> lcsa.local_bias
     observe: object | None = None        # optional callback(layer, name, tensor) for parity tests
     _orders: dict = field(default_factory=dict)
+
+    def draft_bias(self, query_groups: int, key_groups: int) -> torch.Tensor:
+        """:func:`lcsa.local_bias` of the current local mask, built once per shape (not per layer)."""
+        key = (query_groups, key_groups)
+        if key not in self.biases:
+            self.biases[key] = local_bias(self.local_mask, query_groups, key_groups)
+        return self.biases[key]
 
     def token_order(self, f: int, h: int, w: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Window-order permutation and its inverse for one chunk shape, built once per run."""
@@ -289,6 +307,7 @@ class WanDiT(nn.Module):
         if state.local_key != key:
             state.local_mask = local_block_mask(key[0], key[1], key[2], device=x.device)
             state.local_key = key
+            state.biases = {}
         if not state.kv:
             state.kv = [None] * len(self.blocks)
         topk = int(s1 * s1 * sparse.topk_ratio) - 1
@@ -312,7 +331,8 @@ class WanDiT(nn.Module):
         groups = ring.add(k_w, v_w, pooled_k, s1)                   # logical order, oldest first
         cols = ring.columns(groups, s1)
         pooled_k = ring.pooled.index_select(0, cols)
-        mask = draft_block_mask(pooled_q, pooled_k, heads, query_groups, state.local_mask, topk)
+        mask = draft_block_mask(pooled_q, pooled_k, heads, query_groups, state.local_mask, topk,
+                                bias=state.draft_bias(query_groups, len(groups)), select=attn.select_blocks)
         if state.observe is not None:
             state.observe(i, "block_mask", mask)
             if i == 0:
@@ -321,7 +341,7 @@ class WanDiT(nn.Module):
         # The window means give the keys' mean for free; only the INT8 (sage) kernel uses it.
         key_mean = pooled_k.float().mean(0).view(1, heads, -1) if attn.mode == "enable" else None
         o = attn.block_sparse(heads_view(q_w, heads), heads_view(ring.k, heads), heads_view(ring.v, heads),
-                              ring.physical_mask(mask, cols), key_mean=key_mean)
+                              ring.physical_mask(mask, groups, s1), key_mean=key_mean)
         o = self._merge(o).reshape(-1, BLOCK_TOKENS, q_w.shape[-1])
         ring.evict(groups, kv_groups)
         x, q = ops["post_self"](x, o, sa.o.weight, sa.o.bias, mods[2], blk.norm3.weight, blk.norm3.bias,

@@ -10,6 +10,7 @@ pooled scores in the compute dtype, softmax in float32, the top-k taken *globall
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 
@@ -45,14 +46,46 @@ def local_block_mask(block_rows: int, block_cols: int, local_range: int,
     return in_rows & in_cols
 
 
+def local_bias(local_mask: torch.Tensor, query_groups: int, key_groups: int) -> torch.Tensor:
+    """(query_groups*s1, key_groups*s1) float32: 0 where ``local_mask`` allows a block, -inf elsewhere,
+    tiled over every (query group, key group) pair. The same for every layer of a chunk, so callers
+    may build it once per shape and pass it to :func:`draft_block_mask`."""
+    bias = torch.zeros(local_mask.shape, dtype=torch.float32, device=local_mask.device)
+    bias = bias.masked_fill(~local_mask, float("-inf"))
+    return bias.repeat(query_groups, key_groups)
+
+
+def select_above_kth(flat: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of ``flat`` (R, N): the (kept+1)-th largest value ``t`` (R, 1) and the mask ``flat > t``.
+
+    ``t`` is upstream's ``topk(kept+1).values[..., -1]``: an order statistic, so every exact selection
+    algorithm returns the same value, ties included (NaN counts as the largest value, as in
+    ``torch.sort``). On CUDA this is the full sort (99 us on an H100 at the real shape; torch's
+    ``kthvalue`` there runs one thread block per row, pytorch/pytorch#75599), and the attention
+    session's Triton kernel replaces it; on the CPU quickselect (``kthvalue``) beats the sort.
+    """
+    n = flat.shape[1]
+    if not 0 <= kept < n:
+        raise ValueError(f"kept must be in [0, {n}) for rows of {n} candidates, got {kept}")
+    if flat.is_cuda:
+        thresholds = torch.sort(flat, dim=1, descending=True).values[:, kept:kept + 1]
+    else:
+        thresholds = torch.kthvalue(flat, n - kept, dim=1, keepdim=True).values
+    return flat > thresholds, thresholds
+
+
 def draft_block_mask(pooled_q: torch.Tensor, pooled_k: torch.Tensor, num_heads: int,
                      query_groups: int, local_mask: torch.Tensor, topk: int,
-                     return_details: bool = False):
+                     return_details: bool = False, *, bias: torch.Tensor | None = None,
+                     select: Callable | None = None):
     """Select the key windows each query window attends to.
 
     pooled_q: (nq, C) window means of the queries (C = heads x head_dim), nq = query_groups * s1.
     pooled_k: (nk, C) window means of the keys (cached groups first, oldest first).
     local_mask: (s1, s1) bool from :func:`local_block_mask`.
+    bias: :func:`local_bias` for this (nq, nk), or None to build it here.
+    select: a faster stand-in for :func:`select_above_kth` with the same results (the attention
+    session's Triton selection); it may return None for calls it cannot serve.
     Returns a (1, heads, nq, nk) bool mask (head h uses ``mask[:, h]``), and with
     ``return_details`` also a dict of the draft scores, probabilities and thresholds.
     """
@@ -62,19 +95,21 @@ def draft_block_mask(pooled_q: torch.Tensor, pooled_k: torch.Tensor, num_heads: 
     head_dim = channels // num_heads
     q = pooled_q.view(nq, num_heads, head_dim).transpose(0, 1)          # (H, nq, d)
     k = pooled_k.view(nk, num_heads, head_dim).transpose(0, 1)          # (H, nk, d)
-    # Scores stay in the compute dtype, as upstream; only the mask addition promotes to float32.
+    # Scores stay in the compute dtype, as upstream; only the mask addition promotes to float32
+    # (half + float32 bias computes in float32: the values of an explicit cast first, one kernel less).
     scores = torch.matmul(q, k.transpose(1, 2)) / math.sqrt(head_dim)   # (H, nq, nk)
-    bias = torch.zeros(local_mask.shape, dtype=torch.float32, device=local_mask.device)
-    bias = bias.masked_fill(~local_mask, float("-inf"))
-    bias = bias.repeat(nq // s1, nk // s1)                               # tile over group pairs
-    scores = scores.to(torch.float32) + bias
+    if bias is None:
+        bias = local_bias(local_mask, nq // s1, nk // s1)
+    if scores.dtype == torch.float64:
+        scores = scores.to(torch.float32)
+    scores = scores + bias                                               # (H, nq, nk) float32
     probs = torch.softmax(scores, dim=-1)
     flat = probs.reshape(num_heads * query_groups, s1 * nk)             # index = head*groups + group
     kept = min(flat.shape[1] - 1, topk)
-    # The (kept+1)-th largest value, as upstream's topk(kept+1)[-1]; a sort finds the same value
-    # (ties included) in half the time on CUDA for k near half the row (H100: 99 vs 195 us).
-    thresholds = torch.sort(flat, dim=1, descending=True).values[:, kept:kept + 1]
-    mask = (flat > thresholds).reshape(num_heads, nq, nk).unsqueeze(0)
+    # The (kept+1)-th largest value per row, as upstream's topk(kept+1)[-1], and a strict ">".
+    chosen = select(flat, kept) if select is not None else None
+    flat_mask, thresholds = chosen if chosen is not None else select_above_kth(flat, kept)
+    mask = flat_mask.reshape(num_heads, nq, nk).unsqueeze(0)
     if not return_details:
         return mask
     return mask, {"scores": scores, "probs": probs, "thresholds": thresholds.squeeze(1)}
