@@ -354,7 +354,7 @@ def test_mask_kernels_compile_for_ampere_and_hopper(arch):
 
     ptx = [
         aot_ptx(mk._select_above_kth, {"X": "fp32", "T": "fp32", "M": "u8"}, ("N", "stride_x", "stride_m", "NEED"),
-                {"BLOCK": mk.SELECT_BLOCK}, 8, arch),
+                {"BLOCK": mk.SELECT_BLOCK}, mk.SELECT_WARPS, arch),
         aot_ptx(mk._lut_rows, {"MASK": "u8", "LUT": "i32", "CNT": "i32"}, ("NK",), {"BLOCK": 512}, 2, arch),
         aot_ptx(mk._rank_longest_first, {"CNT": "i32", "ORDER": "i32"}, ("N",), {"BLOCK_I": 16, "BLOCK_J": 256}, 4, arch),
     ]
