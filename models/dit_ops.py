@@ -24,10 +24,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = EPS) -> torch.T
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    """Rotate interleaved pairs of each head in float64 (the official complex multiply, written out)."""
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int,
+         dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Rotate interleaved pairs of each head in float64 (the official complex multiply, written out),
+    or in ``dtype`` with the angles' cosines and sines rounded to it."""
     b, length, c = x.shape
-    xf = x.to(torch.float64).view(b, length, heads, c // heads // 2, 2)
+    if dtype != torch.float64:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+    xf = x.to(dtype).view(b, length, heads, c // heads // 2, 2)
     re, im = xf[..., 0], xf[..., 1]
     out = torch.stack([re * cos - im * sin, re * sin + im * cos], dim=-1)
     return out.view(b, length, c).to(x.dtype)
@@ -63,14 +67,15 @@ def window_order(f: int, h: int, w: int, device=None) -> tuple[torch.Tensor, tor
     return to_windows(idx, f, h, w).reshape(-1), from_windows(idx.view(-1, BLOCK_TOKENS, 1), f, h, w).reshape(-1)
 
 
-def pre_attention(x, modulation, t_mod, qw, qb, kw, kb, vw, vb, nqw, nkw, cos, sin, heads: int):
+def pre_attention(x, modulation, t_mod, qw, qb, kw, kb, vw, vb, nqw, nkw, cos, sin, heads: int,
+                  rope_dtype: torch.dtype = torch.float64):
     """Modulated norm1, q/k/v, RMS norms and RoPE of window-ordered tokens, as (windows, 128, C);
     also the window means."""
     mods = (modulation + t_mod).chunk(6, dim=1)
     shift, scale = mods[0], mods[1]
     y = F.layer_norm(x, (x.shape[-1],), eps=EPS) * (1 + scale) + shift
-    q = rope(rms_norm(F.linear(y, qw, qb), nqw), cos, sin, heads)
-    k = rope(rms_norm(F.linear(y, kw, kb), nkw), cos, sin, heads)
+    q = rope(rms_norm(F.linear(y, qw, qb), nqw), cos, sin, heads, rope_dtype)
+    k = rope(rms_norm(F.linear(y, kw, kb), nkw), cos, sin, heads, rope_dtype)
     v = F.linear(y, vw, vb)
     c = x.shape[-1]
     q_w, k_w, v_w = (t.view(-1, BLOCK_TOKENS, c) for t in (q, k, v))
@@ -104,9 +109,16 @@ def post_cross_attention_gelu_epilogue(x, o, cow, cob, shift, scale, gate, f0w, 
     return x + gate * F.linear(hidden.view(*y.shape[:-1], -1), f2w, f2b)
 
 
+def pre_attention_fp32_rope(x, modulation, t_mod, qw, qb, kw, kb, vw, vb, nqw, nkw, cos, sin, heads: int):
+    """:func:`pre_attention` with RoPE in float32: the rotated bf16 values differ from float64's only
+    where a float32 rounding crosses a bf16 rounding boundary (one step, rarely)."""
+    return pre_attention(x, modulation, t_mod, qw, qb, kw, kb, vw, vb, nqw, nkw, cos, sin, heads, torch.float32)
+
+
 EAGER = {"pre": pre_attention, "post_self": post_self_attention, "post_cross": post_cross_attention}
-# What the CUDA fast path compiles: the eager functions, with the FFN's GELU moved into its GEMM.
-FAST = dict(EAGER, post_cross=post_cross_attention_gelu_epilogue)
+# What the CUDA fast path compiles: the eager functions, with the FFN's GELU moved into its GEMM and
+# RoPE in float32.
+FAST = dict(EAGER, pre=pre_attention_fp32_rope, post_cross=post_cross_attention_gelu_epilogue)
 
 
 @functools.lru_cache(maxsize=1)

@@ -118,7 +118,7 @@ def fixture_check() -> list[dict]:
     folder = pathlib.Path(os.environ.get("FLASHVSR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "flashvsr_ref"))
     for path in sorted(folder.glob("case_*.json")):
         case = load_case(path.with_suffix(".safetensors"), json.loads(path.read_text()))
-        for sage, fast in (("disable", False), ("enable", False), ("disable", True)):
+        for sage, fast in (("disable", False), ("enable", False), ("disable", True), ("enable", True)):
             r = run_case(case, torch.bfloat16, device="cuda", sageattention=sage, fast=fast)
             ref = case.tensors["fp32/frames_final_s2"]
             ours = r.final.float()[..., ::2, ::2]

@@ -28,3 +28,13 @@ def test_conv_taps_give_the_same_tokens_and_keep_the_state_dict(causal):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     assert outputs == 3
     torch.testing.assert_close(s_taps.cache2, s_plain.cache2, rtol=1e-5, atol=1e-5)
+
+
+def test_stacked_tap_weight_is_a_channels_last_view_of_the_parameter():
+    proj = LQProjector(CFG, causal=True).use_conv_taps()
+    for conv in (proj.conv1, proj.conv2):
+        out_ch, in_ch, taps = conv.weight.shape[:3]
+        stacked = conv.weight.permute(0, 2, 1, 3, 4).reshape(out_ch, taps * in_ch, 3, 3)
+        assert stacked.data_ptr() == conv.weight.data_ptr()           # a view: no second copy of the weight
+        assert stacked.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(stacked[:, in_ch:2 * in_ch], conv.weight[:, :, 1])    # channel i*C + c is tap i
