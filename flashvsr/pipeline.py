@@ -144,8 +144,14 @@ class FlashVSR:
     def _compiled_tc(self):
         if self._tc_layers is None:
             from ..models.compiled import compile_with_fallback
-            self._tc_layers = (compile_with_fallback(self.decoder.run_body, "the TCDecoder"),
-                               compile_with_fallback(self.decoder.run_tail, "the TCDecoder's last stage"))
+            net = self.decoder
+            weight = net.subpixel_weight()        # the upsampling folded into the next convolution
+
+            def tail(x):
+                return net.run_tail_subpixel(x, weight)
+
+            self._tc_layers = (compile_with_fallback(net.run_body, "the TCDecoder"),
+                               compile_with_fallback(tail, "the TCDecoder's last stage"))
         return self._tc_layers
 
     def upscale(self, frames: torch.Tensor, config: UpscaleConfig | None = None, on_progress: Progress | None = None,
