@@ -183,14 +183,11 @@ def _bsa_fwd_int8_tma(
 
 
 @triton.jit
-def _quantize_tiles(
-    X, MEAN, Y, S, sxb, sxh, sxl, H, L, multiplier,
-    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, CENTRE: tl.constexpr,
-):
-    """One (tile of ROWS rows, batch*head): int8 of ``(x - mean) * multiplier`` with one scale for
-    the tile, written to contiguous (B, H, L, D) int8 and (B, H, L / ROWS) float32 scales."""
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+def _quantize_tile(X, MEAN, Y, S, sxb, sxh, sxl, H, L, multiplier, tile, bh,
+                   ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, CENTRE: tl.constexpr):
+    """Tile ``tile`` (ROWS rows) of batch*head ``bh``: int8 of ``(x - mean) * multiplier`` with one
+    scale for the tile, into contiguous (B, H, L, D) int8 and (B, H, L / ROWS) float32 scales."""
+    bh = bh.to(tl.int64)
     rows = tile * ROWS + tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM)
     x = tl.load(X + (bh // H) * sxb + (bh % H) * sxh + rows[:, None].to(tl.int64) * sxl + dims[None, :])
@@ -202,6 +199,32 @@ def _quantize_tiles(
     q = tl.floor(x / scale + 0.5)
     tl.store(Y + bh * L * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :], q.to(tl.int8))
     tl.store(S + bh * (L // ROWS) + tile, scale)
+
+
+@triton.jit
+def _quantize_tiles(
+    X, MEAN, Y, S, sxb, sxh, sxl, H, L, multiplier,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, CENTRE: tl.constexpr,
+):
+    """One program per (tile, batch*head) of one tensor."""
+    _quantize_tile(X, MEAN, Y, S, sxb, sxh, sxl, H, L, multiplier, tl.program_id(0), tl.program_id(1),
+                   ROWS, HEAD_DIM, CENTRE)
+
+
+@triton.jit
+def _quantize_q_and_k(
+    Q, K, MEAN, Q8, QS, K8, KS, sqb, sqh, sql, skb, skh, skl, H, LQ, LK, q_multiplier, Q_TILES,
+    Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """Q's tiles (scaled, not centred) then K's (centred) in one launch: a launch costs the host
+    tens of microseconds, twice per layer otherwise."""
+    tile = tl.program_id(0)
+    if tile < Q_TILES:
+        _quantize_tile(Q, MEAN, Q8, QS, sqb, sqh, sql, H, LQ, q_multiplier, tile, tl.program_id(1),
+                       Q_ROWS, HEAD_DIM, False)
+    else:
+        _quantize_tile(K, MEAN, K8, KS, skb, skh, skl, H, LK, 1.0, tile - Q_TILES, tl.program_id(1),
+                       K_ROWS, HEAD_DIM, True)
 
 
 @triton.jit
@@ -340,12 +363,29 @@ def quantize_tiles(x: torch.Tensor, rows: int, multiplier: float = 1.0, mean: to
     return q8, scales
 
 
+def quantize_q_and_k(q: torch.Tensor, k: torch.Tensor, key_rows: int, q_multiplier: float, key_mean: torch.Tensor):
+    """``quantize_tiles(q, 128, q_multiplier)`` and ``quantize_tiles(k, key_rows, 1.0, key_mean)`` in one launch."""
+    _check_last_dim(q, k)
+    bsz, heads, lq, dim = q.shape
+    lk = k.shape[2]
+    q8 = torch.empty((bsz, heads, lq, dim), dtype=torch.int8, device=q.device)
+    k8 = torch.empty((bsz, heads, lk, dim), dtype=torch.int8, device=k.device)
+    q_scales = torch.empty((bsz, heads, lq // MASK_BLOCK), dtype=torch.float32, device=q.device)
+    k_scales = torch.empty((bsz, heads, lk // key_rows), dtype=torch.float32, device=k.device)
+    q_tiles = lq // MASK_BLOCK
+    _quantize_q_and_k[(q_tiles + lk // key_rows, bsz * heads)](
+        q, k, key_mean.float().contiguous(), q8, q_scales, k8, k_scales,
+        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), heads, lq, lk,
+        q_multiplier, q_tiles, Q_ROWS=MASK_BLOCK, K_ROWS=key_rows, HEAD_DIM=dim, num_warps=4)
+    return q8, q_scales, k8, k_scales
+
+
 def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scale: float | None = None,
                                 quantized=None, key_mean: torch.Tensor | None = None,
                                 order: torch.Tensor | None = None):
     """INT8-QK variant (Sage-style): per-block int8 Q and mean-centred K, bf16/fp16 P·V, fp32 softmax.
 
-    Q and K are quantised out of place by one Triton pass each (the caller's K, often a KV cache,
+    Q and K are quantised out of place by one Triton launch (the caller's K, often a KV cache,
     is never touched). Subtracting one vector from every key leaves each softmax unchanged, so
     ``key_mean`` (B, H, D) may be any estimate of the keys' mean (the DiT passes its window means);
     without it the mean is computed. ``quantized`` may carry a precomputed :func:`quantize_qk`
@@ -358,7 +398,7 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
         multiplier = (dim ** -0.5 if scale is None else scale) * LOG2E
         # float32 accumulation without a float32 copy of K (which would cost 4x the kernel's reads)
         mean = k.mean(dim=2, dtype=torch.float32) if key_mean is None else key_mean
-        quantized = (*quantize_tiles(q, MASK_BLOCK, multiplier), *quantize_tiles(k, config.block_n, 1.0, mean))
+        quantized = quantize_q_and_k(q, k, config.block_n, multiplier, mean)
     q8, q_scales, k8, k_scales = quantized
     out = torch.empty_like(q)
     order = task_order(counts, config.longest_first) if order is None else order
@@ -384,4 +424,5 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
 __all__ = [
     "KernelConfig", "MASK_BLOCK", "SM90_CONFIG", "SAFE_CONFIG", "default_config",
     "block_sparse_attention", "block_sparse_attention_int8", "quantize_qk", "quantize_tiles",
+    "quantize_q_and_k",
 ]

@@ -83,6 +83,8 @@ CHILD = textwrap.dedent("""
         "q_scale_rel": float(((tqs - qs).abs() / qs).max()), "k_scale_rel": float(((tks - ks).abs() / ks).max()),
         "contiguous": tq8.is_contiguous() and tk8.is_contiguous(), "dtype": str(tk8.dtype),
         "shapes": [list(tqs.shape), list(tks.shape)]}
+    both = tk.quantize_q_and_k(q, k, 64, 64 ** -0.5 * tk.LOG2E, k.float().mean(dim=2))
+    results["quantise"]["one_launch_equal"] = all(torch.equal(a, b) for a, b in zip(both, (tq8, tqs, tk8, tks)))
     print(json.dumps(results))
 """)
 
@@ -122,6 +124,7 @@ def test_triton_quantiser_matches_the_torch_reference(interpreted):
     assert got["q_scale_rel"] < 2e-3 and got["k_scale_rel"] < 2e-3
     assert got["contiguous"] and got["dtype"] == "torch.int8"
     assert got["shapes"] == [[2, 2, 2], [2, 2, 6]]
+    assert got["one_launch_equal"]          # Q and K in one launch: the same bytes as two
 
 
 def test_int8_quantisation_is_per_block_and_out_of_place():
@@ -192,11 +195,12 @@ def test_quantiser_compiles_for_ampere_and_hopper(arch):
 
     from comfyui_flashvsr.attention import triton_kernels as tk
 
-    kinds = {"X": "*bf16", "MEAN": "*fp32", "Y": "*i8", "S": "*fp32", "multiplier": "fp32"}
-    signature = {a: kinds.get(a, "constexpr" if a in ("ROWS", "HEAD_DIM", "CENTRE") else "i32")
-                 for a in tk._quantize_tiles.arg_names}
-    src = ASTSource(fn=tk._quantize_tiles, signature=signature,
-                    constexprs={"ROWS": 64, "HEAD_DIM": 128, "CENTRE": True})
-    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
-    # reads bf16, rounds (floor of x + 0.5), writes bytes and one float32 scale per tile
-    assert "cvt.f32.bf16" in ptx and "cvt.rmi" in ptx and "st.global.b8" in ptx and "st.global.b32" in ptx
+    kinds = {"X": "*bf16", "Q": "*bf16", "K": "*bf16", "MEAN": "*fp32", "Y": "*i8", "Q8": "*i8", "K8": "*i8",
+             "S": "*fp32", "QS": "*fp32", "KS": "*fp32", "multiplier": "fp32", "q_multiplier": "fp32"}
+    constexprs = {"ROWS": 64, "HEAD_DIM": 128, "CENTRE": True, "Q_ROWS": 128, "K_ROWS": 64}
+    for fn in (tk._quantize_tiles, tk._quantize_q_and_k):
+        signature = {a: kinds.get(a, "constexpr" if a in constexprs else "i32") for a in fn.arg_names}
+        src = ASTSource(fn=fn, signature=signature, constexprs={a: constexprs[a] for a in fn.arg_names if a in constexprs})
+        ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]
+        # reads bf16, rounds (floor of x + 0.5), writes bytes and one float32 scale per tile
+        assert "cvt.f32.bf16" in ptx and "cvt.rmi" in ptx and "st.global.b8" in ptx and "st.global.b32" in ptx
