@@ -145,10 +145,10 @@ class FlashVSR:
         if self._tc_layers is None:
             from ..models.compiled import compile_with_fallback
             net = self.decoder
-            weight = net.subpixel_weight()        # the upsampling folded into the next convolution
+            weights = net.fast_tail_weights()     # the upsampling folded into the next convolution
 
             def tail(x):
-                return net.run_tail_subpixel(x, weight)
+                return net.run_tail_subpixel(x, weights)
 
             self._tc_layers = (compile_with_fallback(net.run_body, "the TCDecoder"),
                                compile_with_fallback(tail, "the TCDecoder's last stage"))

@@ -141,14 +141,19 @@ def chunk_period(pipe, cfg, frames, window=(2, 4)) -> dict:
     n = window[1] - window[0]
     groups = collections.Counter()
     copies = 0.0
+    rows = []
     for ev in prof.key_averages():
         t = _device_ms(ev) / n
         if "Memcpy" in ev.key:
             copies += t
         groups[_group(ev.key)] += t
+        if t > 0:
+            rows.append({"name": ev.key[:110], "calls_per_period": ev.count / n, "ms_per_period": round(t, 3)})
+    rows.sort(key=lambda r: -r["ms_per_period"])
     return {"gpu_period_ms": gpu, "host_period_ms": hst,
             "kernels_ms_per_period": {k: round(v, 2) for k, v in groups.items()},
-            "kernel_sum_ms_per_period": round(sum(groups.values()), 2), "memcpy_ms_per_period": round(copies, 2)}
+            "kernel_sum_ms_per_period": round(sum(groups.values()), 2), "memcpy_ms_per_period": round(copies, 2),
+            "top_kernels": rows[:45]}
 
 
 def host_syncs(pipe, cfg, frames) -> list[dict]:

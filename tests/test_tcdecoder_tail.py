@@ -18,8 +18,9 @@ def test_subpixel_tail_equals_upsample_then_convolutions(h, w):
     dec = net(torch.float64)
     x = torch.randn(3, CFG.channels[2], h, w, dtype=torch.float64)
     ref = dec.run_tail(x)
-    got = dec.run_tail_subpixel(x, dec.subpixel_weight())
+    got = dec.run_tail_subpixel(x, dec.fast_tail_weights())
     assert got.shape == ref.shape == (3, 3, 2 * h, 2 * w)
+    assert got.is_contiguous(memory_format=torch.channels_last)
     # the merged weights are summed in float32: agreement to float32 rounding, borders included
     torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-6)
 
@@ -30,7 +31,7 @@ def test_subpixel_tail_in_bf16_stays_within_bf16_rounding_of_the_reference():
     x = torch.randn(2, CFG.channels[2], 8, 10).bfloat16()
     exact = dec32.run_tail(x.float())
     plain = dec.run_tail(x).float()
-    fast = dec.run_tail_subpixel(x, dec.subpixel_weight()).float()
+    fast = dec.run_tail_subpixel(x, dec.fast_tail_weights()).float()
     err_plain = float((plain - exact).norm() / exact.norm())
     err_fast = float((fast - exact).norm() / exact.norm())
     assert err_fast < 2e-2 and err_fast < 2 * err_plain + 1e-3
@@ -50,4 +51,4 @@ def test_subpixel_tail_refuses_a_tail_it_cannot_fold():
     dec = net()
     dec.decoder[dec.tail_start] = nn.Identity()
     with pytest.raises(ValueError, match="nearest 2x upsampling"):
-        dec.run_tail_subpixel(torch.zeros(1, CFG.channels[2], 2, 2), dec.subpixel_weight())
+        dec.run_tail_subpixel(torch.zeros(1, CFG.channels[2], 2, 2), dec.fast_tail_weights())
