@@ -139,3 +139,15 @@ def test_float32_rope_of_the_fast_step_differs_from_float64_by_rare_single_bf16_
     bound = (exact.float().abs() * 2 ** -7).clamp_min(1e-6)
     assert bool(((exact.float() - fast.float()).abs() <= bound)[differ].all())
     assert dit_ops.FAST["pre"] is dit_ops.pre_attention_fp32_rope
+
+
+def test_output_conversion_equals_the_plain_formula_bit_for_bit():
+    from comfyui_flashvsr.flashvsr.engine import _to_unit_hwc
+
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        frames = (torch.randn(3, 3, 17, 23, generator=g) * 1.2).to(dtype)
+        frames[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, -3.0, 3.0]).to(dtype)     # exact ends and clamping
+        want = ((frames.float() + 1) * 0.5).clamp(0, 1).permute(0, 2, 3, 1)
+        got = _to_unit_hwc(frames)
+        assert got.is_contiguous() and got.dtype == torch.float32 and torch.equal(got, want)
