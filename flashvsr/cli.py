@@ -241,8 +241,9 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version],
                    help="weights: v1.1 (default, more stable) or v1")
     p.add_argument("--sageattention", default=d.sageattention, choices=("enable", "disable"),
-                   help="enable: use SageAttention where it is installed and eligible (falls back to "
-                        "PyTorch SDPA otherwise); disable: always SDPA")
+                   help="enable: Sage-style quantised attention where it is faster (our INT8 block-sparse "
+                        "kernel on Hopper; SageAttention for dense calls where installed, eligible and not "
+                        "slower than SDPA); disable: bf16 attention only")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
     p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="compute dtype; auto: bf16 (the official setting) on GPUs that support it, "

@@ -87,9 +87,10 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
            "long videos. full: Wan 2.1 VAE decoder, best quality, slowest, most VRAM.",
            default="tiny", options=MODES),
     _scale(0.1),
-    Widget("COMBO", "sageattention", "enable: use SageAttention where it is installed and the call "
-           "is eligible, PyTorch attention elsewhere (the node reports what ran and why). disable: "
-           "PyTorch attention only. The badge on the node says whether the server has SageAttention.",
+    Widget("COMBO", "sageattention", "enable: Sage-style quantised attention where it is faster: our "
+           "INT8 block-sparse kernel on Hopper GPUs, SageAttention for the dense calls where it is "
+           "installed, eligible and not slower than PyTorch (the node reports what ran and why). "
+           "disable: bf16 attention only. The badge on the node says whether the server has SageAttention.",
            default="enable", options=SAGE_CHOICES),
     Widget("COMBO", "color_fix", "Match each output frame's colours to the input frame. adain: "
            "official (per-channel mean and std). wavelet: keeps the input's low frequencies; try it "
