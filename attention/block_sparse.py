@@ -8,6 +8,7 @@ outputs exactly zero.
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -17,6 +18,43 @@ BLOCK = 128
 # Token-level mask elements materialised per reference step: 32 Mi bools (64-128 MB once SDPA turns
 # it into an additive mask) whatever the sequence lengths.
 REFERENCE_MASK_BUDGET = 1 << 25
+
+
+@dataclass(frozen=True)
+class QuantizedKeys:
+    """Keys kept as int8 (a KV ring's, for the INT8-QK kernel): ``key = values * scale + shift``.
+
+    values (B, H, L, D) int8 in any layout with a contiguous last dim; scales (B, H, L / rows) float32,
+    one per ``rows`` keys; shift (B, H, D) float32, the same vector for every key (the softmax of a
+    query row ignores it, so the INT8 kernel never adds it back); dtype: the keys' own dtype.
+    """
+    values: torch.Tensor
+    scales: torch.Tensor
+    shift: torch.Tensor
+    rows: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """The keys as a (B, H, L, D) tensor of ``dtype`` (for the backends that need them: int8
+        rounding included)."""
+        b, h, length, d = self.values.shape
+        tiles = self.values.float().reshape(b, h, length // self.rows, self.rows, d)
+        keys = (tiles * self.scales[..., None, None]).reshape(b, h, length, d) + self.shift[:, :, None, :]
+        return keys.to(self.dtype)
+
+
+def quantize_keys_reference(keys: torch.Tensor, rows: int, shift: torch.Tensor):
+    """Torch version of the Triton quantiser (``triton_kernels.quantize_tiles`` with a mean): int8
+    (B, H, L, D) and float32 scales (B, H, L / rows) of ``keys - shift``, one scale per ``rows`` keys."""
+    b, h, length, d = keys.shape
+    tiles = (keys.float() - shift.float()[:, :, None, :]).reshape(b, h, length // rows, rows * d)
+    scales = tiles.abs().amax(-1).clamp_min(1e-8) / 127.0
+    values = torch.floor(tiles / scales[..., None] + 0.5).to(torch.int8)
+    return values.reshape(b, h, length, d), scales
 
 
 def check_block_sparse_inputs(q, k, v, block_mask) -> None:

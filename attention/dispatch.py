@@ -20,8 +20,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, build_lut,
-                           check_block_sparse_inputs, masked_reference)
+from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, QuantizedKeys, build_lut,
+                           check_block_sparse_inputs, masked_reference, quantize_keys_reference)
 from .compile_guard import opaque_to_compile
 from .probe import SageProbe, probe_sage, probe_triton
 from .report import RunReport
@@ -82,9 +82,18 @@ class AttentionSession:
         """block_mask (B, H, Lq/128, Lk/128) bool; head h uses block_mask[:, h]; empty query blocks -> 0.
 
         ``key_mean`` (B, H, D), optional: the keys' mean, if the caller has it for free; the INT8
-        kernel subtracts it before quantising K (any vector gives the same softmax).
+        kernel subtracts it before quantising K (any vector gives the same softmax). ``k`` may be a
+        ``QuantizedKeys`` (int8 keys of a KV cache, see ``key_rows``); backends that need real keys
+        dequantise them.
         """
         return self.dispatcher.run_block_sparse(self._report, self.mode, q, k, v, block_mask, key_mean)
+
+    def key_rows(self, device: torch.device) -> Optional[int]:
+        """Keys per int8 scale if this run's block-sparse calls take int8 keys (see the dispatcher)."""
+        return self.dispatcher.key_rows(self.mode, device)
+
+    def quantize_keys(self, keys: torch.Tensor, shift: torch.Tensor, rows: int, out) -> None:
+        self.dispatcher.quantize_keys(keys, shift, rows, out)
 
     def summary(self) -> str:
         line = self._report.summary()
@@ -203,14 +212,16 @@ class AttentionDispatcher:
         return self.config.sparse_backends if device.type == "cuda" else ("reference",)
 
     def run_block_sparse(self, report: RunReport, mode: str, q, k, v, block_mask, key_mean=None) -> torch.Tensor:
-        check_block_sparse_inputs(q, k, v, block_mask)
+        quantized = isinstance(k, QuantizedKeys)
+        # int8 keys stand for keys of v's shape and of their own dtype: v stands in for them in checks
+        check_block_sparse_inputs(q, v if quantized else k, v, block_mask)
         lut, counts = self.block_lut(block_mask)
-        signature = (q.device, q.dtype, tuple(q.shape), tuple(k.shape))
+        signature = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), quantized)
         for name in self.sparse_order(q.device):
             if name == "reference":
                 break
             refusal, run = self.sparse_runners[name]
-            why = refusal(q, k, v, mode)
+            why = refusal(q, v if quantized else k, v, mode)
             if why is not None:
                 self.say_once(logging.INFO, (name, why), f"block-sparse backend {name} not used: {why}")
                 continue
@@ -230,7 +241,33 @@ class AttentionDispatcher:
                               f"block-sparse backend {name} failed for q {tuple(q.shape)} k {tuple(k.shape)} "
                               f"{q.dtype}: {type(exc).__name__}: {exc}; using the next backend for this shape")
         with report.record("block_sparse", "reference", q.device):
-            return masked_reference(q, k, v, block_mask, mask_budget=self.config.reference_mask_budget)
+            keys = k.dequantize() if quantized else k
+            return masked_reference(q, keys, v, block_mask, mask_budget=self.config.reference_mask_budget)
+
+    def key_rows(self, mode: str, device: torch.device) -> Optional[int]:
+        """Keys per int8 scale when this mode's block-sparse calls take int8 keys on ``device`` (a KV
+        cache can then be kept quantised: half the memory, each key quantised once), else None."""
+        if not self.uses_int8(mode, device) or not probe_triton().available:
+            return None
+        from . import triton_kernels as tk
+        return tk.default_config(self.capability(device) or (0, 0), int8=True).block_n
+
+    def quantize_keys(self, keys: torch.Tensor, shift: torch.Tensor, rows: int, out) -> None:
+        """Write int8 ``keys - shift`` and their scales into ``out`` = (values, scales) views."""
+        if keys.device.type == "cuda" and probe_triton().available and ("quantize", "keys") not in self._failed:
+            try:
+                from . import triton_kernels as tk
+                tk.quantize_tiles(keys, rows, 1.0, shift, out=out)
+                return
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:          # the torch version gives the same values
+                self._failed.add(("quantize", "keys"))
+                self.say_once(logging.WARNING, ("quantize", "keys"),
+                              f"Triton key quantiser failed ({type(exc).__name__}: {exc}); using torch")
+        values, scales = quantize_keys_reference(keys, rows, shift)
+        out[0].copy_(values)
+        out[1].copy_(scales)
 
     # ---- block-mask bookkeeping ----------------------------------------------------------------
 
@@ -300,6 +337,8 @@ class AttentionDispatcher:
         from . import triton_kernels as tk
 
         int8 = self.uses_int8(mode, q.device)
+        if isinstance(k, QuantizedKeys) and not int8:
+            k = k.dequantize()
         config = tk.default_config(self.capability(q.device), int8=int8)
         order = self.launch_order(counts) if config.longest_first else None
         if int8:
@@ -314,7 +353,7 @@ class AttentionDispatcher:
         return None if q.device.type == "cuda" else "compiled flex_attention is used on CUDA only"
 
     def _run_flex(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
-        return self._flex(q, k, v, lut, counts)
+        return self._flex(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts)
 
 
 __all__ = ["AttentionConfig", "AttentionDispatcher", "AttentionSession", "BLOCK", "MODES"]

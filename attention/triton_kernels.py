@@ -183,32 +183,34 @@ def _bsa_fwd_int8_tma(
 
 
 @triton.jit
-def _quantize_tile(X, MEAN, Y, S, sxb, sxh, sxl, H, L, multiplier, tile, bh,
+def _quantize_tile(X, MEAN, Y, S, sxb, sxh, sxl, syb, syh, syl, ssb, ssh, H, multiplier, tile, bh,
                    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, CENTRE: tl.constexpr):
     """Tile ``tile`` (ROWS rows) of batch*head ``bh``: int8 of ``(x - mean) * multiplier`` with one
-    scale for the tile, into contiguous (B, H, L, D) int8 and (B, H, L / ROWS) float32 scales."""
+    scale for the tile, into (B, H, L, D) int8 and (B, H, L / ROWS) float32 scales of any strides
+    (a KV ring's slots included)."""
     bh = bh.to(tl.int64)
+    b, h = bh // H, bh % H
     rows = tile * ROWS + tl.arange(0, ROWS)
     dims = tl.arange(0, HEAD_DIM)
-    x = tl.load(X + (bh // H) * sxb + (bh % H) * sxh + rows[:, None].to(tl.int64) * sxl + dims[None, :])
+    x = tl.load(X + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl + dims[None, :])
     x = x.to(tl.float32)
     if CENTRE:
         x = x - tl.load(MEAN + bh * HEAD_DIM + dims)[None, :]
     x = x * multiplier
     scale = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-8) / 127.0
     q = tl.floor(x / scale + 0.5)
-    tl.store(Y + bh * L * HEAD_DIM + rows[:, None] * HEAD_DIM + dims[None, :], q.to(tl.int8))
-    tl.store(S + bh * (L // ROWS) + tile, scale)
+    tl.store(Y + b * syb + h * syh + rows[:, None].to(tl.int64) * syl + dims[None, :], q.to(tl.int8))
+    tl.store(S + b * ssb + h * ssh + tile, scale)
 
 
 @triton.jit
 def _quantize_tiles(
-    X, MEAN, Y, S, sxb, sxh, sxl, H, L, multiplier,
+    X, MEAN, Y, S, sxb, sxh, sxl, syb, syh, syl, ssb, ssh, H, multiplier,
     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, CENTRE: tl.constexpr,
 ):
     """One program per (tile, batch*head) of one tensor."""
-    _quantize_tile(X, MEAN, Y, S, sxb, sxh, sxl, H, L, multiplier, tl.program_id(0), tl.program_id(1),
-                   ROWS, HEAD_DIM, CENTRE)
+    _quantize_tile(X, MEAN, Y, S, sxb, sxh, sxl, syb, syh, syl, ssb, ssh, H, multiplier, tl.program_id(0),
+                   tl.program_id(1), ROWS, HEAD_DIM, CENTRE)
 
 
 @triton.jit
@@ -220,10 +222,12 @@ def _quantize_q_and_k(
     tens of microseconds, twice per layer otherwise."""
     tile = tl.program_id(0)
     if tile < Q_TILES:
-        _quantize_tile(Q, MEAN, Q8, QS, sqb, sqh, sql, H, LQ, q_multiplier, tile, tl.program_id(1),
+        _quantize_tile(Q, MEAN, Q8, QS, sqb, sqh, sql, H * LQ * HEAD_DIM, LQ * HEAD_DIM, HEAD_DIM,
+                       H * (LQ // Q_ROWS), LQ // Q_ROWS, H, q_multiplier, tile, tl.program_id(1),
                        Q_ROWS, HEAD_DIM, False)
     else:
-        _quantize_tile(K, MEAN, K8, KS, skb, skh, skl, H, LK, 1.0, tile - Q_TILES, tl.program_id(1),
+        _quantize_tile(K, MEAN, K8, KS, skb, skh, skl, H * LK * HEAD_DIM, LK * HEAD_DIM, HEAD_DIM,
+                       H * (LK // K_ROWS), LK // K_ROWS, H, 1.0, tile - Q_TILES, tl.program_id(1),
                        K_ROWS, HEAD_DIM, True)
 
 
@@ -346,20 +350,26 @@ def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_n: int, scale: float | N
     return q8, q_scales, k8, k_scales
 
 
-def quantize_tiles(x: torch.Tensor, rows: int, multiplier: float = 1.0, mean: torch.Tensor | None = None):
+def quantize_tiles(x: torch.Tensor, rows: int, multiplier: float = 1.0, mean: torch.Tensor | None = None,
+                   out: tuple[torch.Tensor, torch.Tensor] | None = None):
     """:func:`quantize_per_block` of ``x - mean`` (mean (B, H, D) or None) in one Triton pass.
 
-    Reads ``x`` in any layout with a contiguous last dim; never writes to it.
+    Reads ``x`` in any layout with a contiguous last dim; never writes to it. ``out`` = (int8
+    (B, H, L, D), float32 (B, H, L / rows)) views to write into (e.g. a KV ring's slots), else new
+    contiguous tensors.
     """
     _check_last_dim(x)
     bsz, heads, length, dim = x.shape
-    q8 = torch.empty((bsz, heads, length, dim), dtype=torch.int8, device=x.device)
-    scales = torch.empty((bsz, heads, length // rows), dtype=torch.float32, device=x.device)
+    if out is None:
+        out = (torch.empty((bsz, heads, length, dim), dtype=torch.int8, device=x.device),
+               torch.empty((bsz, heads, length // rows), dtype=torch.float32, device=x.device))
+    q8, scales = out
+    _check_last_dim(q8, scales)
     centre = mean is not None
     mean = mean.float().contiguous() if centre else scales      # any pointer when not centring
     _quantize_tiles[(length // rows, bsz * heads)](
-        x, mean, q8, scales, x.stride(0), x.stride(1), x.stride(2), heads, length, multiplier,
-        ROWS=rows, HEAD_DIM=dim, CENTRE=centre, num_warps=4)
+        x, mean, q8, scales, x.stride(0), x.stride(1), x.stride(2), q8.stride(0), q8.stride(1), q8.stride(2),
+        scales.stride(0), scales.stride(1), heads, multiplier, ROWS=rows, HEAD_DIM=dim, CENTRE=centre, num_warps=4)
     return q8, scales
 
 
@@ -386,19 +396,25 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
     """INT8-QK variant (Sage-style): per-block int8 Q and mean-centred K, bf16/fp16 P·V, fp32 softmax.
 
     Q and K are quantised out of place by one Triton launch (the caller's K, often a KV cache,
-    is never touched). Subtracting one vector from every key leaves each softmax unchanged, so
+    is never touched); ``k`` may instead be int8 already (``block_sparse.QuantizedKeys``). Subtracting one vector from every key leaves each softmax unchanged, so
     ``key_mean`` (B, H, D) may be any estimate of the keys' mean (the DiT passes its window means);
     without it the mean is computed. ``quantized`` may carry a precomputed :func:`quantize_qk`
     result (benchmarks time the kernel alone); ``order`` a precomputed :func:`task_order`.
     """
-    _check_last_dim(q, k, v)
     _, heads, lq, dim = q.shape
     lk = k.shape[2]
-    if quantized is None:
-        multiplier = (dim ** -0.5 if scale is None else scale) * LOG2E
+    multiplier = (dim ** -0.5 if scale is None else scale) * LOG2E
+    if quantized is None and hasattr(k, "scales"):
+        # keys already int8 (block_sparse.QuantizedKeys of a KV ring): only Q is quantised here
+        if k.rows != config.block_n:
+            raise ValueError(f"keys quantised per {k.rows} rows, the kernel walks {config.block_n}-key tiles")
+        quantized = (*quantize_tiles(q, MASK_BLOCK, multiplier), k.values, k.scales)
+    elif quantized is None:
+        _check_last_dim(k)
         # float32 accumulation without a float32 copy of K (which would cost 4x the kernel's reads)
         mean = k.mean(dim=2, dtype=torch.float32) if key_mean is None else key_mean
         quantized = quantize_q_and_k(q, k, config.block_n, multiplier, mean)
+    _check_last_dim(q, v)
     q8, q_scales, k8, k_scales = quantized
     out = torch.empty_like(q)
     order = task_order(counts, config.longest_first) if order is None else order
@@ -413,6 +429,7 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
             _bsa_fwd_int8_tma[grid](*descs, q_scales, k_scales, lut, counts, order, lq // MASK_BLOCK,
                                     *lut_strides, heads, lq, lk, **common)
             return out
+    k8 = k8.contiguous()           # the pointer kernel addresses K as contiguous (B, H, L, D)
     _bsa_fwd_int8[grid](
         q8, q_scales, k8, k_scales, v, out, lut, counts, order, lq // MASK_BLOCK,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),

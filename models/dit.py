@@ -151,11 +151,19 @@ class KVRing:
     mask is computed on the groups in the official (logical) order and then moved to the slots.
     The attention kernels only read selected key blocks, so slot order does not matter to them.
     """
-    k: torch.Tensor           # (slots*s1, 128, C)
+    k: torch.Tensor           # (slots*s1, 128, C), int8 when key_rows is set
     v: torch.Tensor
     pooled: torch.Tensor      # (slots*s1, C) window means of the keys
     order: list[int]          # slots of the cached groups, oldest first
     _index: dict = field(default_factory=dict)   # (slots, device, inverse) -> device index tensor, built once
+    # int8 keys (the INT8-QK kernel's input): key = k * scale + shift, one float32 scale per key_rows
+    # keys and head, and one shift per head for every key of the run (taken from the first chunk's
+    # keys; a common shift leaves every softmax unchanged). Each key is quantised once, when it
+    # enters the ring, and the ring holds half the bytes.
+    k_scales: torch.Tensor | None = None      # (1, H, slots*s1*128 / key_rows)
+    k_shift: torch.Tensor | None = None       # (1, H, D)
+    key_rows: int = 0
+    key_dtype: torch.dtype | None = None
 
     def _slots_index(self, groups, s1: int, device, inverse: bool = False) -> torch.Tensor:
         """Physical rows of the logical windows of ``groups``, or with ``inverse`` the logical
@@ -173,27 +181,57 @@ class KVRing:
         return self._index[key]
 
     @classmethod
-    def allocate(cls, k_w: torch.Tensor, pooled: torch.Tensor, s1: int, kv_groups: int) -> "KVRing":
+    def allocate(cls, k_w: torch.Tensor, pooled: torch.Tensor, s1: int, kv_groups: int,
+                 heads: int = 1, key_rows: int | None = None) -> "KVRing":
         # Chunk 0 brings 3 groups; later chunks attend to up to max(kv_groups, 2) cached groups + 1 new.
         slots = max(3, max(kv_groups, 2) + 1)
         shape = (slots * s1,) + tuple(k_w.shape[1:])
         # zeros, not empty: a dense fallback multiplies unselected values by 0, and 0 * NaN is NaN
-        return cls(k_w.new_zeros(shape), k_w.new_zeros(shape), pooled.new_zeros((slots * s1, pooled.shape[1])), [])
+        ring = cls(k_w.new_zeros(shape), k_w.new_zeros(shape), pooled.new_zeros((slots * s1, pooled.shape[1])), [])
+        if key_rows:
+            ring.k = torch.zeros(shape, dtype=torch.int8, device=k_w.device)
+            ring.k_scales = torch.zeros((1, heads, shape[0] * shape[1] // key_rows), dtype=torch.float32,
+                                        device=k_w.device)
+            ring.key_rows, ring.key_dtype = key_rows, k_w.dtype
+        return ring
 
-    def add(self, k_w, v_w, pooled, s1: int) -> list[int]:
+    def add(self, k_w, v_w, pooled, s1: int, heads: int = 1, quantize=None) -> list[int]:
+        """Put a chunk's new groups into free slots; returns the groups in logical order. Int8 keys
+        need ``quantize(keys, shift, rows, out)`` (the attention session's)."""
         free = [s for s in range(self.k.shape[0] // s1) if s not in self.order]
         new = free[: k_w.shape[0] // s1]
+        pairs = ((self.v, v_w), (self.pooled, pooled)) if self.key_rows else ((self.k, k_w), (self.v, v_w), (self.pooled, pooled))
         if new == list(range(new[0], new[0] + len(new))):
             # adjacent slots (always so for one new group): a plain copy runs at full bandwidth,
             # an index_copy_ of the same 2 x 26 MB at 768x1408 takes 2.5x as long
             rows = slice(new[0] * s1, (new[-1] + 1) * s1)
-            for dst, src in ((self.k, k_w), (self.v, v_w), (self.pooled, pooled)):
+            for dst, src in pairs:
                 dst[rows].copy_(src)
         else:
             idx = self._slots_index(new, s1, k_w.device)
-            for dst, src in ((self.k, k_w), (self.v, v_w), (self.pooled, pooled)):
+            for dst, src in pairs:
                 dst.index_copy_(0, idx, src)
+        if self.key_rows:
+            self._quantize_into(new, k_w, pooled, s1, heads, quantize)
         return self.order + new
+
+    def _quantize_into(self, new, k_w, pooled, s1: int, heads: int, quantize) -> None:
+        if self.k_shift is None:
+            self.k_shift = pooled.float().mean(0).view(1, heads, -1)
+        window = k_w.shape[1]
+        per_window = window // self.key_rows
+        for i, slot in enumerate(new):           # each slot is a contiguous run of rows
+            rows = slice(slot * s1, (slot + 1) * s1)
+            out = (heads_view(self.k[rows], heads),
+                   self.k_scales[:, :, slot * s1 * per_window:(slot + 1) * s1 * per_window])
+            quantize(heads_view(k_w[i * s1:(i + 1) * s1], heads), self.k_shift, self.key_rows, out)
+
+    def keys(self, heads: int):
+        """The ring's keys for the attention call: a (1, H, L, D) view, or ``QuantizedKeys``."""
+        if not self.key_rows:
+            return heads_view(self.k, heads)
+        from ..attention.block_sparse import QuantizedKeys
+        return QuantizedKeys(heads_view(self.k, heads), self.k_scales, self.k_shift, self.key_rows, self.key_dtype)
 
     def columns(self, groups: list[int], s1: int) -> torch.Tensor:
         return self._slots_index(groups, s1, self.k.device)
@@ -327,8 +365,8 @@ class WanDiT(nn.Module):
             sa.norm_q.weight, sa.norm_k.weight, rot[0], rot[1], heads)
         ring = state.kv[i]
         if ring is None:
-            ring = state.kv[i] = KVRing.allocate(k_w, pooled_k, s1, kv_groups)
-        groups = ring.add(k_w, v_w, pooled_k, s1)                   # logical order, oldest first
+            ring = state.kv[i] = KVRing.allocate(k_w, pooled_k, s1, kv_groups, heads, attn.key_rows(k_w.device))
+        groups = ring.add(k_w, v_w, pooled_k, s1, heads, attn.quantize_keys)   # logical order, oldest first
         cols = ring.columns(groups, s1)
         pooled_k = ring.pooled.index_select(0, cols)
         mask = draft_block_mask(pooled_q, pooled_k, heads, query_groups, state.local_mask, topk,
@@ -338,9 +376,12 @@ class WanDiT(nn.Module):
             if i == 0:
                 state.observe(i, "pooled_q", pooled_q)
                 state.observe(i, "pooled_k", pooled_k)
-        # The window means give the keys' mean for free; only the INT8 (sage) kernel uses it.
-        key_mean = pooled_k.float().mean(0).view(1, heads, -1) if attn.mode == "enable" else None
-        o = attn.block_sparse(heads_view(q_w, heads), heads_view(ring.k, heads), heads_view(ring.v, heads),
+        # The window means give the keys' mean for free; only the INT8 (sage) kernel uses it, and
+        # only when it quantises the keys itself (a ring of int8 keys carries its own shift).
+        key_mean = None
+        if attn.mode == "enable" and not ring.key_rows:
+            key_mean = pooled_k.float().mean(0).view(1, heads, -1)
+        o = attn.block_sparse(heads_view(q_w, heads), ring.keys(heads), heads_view(ring.v, heads),
                               ring.physical_mask(mask, groups, s1), key_mean=key_mean)
         o = self._merge(o).reshape(-1, BLOCK_TOKENS, q_w.shape[-1])
         ring.evict(groups, kv_groups)

@@ -85,6 +85,14 @@ CHILD = textwrap.dedent("""
         "shapes": [list(tqs.shape), list(tks.shape)]}
     both = tk.quantize_q_and_k(q, k, 64, 64 ** -0.5 * tk.LOG2E, k.float().mean(dim=2))
     results["quantise"]["one_launch_equal"] = all(torch.equal(a, b) for a, b in zip(both, (tq8, tqs, tk8, tks)))
+    # into a KV ring's slot: (B, L, H, D) int8 storage and a slice of a wider scale tensor
+    ring = torch.zeros(2, 3 * k.shape[2], 2, 64, dtype=torch.int8)
+    ring_scales = torch.zeros(2, 2, 3 * k.shape[2] // 64)
+    slot = slice(k.shape[2], 2 * k.shape[2])
+    tk.quantize_tiles(k, 64, 1.0, k.float().mean(dim=2), out=(ring[:, slot].transpose(1, 2), ring_scales[:, :, 6:12]))
+    results["quantise"]["into_slot_equal"] = (torch.equal(ring[:, slot].transpose(1, 2), tk8)
+                                              and torch.equal(ring_scales[:, :, 6:12], tks)
+                                              and int(ring[:, :k.shape[2]].abs().sum()) == 0 and float(ring_scales[:, :, :6].abs().sum()) == 0)
     print(json.dumps(results))
 """)
 
@@ -125,6 +133,7 @@ def test_triton_quantiser_matches_the_torch_reference(interpreted):
     assert got["contiguous"] and got["dtype"] == "torch.int8"
     assert got["shapes"] == [[2, 2, 2], [2, 2, 6]]
     assert got["one_launch_equal"]          # Q and K in one launch: the same bytes as two
+    assert got["into_slot_equal"]           # written into a ring slot's strided views, nothing else touched
 
 
 def test_int8_quantisation_is_per_block_and_out_of_place():

@@ -151,3 +151,31 @@ def test_output_conversion_equals_the_plain_formula_bit_for_bit():
         want = ((frames.float() + 1) * 0.5).clamp(0, 1).permute(0, 2, 3, 1)
         got = _to_unit_hwc(frames)
         assert got.is_contiguous() and got.dtype == torch.float32 and torch.equal(got, want)
+
+
+def test_int8_key_ring_streams_like_the_bf16_ring_within_int8_rounding():
+    from comfyui_flashvsr.attention import AttentionConfig
+
+    pipe = FlashVSR.random(mode="tiny", device="cpu", dtype=torch.float32, size="micro")
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(1, 16, 6, 16, 16, generator=g)] + [torch.randn(1, 16, 2, 16, 16, generator=g) for _ in range(4)]
+    outs, states = {}, {}
+    for name, config in (("plain", AttentionConfig()), ("int8", AttentionConfig(sparse_int8_with_sage=True))):
+        session = AttentionDispatcher(config).session("enable")
+        state = DiTStreamState()
+        outs[name] = [pipe.dit.forward_chunk(x, None, pipe.consts, state, SparseParams(2.0, 3, 11), session)
+                      for x in chunks]
+        states[name] = state
+    rings = states["int8"].kv
+    assert all(r.k.dtype == torch.int8 and r.key_rows == 64 for r in rings)
+    assert all(r.k.dtype == torch.float32 and not r.key_rows for r in states["plain"].kv)
+    first = rings[0]
+    assert first.k_shift.shape == (1, pipe.dit.cfg.num_heads, 128)
+    # each ring's keys dequantise to the plain ring's keys within half an int8 step per tile
+    plain = states["plain"].kv[0]
+    keys = first.keys(pipe.dit.cfg.num_heads).dequantize()
+    ref = plain.keys(pipe.dit.cfg.num_heads)
+    step = first.k_scales.repeat_interleave(64, dim=2)[..., None]
+    assert bool(((keys - ref).abs() <= step / 2 + 1e-6).all())
+    for a, b in zip(outs["int8"], outs["plain"]):
+        assert float((a - b).norm() / b.norm()) < 2e-2

@@ -175,3 +175,26 @@ def test_dispatcher_on_cuda_runs_our_triton_kernel_and_reports_it(sparse_case):
     assert session.summary() == "attention: triton (sparse)"
     report = session.report()["calls"]["block_sparse/triton"]
     assert report["calls"] == 1 and report["seconds"] > 0
+
+
+def test_int8_kernel_takes_keys_quantised_in_a_ring_layout(sparse_case):
+    from comfyui_flashvsr.attention import triton_kernels as tk
+    from comfyui_flashvsr.attention.block_sparse import QuantizedKeys
+
+    q, k, v, mask, ref = sparse_case
+    # (L, H, D) storage like the DiT's KV ring; one shift for all keys, as the ring keeps it
+    ring = torch.zeros(1, LK, HEADS, DIM, dtype=torch.int8, device="cuda").transpose(1, 2)
+    scales = torch.zeros(1, HEADS, LK // 64, device="cuda")
+    shift = k[:, :, :8448].float().mean(dim=2)
+    tk.quantize_tiles(k, 64, 1.0, shift, out=(ring, scales))
+    keys = QuantizedKeys(ring, scales, shift, 64, k.dtype)
+    lut, counts = build_lut(mask)
+    out = tk.block_sparse_attention_int8(q, keys, v, lut, counts, tk.default_config(torch.cuda.get_device_capability(), int8=True))
+    assert cosine(out, ref) >= 0.999 and rel_l2(out, ref) <= 0.03
+    assert_zero_where_empty(out, mask)
+    assert rel_l2(keys.dequantize(), k) <= 0.01
+    session = AttentionDispatcher().session("enable")
+    via = session.block_sparse(q, keys, v, mask)
+    assert cosine(via, ref) >= 0.999 and rel_l2(via, ref) <= 0.03
+    plain = AttentionDispatcher().session("disable")          # a bf16 backend dequantises the keys
+    assert rel_l2(plain.block_sparse(q, keys, v, mask), ref) <= 0.03
