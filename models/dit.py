@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from ..attention.block_sparse import QuantizedKeys
 from . import dit_ops
 from .dit_ops import heads_view
 from .lcsa import BLOCK_TOKENS, WINDOW, draft_block_mask, local_bias, local_block_mask
@@ -187,9 +188,9 @@ class KVRing:
         slots = max(3, max(kv_groups, 2) + 1)
         shape = (slots * s1,) + tuple(k_w.shape[1:])
         # zeros, not empty: a dense fallback multiplies unselected values by 0, and 0 * NaN is NaN
-        ring = cls(k_w.new_zeros(shape), k_w.new_zeros(shape), pooled.new_zeros((slots * s1, pooled.shape[1])), [])
+        keys = torch.zeros(shape, dtype=torch.int8 if key_rows else k_w.dtype, device=k_w.device)
+        ring = cls(keys, k_w.new_zeros(shape), pooled.new_zeros((slots * s1, pooled.shape[1])), [])
         if key_rows:
-            ring.k = torch.zeros(shape, dtype=torch.int8, device=k_w.device)
             ring.k_scales = torch.zeros((1, heads, shape[0] * shape[1] // key_rows), dtype=torch.float32,
                                         device=k_w.device)
             ring.key_rows, ring.key_dtype = key_rows, k_w.dtype
@@ -230,7 +231,6 @@ class KVRing:
         """The ring's keys for the attention call: a (1, H, L, D) view, or ``QuantizedKeys``."""
         if not self.key_rows:
             return heads_view(self.k, heads)
-        from ..attention.block_sparse import QuantizedKeys
         return QuantizedKeys(heads_view(self.k, heads), self.k_scales, self.k_shift, self.key_rows, self.key_dtype)
 
     def columns(self, groups: list[int], s1: int) -> torch.Tensor:
