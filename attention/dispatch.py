@@ -38,9 +38,9 @@ SLOWER_HERE = "SageAttention 1.x is slower than SDPA on Hopper GPUs (H100: 0.38x
 class AttentionConfig:
     # CUDA order of block-sparse backends; "reference" must come last because it never refuses.
     sparse_backends: tuple = SPARSE_BACKENDS
-    # Use the INT8-QK Triton kernel for block-sparse attention when the mode is "enable". None: on
-    # Hopper only, where it was measured faster than the bf16 kernel (1.42 + 0.06 quantisation vs
-    # 1.65 ms per call on an H100, docs/benchmarks.md); elsewhere it is unmeasured.
+    # Use the INT8-QK Triton kernel for block-sparse attention when the mode is "enable" (and keep
+    # the DiT's cached keys as int8 for it). None: on Hopper only, where it was measured faster than
+    # the bf16 kernel (1.32 vs 1.62 ms per call on an H100, docs/benchmarks.md); elsewhere unmeasured.
     sparse_int8_with_sage: Optional[bool] = None
     # Run SageAttention for dense calls also where it is known to be slower than SDPA (1.x on
     # Hopper: 0.38x on FlashVSR's cross-attention, and ~0.7 ms of host time per call). Off: there
