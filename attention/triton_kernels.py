@@ -132,18 +132,27 @@ def _bsa_fwd(
 
 
 @triton.jit
+def _tma_program(q_desc, LUT, CNT, ORDER, NQ, slb, slh, slm, scb, sch, H,
+                 HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr):
+    """This program's query block, batch*head, batch, head, Q tile and key list (the TMA kernels)."""
+    qblk, bh = _task(ORDER, NQ)
+    b = bh // H
+    h = bh % H
+    q = q_desc.load([b, h, qblk * MBLOCK, 0]).reshape(MBLOCK, HEAD_DIM)
+    lut, n_steps = _key_list(LUT, CNT, b.to(tl.int64), h, qblk, slb, slh, slm, scb, sch, MBLOCK // BLOCK_N)
+    return qblk, bh, b, h, q, lut, n_steps
+
+
+@triton.jit
 def _bsa_fwd_tma(
     q_desc, k_desc, v_desc, o_desc, LUT, CNT, ORDER, NQ, qk_scale, slb, slh, slm, scb, sch, H,
     HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
 ):
     # Same algorithm as _bsa_fwd; the descriptors are 4-D over (B, H, L, D) with the tensors' own
     # strides, so permuted (B, L, H, D) storage needs no copy.
-    qblk, bh = _task(ORDER, NQ)
-    b = bh // H
-    h = bh % H
+    qblk, _, b, h, q, lut, n_steps = _tma_program(q_desc, LUT, CNT, ORDER, NQ, slb, slh, slm, scb, sch, H,
+                                                  HEAD_DIM, BLOCK_N, MBLOCK)
     SUB: tl.constexpr = MBLOCK // BLOCK_N
-    q = q_desc.load([b, h, qblk * MBLOCK, 0]).reshape(MBLOCK, HEAD_DIM)
-    lut, n_steps = _key_list(LUT, CNT, b.to(tl.int64), h, qblk, slb, slh, slm, scb, sch, SUB)
 
     m_i, l_i, acc = _empty_rows(MBLOCK, HEAD_DIM)
     for j in range(0, n_steps):
@@ -162,14 +171,11 @@ def _bsa_fwd_int8_tma(
 ):
     # _bsa_fwd_int8 with tensor-descriptor loads: int8 Q/K descriptors over the contiguous
     # quantised copies, V and O over the caller's (possibly permuted) tensors.
-    qblk, bh = _task(ORDER, NQ)
-    b = bh // H
-    h = bh % H
+    qblk, bh, b, h, q, lut, n_steps = _tma_program(q_desc, LUT, CNT, ORDER, NQ, slb, slh, slm, scb, sch, H,
+                                                   HEAD_DIM, BLOCK_N, MBLOCK)
     SUB: tl.constexpr = MBLOCK // BLOCK_N
-    q = q_desc.load([b, h, qblk * MBLOCK, 0]).reshape(MBLOCK, HEAD_DIM)
     q_scale = tl.load(QS + bh.to(tl.int64) * (LQ // MBLOCK) + qblk)
     ks_ptr = KS + bh.to(tl.int64) * (LK // BLOCK_N)
-    lut, n_steps = _key_list(LUT, CNT, b.to(tl.int64), h, qblk, slb, slh, slm, scb, sch, SUB)
 
     m_i, l_i, acc = _empty_rows(MBLOCK, HEAD_DIM)
     for j in range(0, n_steps):
