@@ -81,7 +81,7 @@ def sweep(tk, rows: list, log) -> tuple:
                 if kind == "bf16":
                     fn = lambda: tk.block_sparse_attention(q, k, v, lut, counts, config)  # noqa: E731
                 else:
-                    quant = tk.quantize_qk(q, k, config.block_n)
+                    quant = tk.quantize_q_and_k(q, k, config.block_n, DIM ** -0.5 * tk.LOG2E, k.mean(dim=2, dtype=torch.float32))
                     fn = lambda: tk.block_sparse_attention_int8(q, k, v, lut, counts, config, quantized=quant)  # noqa: E731
                 err = rel_l2(fn(), ref)
                 ms = median_ms(fn, rep_ms=100)
@@ -105,7 +105,7 @@ def sparse_table(tk, bf16_cfg, int8_cfg, rows: list, log) -> None:
         actual = float(mask.float().mean())
         cases = [("triton bf16 " + bf16_cfg.label(), lambda: tk.block_sparse_attention(q, k, v, lut, counts, bf16_cfg))]
         if int8_cfg is not None:
-            quant = tk.quantize_qk(q, k, int8_cfg.block_n)
+            quant = tk.quantize_q_and_k(q, k, int8_cfg.block_n, DIM ** -0.5 * tk.LOG2E, k.mean(dim=2, dtype=torch.float32))
             cases += [("triton int8 kernel " + int8_cfg.label(),
                        lambda: tk.block_sparse_attention_int8(q, k, v, lut, counts, int8_cfg, quantized=quant)),
                       ("triton int8 incl. quantisation",

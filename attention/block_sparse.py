@@ -47,11 +47,21 @@ class QuantizedKeys:
         return keys.to(self.dtype)
 
 
-def quantize_keys_reference(keys: torch.Tensor, rows: int, shift: torch.Tensor):
-    """Torch version of the Triton quantiser (``triton_kernels.quantize_tiles`` with a mean): int8
-    (B, H, L, D) and float32 scales (B, H, L / rows) of ``keys - shift``, one scale per ``rows`` keys."""
-    b, h, length, d = keys.shape
-    tiles = (keys.float() - shift.float()[:, :, None, :]).reshape(b, h, length // rows, rows * d)
+def quantize_tiles_reference(x: torch.Tensor, rows: int, multiplier: float = 1.0,
+                             shift: Optional[torch.Tensor] = None):
+    """Torch version of the Triton quantiser (``triton_kernels.quantize_tiles``), same rounding:
+    int8 (B, H, L, D) of ``(x - shift) * multiplier`` and float32 scales (B, H, L / rows), one per
+    ``rows`` rows and head. Out of place: the caller's tensor (a KV cache) is never touched.
+
+    Subtracting one vector from every key adds the same constant to every score of a query row, which
+    the softmax ignores also when it runs over a subset of the keys; the keys' mean shrinks the range
+    that int8 must cover.
+    """
+    b, h, length, d = x.shape
+    x = x.float()
+    if shift is not None:
+        x = x - shift.float()[:, :, None, :]
+    tiles = (x * multiplier).reshape(b, h, length // rows, rows * d)
     scales = tiles.abs().amax(-1).clamp_min(1e-8) / 127.0
     values = torch.floor(tiles / scales[..., None] + 0.5).to(torch.int8)
     return values.reshape(b, h, length, d), scales

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, QuantizedKeys, build_lut,
-                           check_block_sparse_inputs, masked_reference, quantize_keys_reference)
+                           check_block_sparse_inputs, masked_reference, quantize_tiles_reference)
 from .compile_guard import opaque_to_compile
 from .probe import SageProbe, probe_sage, probe_triton
 from .report import RunReport
@@ -265,7 +265,7 @@ class AttentionDispatcher:
                 self._failed.add(("quantize", "keys"))
                 self.say_once(logging.WARNING, ("quantize", "keys"),
                               f"Triton key quantiser failed ({type(exc).__name__}: {exc}); using torch")
-        values, scales = quantize_keys_reference(keys, rows, shift)
+        values, scales = quantize_tiles_reference(keys, rows, shift=shift)
         out[0].copy_(values)
         out[1].copy_(scales)
 

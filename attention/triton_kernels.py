@@ -326,39 +326,10 @@ def block_sparse_attention(q, k, v, lut, counts, config: KernelConfig, scale: fl
     return out
 
 
-def quantize_per_block(x: torch.Tensor, rows: int, multiplier: float = 1.0):
-    """Symmetric int8 per tile of ``rows`` rows and one (b, h): returns (int8 (B,H,L,D), scales (B,H,L/rows)).
-
-    Out of place: the caller's tensor (a KV cache) is never touched.
-    """
-    bsz, heads, length, dim = x.shape
-    tiles = x.float().reshape(bsz, heads, length // rows, rows * dim)
-    if multiplier != 1.0:
-        tiles = tiles * multiplier
-    scales = tiles.abs().amax(-1).clamp_min(1e-8) / 127.0
-    q8 = torch.round(tiles / scales[..., None]).to(torch.int8)
-    return q8.reshape(bsz, heads, length, dim), scales
-
-
-def quantize_qk(q: torch.Tensor, k: torch.Tensor, block_n: int, scale: float | None = None):
-    """INT8 Q (per 128 rows, softmax scale folded in) and K minus its mean (per ``block_n`` rows), in
-    torch ops: the reference for :func:`quantize_tiles`, which the kernel path uses.
-
-    Subtracting the per-head key mean adds the same constant to every score of a query row, which
-    the softmax ignores also when it runs over a subset of the keys; it shrinks the K range that
-    int8 must cover.
-    """
-    dim = q.shape[-1]
-    scale = dim ** -0.5 if scale is None else scale
-    q8, q_scales = quantize_per_block(q, MASK_BLOCK, scale * LOG2E)
-    k_centred = k - k.mean(dim=2, keepdim=True)
-    k8, k_scales = quantize_per_block(k_centred, block_n)
-    return q8, q_scales, k8, k_scales
-
-
 def quantize_tiles(x: torch.Tensor, rows: int, multiplier: float = 1.0, mean: torch.Tensor | None = None,
                    out: tuple[torch.Tensor, torch.Tensor] | None = None):
-    """:func:`quantize_per_block` of ``x - mean`` (mean (B, H, D) or None) in one Triton pass.
+    """Int8 tiles of ``(x - mean) * multiplier`` (mean (B, H, D) or None) in one Triton pass, one scale per
+    ``rows`` rows and head (``block_sparse.quantize_tiles_reference`` is the torch version).
 
     Reads ``x`` in any layout with a contiguous last dim; never writes to it. ``out`` = (int8
     (B, H, L, D), float32 (B, H, L / rows)) views to write into (e.g. a KV ring's slots), else new
@@ -404,7 +375,7 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
     Q and K are quantised out of place by one Triton launch (the caller's K, often a KV cache,
     is never touched); ``k`` may instead be int8 already (``block_sparse.QuantizedKeys``). Subtracting one vector from every key leaves each softmax unchanged, so
     ``key_mean`` (B, H, D) may be any estimate of the keys' mean (the DiT passes its window means);
-    without it the mean is computed. ``quantized`` may carry a precomputed :func:`quantize_qk`
+    without it the mean is computed. ``quantized`` may carry a precomputed :func:`quantize_q_and_k`
     result (benchmarks time the kernel alone); ``order`` a precomputed :func:`task_order`.
     """
     _, heads, lq, dim = q.shape
@@ -446,6 +417,6 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
 
 __all__ = [
     "KernelConfig", "MASK_BLOCK", "SM90_CONFIG", "SAFE_CONFIG", "default_config",
-    "block_sparse_attention", "block_sparse_attention_int8", "quantize_qk", "quantize_tiles",
+    "block_sparse_attention", "block_sparse_attention_int8", "quantize_tiles",
     "quantize_q_and_k",
 ]

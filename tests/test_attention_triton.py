@@ -28,7 +28,7 @@ CHILD = textwrap.dedent("""
     import torch
     import torch.nn.functional as F
     from comfyui_flashvsr.attention import triton_kernels as tk
-    from comfyui_flashvsr.attention.block_sparse import BLOCK, build_lut, masked_reference
+    from comfyui_flashvsr.attention.block_sparse import BLOCK, build_lut, masked_reference, quantize_tiles_reference
 
     def case(seed, layout, bsz=2, heads=2, nq=2, nk=3, dim=64):
         g = torch.Generator().manual_seed(seed)
@@ -75,7 +75,8 @@ CHILD = textwrap.dedent("""
     # the Triton quantiser against the torch reference, on the strided (B, L, H, D) layout
     q, k, _, _ = case(2, "blhd")
     k = (k.float() + 3.0).half()
-    q8, qs, k8, ks = tk.quantize_qk(q.float(), k.float(), 64)
+    q8, qs = quantize_tiles_reference(q, BLOCK, 64 ** -0.5 * tk.LOG2E)
+    k8, ks = quantize_tiles_reference(k, 64, shift=k.float().mean(dim=2))
     tq8, tqs = tk.quantize_tiles(q, BLOCK, 64 ** -0.5 * tk.LOG2E)
     tk8, tks = tk.quantize_tiles(k, 64, 1.0, k.float().mean(dim=2))
     results["quantise"] = {
@@ -139,12 +140,13 @@ def test_triton_quantiser_matches_the_torch_reference(interpreted):
 def test_int8_quantisation_is_per_block_and_out_of_place():
     import torch
 
-    from comfyui_flashvsr.attention import triton_kernels as tk
+    from comfyui_flashvsr.attention.block_sparse import quantize_tiles_reference
 
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(2, 2, 256, 64, generator=g), torch.randn(2, 2, 384, 64, generator=g) + 3.0
     k_before = k.clone()
-    q8, q_scales, k8, k_scales = tk.quantize_qk(q, k, 64)
+    q8, q_scales = quantize_tiles_reference(q, 128, 64 ** -0.5 * 1.4426950408889634)
+    k8, k_scales = quantize_tiles_reference(k, 64, shift=k.mean(dim=2))
     assert torch.equal(k, k_before)
     assert q8.dtype == k8.dtype == torch.int8 and int(q8.abs().max()) == 127
     assert q_scales.shape == (2, 2, 2) and k_scales.shape == (2, 2, 6)
