@@ -50,6 +50,22 @@ def _device_ms(event) -> float:
     return (getattr(event, "device_time_total", None) or getattr(event, "cuda_time_total", 0)) / 1000.0
 
 
+def _tally(prof, n: int) -> tuple[collections.Counter, list[tuple[str, float, float]], float]:
+    """Kernel time per unit (chunk or period) of a profile over ``n`` units: by group, per kernel
+    (name, calls, ms; longest first) and in memory copies."""
+    groups, rows, copies = collections.Counter(), [], 0.0
+    for ev in prof.key_averages():
+        t = _device_ms(ev) / n
+        if t <= 0:
+            continue
+        if "Memcpy" in ev.key:
+            copies += t
+        rows.append((ev.key, ev.count / n, t))
+        groups[_group(ev.key)] += t
+    rows.sort(key=lambda r: -r[2])
+    return groups, rows, copies
+
+
 def steady_kernels(pipe, cfg, frames, chunks=(2, 3, 4)) -> dict:
     """Profile the DiT of the given steady chunks only (CUDA kernels, summed, per chunk)."""
     from torch.profiler import ProfilerActivity, profile
@@ -81,15 +97,7 @@ def steady_kernels(pipe, cfg, frames, chunks=(2, 3, 4)) -> dict:
     n = len(chunks)
     if not n:
         return {"dit_ms_per_chunk": per_chunk_ms, "dit_host_enqueue_ms": cpu_ms}
-    rows = []
-    groups = collections.Counter()
-    for ev in prof.key_averages():
-        t = _device_ms(ev) / n
-        if t <= 0:
-            continue
-        rows.append((ev.key, ev.count / n, t))
-        groups[_group(ev.key)] += t
-    rows.sort(key=lambda r: -r[2])
+    groups, rows, _ = _tally(prof, n)
     return {"dit_ms_per_chunk": per_chunk_ms, "dit_host_enqueue_ms": cpu_ms,
             "groups_ms_per_chunk": {k: round(v, 2) for k, v in groups.items()},
             "kernel_sum_ms_per_chunk": round(sum(groups.values()), 2),
@@ -139,21 +147,11 @@ def chunk_period(pipe, cfg, frames, window=(2, 4)) -> dict:
            if not (window[0] <= i < window[1]) and not (i < window[0] < j)}
     hst = {i: round((host[j] - host[i]) * 1000, 2) for i, j in itertools.pairwise(idx)}
     n = window[1] - window[0]
-    groups = collections.Counter()
-    copies = 0.0
-    rows = []
-    for ev in prof.key_averages():
-        t = _device_ms(ev) / n
-        if "Memcpy" in ev.key:
-            copies += t
-        groups[_group(ev.key)] += t
-        if t > 0:
-            rows.append({"name": ev.key[:110], "calls_per_period": ev.count / n, "ms_per_period": round(t, 3)})
-    rows.sort(key=lambda r: -r["ms_per_period"])
+    groups, rows, copies = _tally(prof, n)
     return {"gpu_period_ms": gpu, "host_period_ms": hst,
             "kernels_ms_per_period": {k: round(v, 2) for k, v in groups.items()},
             "kernel_sum_ms_per_period": round(sum(groups.values()), 2), "memcpy_ms_per_period": round(copies, 2),
-            "top_kernels": rows[:45]}
+            "top_kernels": [{"name": k[:110], "calls_per_period": c, "ms_per_period": round(t, 3)} for k, c, t in rows[:45]]}
 
 
 def host_syncs(pipe, cfg, frames) -> list[dict]:
