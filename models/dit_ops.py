@@ -90,9 +90,14 @@ def post_self_attention(x, o_windows, ow, ob, gate, n3w, n3b, cqw, cqb, cnqw):
     return x, q
 
 
-def post_cross_attention(x, o, cow, cob, shift, scale, gate, f0w, f0b, f2w, f2b):
+def _ffn_input(x, o, cow, cob, shift, scale):
+    """Cross-attention output projection and residual; then the FFN's modulated norm."""
     x = x + F.linear(o, cow, cob)
-    y = F.layer_norm(x, (x.shape[-1],), eps=EPS) * (1 + scale) + shift
+    return x, F.layer_norm(x, (x.shape[-1],), eps=EPS) * (1 + scale) + shift
+
+
+def post_cross_attention(x, o, cow, cob, shift, scale, gate, f0w, f0b, f2w, f2b):
+    x, y = _ffn_input(x, o, cow, cob, shift, scale)
     return x + gate * F.linear(F.gelu(F.linear(y, f0w, f0b), approximate="tanh"), f2w, f2b)
 
 
@@ -103,8 +108,7 @@ def post_cross_attention_gelu_epilogue(x, o, cow, cob, shift, scale, gate, f0w, 
     the one rounding to bf16 (eager rounds, then applies GELU), a difference within bf16 rounding."""
     if not x.is_cuda:       # the CPU kernel of _addmm_activation applies the erf GELU, not tanh
         return post_cross_attention(x, o, cow, cob, shift, scale, gate, f0w, f0b, f2w, f2b)
-    x = x + F.linear(o, cow, cob)
-    y = F.layer_norm(x, (x.shape[-1],), eps=EPS) * (1 + scale) + shift
+    x, y = _ffn_input(x, o, cow, cob, shift, scale)
     hidden = torch._addmm_activation(f0b, y.reshape(-1, y.shape[-1]), f0w.t(), use_gelu=True)
     return x + gate * F.linear(hidden.view(*y.shape[:-1], -1), f2w, f2b)
 
