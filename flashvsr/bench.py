@@ -68,6 +68,7 @@ class BenchResult:
     peak_vram_bytes: int | None
     peak_ram_bytes: int | None
     attention: str
+    steady_fps: float | None = None   # CUDA, >= 4 chunks: from the GPU's period per steady chunk (RunStats)
 
 
 class PeakRSS:
@@ -139,7 +140,7 @@ def measure(pipe, frames, cfg: config.UpscaleConfig, device: str, mode: str) -> 
     attention = getattr(stats, "attention", "") or ""
     n = int(result.frames.shape[0])
     return BenchResult(mode, cfg.sageattention, n, seconds, n / seconds, vram, ram.peak_bytes,
-                       str(attention))
+                       str(attention), getattr(stats, "steady_fps", None))
 
 
 def run(params: BenchParams, build: Callable[[str], object] | None = None) -> list[BenchResult]:
@@ -161,7 +162,8 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
                            for _ in range(params.repeat)), key=lambda r: r.seconds)
             median = runs[len(runs) // 2]
             results.append(replace(median, peak_vram_bytes=_max(r.peak_vram_bytes for r in runs),
-                                   peak_ram_bytes=_max(r.peak_ram_bytes for r in runs)))
+                                   peak_ram_bytes=_max(r.peak_ram_bytes for r in runs),
+                                   steady_fps=_median(r.steady_fps for r in runs)))
             log.info("%s / sageattention=%s: %.2f fps", mode, sage, results[-1].fps)
         del pipe
         _empty_cache(params.device)
@@ -171,6 +173,11 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
 def _max(values) -> int | None:
     known = [v for v in values if v is not None]
     return max(known) if known else None
+
+
+def _median(values) -> float | None:
+    known = sorted(v for v in values if v is not None)
+    return known[len(known) // 2] if known else None
 
 
 def _random_builder(params: BenchParams) -> Callable[[str], object]:
@@ -226,6 +233,10 @@ def _gib(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
+def _fps(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.2f}"
+
+
 def table(data: dict, markdown: bool = False) -> str:
     p, env = data["params"], data["environment"]
     where = env.get("gpu") or env.get("cpu") or env["device"]
@@ -238,9 +249,10 @@ def table(data: dict, markdown: bool = False) -> str:
                 f"compile {'on' if p['compile'] and p['device'].startswith('cuda') else 'off'}, "
                 + (f"tiles {p['tile_size']} px (overlap {p['tile_overlap']}), " if p.get("tile_size") else "")
                 + f"median of {p['repeat']} run(s)")
-    cols = ["mode", "sageattention", "fps", "s/frame", "peak VRAM", "peak RAM", "attention ran"]
-    rows = [[r["mode"], r["sageattention"], f"{r['fps']:.2f}", f"{r['seconds'] / r['frames']:.3f}",
-             _gib(r["peak_vram_bytes"]), _gib(r["peak_ram_bytes"]), r["attention"] or "?"]
+    cols = ["mode", "sageattention", "e2e fps", "steady fps", "s/frame", "peak VRAM", "peak RAM", "attention ran"]
+    rows = [[r["mode"], r["sageattention"], f"{r['fps']:.2f}", _fps(r.get("steady_fps")),
+             f"{r['seconds'] / r['frames']:.3f}", _gib(r["peak_vram_bytes"]), _gib(r["peak_ram_bytes"]),
+             r["attention"] or "?"]
             for r in data["results"]]
     if markdown:
         lines = [f"**{h}**  " if i < len(data["labels"]) else f"{h}  " for i, h in enumerate(head)]

@@ -56,7 +56,7 @@ class UpscaleConfig:
     vae_stride: tuple[int, int] = (30, 52)
     color_fix_float32: bool = True
     compile: bool = True          # CUDA only: torch.compile the DiT's elementwise glue (falls back to eager)
-    overlap_decode: bool = True   # CUDA, Tiny/Full: decode chunk k on a second stream during chunk k+1's DiT
+    overlap_decode: bool = True   # CUDA, Tiny/Full: projector and decoder on a second stream, beside the DiT
 
     def __post_init__(self) -> None:
         if not 1.0 <= float(self.scale) <= 4.0:

@@ -43,6 +43,7 @@ class ChunkOutput:
     start: int                 # index of the first output frame in this chunk
     frames: torch.Tensor       # (t, out_h, out_w, 3) float in [0, 1] on the compute device
     stream: "torch.cuda.Stream | None" = None   # where ``frames`` was made: use it there (see run_stream)
+    dit_start: "torch.cuda.Event | None" = None  # CUDA: recorded as the chunk's DiT step was queued (steady_period_ms)
 
     def using(self):
         """Context in which to read ``frames`` on the GPU (its stream), without making the DiT wait."""
@@ -83,9 +84,10 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
 
     With ``tile`` the run covers only that window of the model frame (spatial tiling): ``geom`` is
     still the whole frame's geometry, the tile's own sizes come from ``tile``. With
-    ``decode_stream`` (CUDA) each chunk is decoded and colour-fixed on that stream while the next
-    chunk's projector and DiT run on the current one; the yielded frames belong to that stream
-    (read them inside ``ChunkOutput.using()``).
+    ``decode_stream`` (CUDA, the "side stream") everything but the noise and the DiT runs on that
+    stream: chunk k+1's LQ upsampling and projector beside chunk k's DiT, chunk k's decoding and
+    colour fix beside chunk k+1's DiT. The yielded frames belong to that stream (read them inside
+    ``ChunkOutput.using()``).
     """
     dev, dtype = models.device, models.dtype
     full_up = Upsampler(geom, dev, dtype)
@@ -120,26 +122,40 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
     lat_h, lat_w = geom.model_h // 8, geom.model_w // 8
     if geom.official and not source.has(MIN_MODEL_FRAMES - 5):
         raise ValueError("official preprocessing needs at least 21 input frames; use preprocess='exact'")
+    def tokens_for(ck) -> torch.Tensor:
+        tokens = [models.projector.stream(lq(a, b), proj_state) for a, b in ck.projector_clips]
+        return torch.cat([t for t in tokens if t is not None], dim=1)
+
+    ahead = None         # (tokens, event): a chunk's projector output made on the side stream
     k = 0
     while chunk_needed(k, source, geom.official):
         ck = chunk(k)
-        tokens = [models.projector.stream(lq(a, b), proj_state) for a, b in ck.projector_clips]
-        tokens = torch.cat([t for t in tokens if t is not None], dim=1)
+        if decode_stream is None:
+            tokens = tokens_for(ck)
+        else:
+            tokens, ready = ahead or _on_side(decode_stream, tokens_for, ck, after_main=True)
+            torch.cuda.current_stream(dev).wait_event(ready)
         if noise is not None:
             x = noise[:, :, ck.latent_start:ck.latent_start + ck.latent_count].to(dev, dtype)
         else:
             x = latent_noise(cfg.seed, ck.latent_start, ck.latent_count, lat_h, lat_w, device=dev, dtype=dtype)
         if observer is not None:
             observer("lq_latents", k, tokens)
+        dit_start = _timing_event(dev)
         latents = models.dit.forward_chunk(x, tokens, models.consts, dit_state, sparse, attn, models.dit_ops)
         del tokens, x          # not needed while decoding (chunk 0: ~80 MB at 768x1408)
+        # The next chunk's projector goes on the side stream before this chunk's decoding, which
+        # must wait for the DiT: it then runs beside this DiT instead of after the decoder.
+        ahead = None
+        if decode_stream is not None and chunk_needed(k + 1, source, geom.official):
+            ahead = _on_side(decode_stream, tokens_for, chunk(k + 1))
         if observer is not None:
             observer("latents", k, latents)
-        cond = lq(ck.out_start, ck.out_end)
         stop = ck.out_end
         if not geom.official and not source.has(ck.out_end - 1):
             stop = source.count            # exact mode: the padded tail is not the user's
-        with _decoding_on(decode_stream, latents, cond):
+        with _decoding_on(decode_stream, latents):
+            cond = lq(ck.out_start, ck.out_end)
             frames = models.decoder.decode(latents, cond, dec_state)           # (1, 3, t, H, W) in [-1, 1]
             if observer is not None:
                 observer("frames_decoded", k, frames)
@@ -151,12 +167,47 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
             # Nothing of this chunk but its output may stay alive while the caller works and the
             # next chunk runs (a generator keeps its locals): ~0.3 GB at 768x1408.
             del latents, cond, frames, ref
-        yield ChunkOutput(k, ck.out_start, out, decode_stream)
+        yield ChunkOutput(k, ck.out_start, out, decode_stream, dit_start)
         del out
         for i in [i for i in hr if i < ck.out_end]:
             del hr[i]
         source.forget_before(ck.out_end)
         k += 1
+
+
+def _timing_event(dev: torch.device) -> "torch.cuda.Event | None":
+    if dev.type != "cuda":
+        return None
+    event = torch.cuda.Event(enable_timing=True)
+    event.record()
+    return event
+
+
+def steady_period_ms(starts: list) -> float | None:
+    """Median GPU time from one chunk's DiT start to the next's, from chunk 2 on (chunk 0 is three
+    times as long and chunk 1 still warms caches): everything the GPU does per steady chunk on all
+    streams, idle time included, i.e. the pipeline's steady throughput. None with fewer than 4
+    chunks or without CUDA events. Call after the work has finished (reads the events)."""
+    steady = [e for e in starts[2:] if e is not None]
+    if len(steady) < 2:
+        return None
+    periods = sorted(a.elapsed_time(b) for a, b in zip(steady, steady[1:]))
+    return periods[len(periods) // 2]
+
+
+def _on_side(stream, tokens_for, ck, after_main: bool = False) -> tuple[torch.Tensor, "torch.cuda.Event"]:
+    """Chunk ``ck``'s LQ upsampling and projector on the side stream (where its cached state and
+    upsampled frames live); the event marks the tokens ready for the DiT's stream. ``after_main``:
+    first wait for what the current stream has queued (the upsampler's matrices on chunk 0)."""
+    main = torch.cuda.current_stream(stream.device)
+    if after_main:
+        stream.wait_stream(main)
+    with torch.cuda.stream(stream):
+        tokens = tokens_for(ck)
+        ready = torch.cuda.Event()
+        ready.record(stream)
+    tokens.record_stream(main)      # freed by the host while the DiT may still read it
+    return tokens, ready
 
 
 def _to_unit_hwc(frames: torch.Tensor) -> torch.Tensor:

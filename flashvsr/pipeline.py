@@ -17,10 +17,11 @@ import torch
 
 from ..attention import AttentionDispatcher
 from .config import Mode, UpscaleConfig, Version
-from .engine import EngineModels, Tile, run_stream, total_chunks
+from .engine import EngineModels, Tile, run_stream, steady_period_ms, total_chunks
 from .frames import FrameSource
 from .host_copy import DeferredDownload
 from .preprocess import MULTIPLE, plan_geometry
+from .schedule import STEADY_CHUNK_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class RunStats:
     chunks: int
     mode: str
     device: str
+    steady_fps: float | None = None   # CUDA, >= 4 chunks: output frames per second of the GPU's steady period
 
     @property
     def fps(self) -> float:
@@ -43,7 +45,8 @@ class RunStats:
 
     def summary(self) -> str:
         vram = f"peak VRAM {self.peak_vram_bytes / 2**30:.1f} GiB" if self.peak_vram_bytes else f"device {self.device}"
-        return f"{self.attention} | {self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} fps) | {vram}"
+        steady = f", steady {self.steady_fps:.1f} fps" if self.steady_fps else ""
+        return f"{self.attention} | {self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} fps{steady}) | {vram}"
 
 
 @dataclass
@@ -126,7 +129,8 @@ class FlashVSR:
         return TinyDecoder(self.decoder, TCDecoderPasses(latents=1, tail_frames=1, body=body, tail=tail))
 
     def _decode_stream(self, cfg: UpscaleConfig):
-        """A second CUDA stream for decoding chunk k while the DiT works on chunk k+1 (Tiny and Full).
+        """A second CUDA stream for the projector and decoder, beside the DiT (Tiny and Full): chunk
+        k+1's projector and chunk k's decoding run while the DiT works on chunk k or k+1.
 
         Tiny-Long decodes on the DiT's stream: overlapping would hold both working sets at once,
         and its point is the lowest, flat memory.
@@ -146,12 +150,15 @@ class FlashVSR:
             from ..models.compiled import compile_with_fallback
             net = self.decoder
             weights = net.fast_tail_weights()     # the upsampling folded into the next convolution
+            head = _fused_rgb_head(net)
 
             def tail(x):
-                return net.run_tail_subpixel(x, weights)
+                return net.run_tail_subpixel(x, weights, head=head is None)
 
-            self._tc_layers = (compile_with_fallback(net.run_body, "the TCDecoder"),
-                               compile_with_fallback(tail, "the TCDecoder's last stage"))
+            tail = compile_with_fallback(tail, "the TCDecoder's last stage")
+            if head is not None:
+                tail = _then(tail, head)
+            self._tc_layers = (compile_with_fallback(net.run_body, "the TCDecoder"), tail)
         return self._tc_layers
 
     def upscale(self, frames: torch.Tensor, config: UpscaleConfig | None = None, on_progress: Progress | None = None,
@@ -173,6 +180,7 @@ class FlashVSR:
         attn = self.attention.session(cfg.sageattention)
         done = 0
         downloads = DeferredDownload()
+        starts = []                   # per tile: each chunk's DiT-start event (steady_fps)
 
         def place(ready) -> None:
             nonlocal done
@@ -187,9 +195,11 @@ class FlashVSR:
             for tile in tiles:
                 src = FrameSource(frames)
                 ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
+                starts.append([])
                 for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn, noise=noise, tile=tile,
                                                    decode_stream=self._decode_stream(cfg))):
                     f, s0 = chunk_out.frames, chunk_out.start
+                    starts[-1].append(chunk_out.dit_start)
                     with chunk_out.using():
                         if pin_all:
                             out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
@@ -213,7 +223,7 @@ class FlashVSR:
                                f"free other models first. ({err})") from None
         finally:
             self._release()
-        stats = self._stats(start, n_out, attn, done)
+        stats = self._stats(start, n_out, attn, done, starts)
         log.info("[FlashVSR] %s", stats.summary())
         return UpscaleResult(out, stats)
 
@@ -229,7 +239,7 @@ class FlashVSR:
         total = total_chunks(n_frames, geom.official) if n_frames else 0
         attn = self.attention.session(cfg.sageattention)
         self.last_stats = None
-        start, done, count = self._start_timing(), 0, 0
+        start, done, count, starts = self._start_timing(), 0, 0, []
         try:
             downloads = DeferredDownload()
 
@@ -244,6 +254,7 @@ class FlashVSR:
 
             for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn,
                                                decode_stream=self._decode_stream(cfg))):
+                starts.append(chunk_out.dit_start)
                 with chunk_out.using():
                     u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8)
                     done_u8 = downloads.push(u8)
@@ -252,7 +263,7 @@ class FlashVSR:
             yield from ready(downloads.flush())
         finally:
             self._release()
-        self.last_stats = self._stats(start, count, attn, done)
+        self.last_stats = self._stats(start, count, attn, done, [starts])
 
     def _models(self, cfg: UpscaleConfig) -> EngineModels:
         ops = None
@@ -267,13 +278,16 @@ class FlashVSR:
             torch.cuda.synchronize(self.device)
         return time.perf_counter()
 
-    def _stats(self, start: float, frames: int, attn, chunks: int) -> RunStats:
+    def _stats(self, start: float, frames: int, attn, chunks: int, starts: list[list]) -> RunStats:
+        """``starts``: per tile, the DiT-start events of its chunks (the steady rate covers all tiles)."""
         peak = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
-        return RunStats(frames, time.perf_counter() - start, peak, attn.summary(), chunks, self.mode.value,
-                        str(self.device))
+        seconds = time.perf_counter() - start
+        periods = [p for p in map(steady_period_ms, starts) if p is not None]
+        steady = STEADY_CHUNK_FRAMES * 1000.0 / (sorted(periods)[len(periods) // 2] * len(starts)) if periods else None
+        return RunStats(frames, seconds, peak, attn.summary(), chunks, self.mode.value, str(self.device), steady)
 
     def _release(self) -> None:
         """Drop what a finished or cancelled run left in the allocator; the weights stay loaded."""
@@ -297,6 +311,26 @@ def _fused_vae_norms_supported() -> bool:
     """The VAE's fused norm kernel rounds like eager only with inductor's emulate_precision_casts."""
     import torch._inductor.config as inductor_config
     return hasattr(inductor_config, "emulate_precision_casts")
+
+
+def _fused_rgb_head(net):
+    """The TCDecoder's last ReLU + convolution as our Triton kernel (16-bit weights: the kernel's
+    products are tensor-core ones), or None to leave them to cuDNN."""
+    from ..models.tc_kernels import pack_rgb_head, relu_conv3x3_rgb, supports
+    conv = net.rgb_head()
+    if conv.weight.dtype not in (torch.float16, torch.bfloat16) or not supports(conv.in_channels, conv.out_channels):
+        return None
+    packed, cout = pack_rgb_head(conv.weight, conv.bias), conv.out_channels
+
+    def head(x):
+        return relu_conv3x3_rgb(x.contiguous(memory_format=torch.channels_last), packed, cout)
+    return head
+
+
+def _then(first, second):
+    def both(x):
+        return second(first(x))
+    return both
 
 
 def _tuned(chunks: Iterator) -> Iterator:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MIN_MODEL_FRAMES = 25      # n = 3: the smallest run the official pipeline can do
+STEADY_CHUNK_FRAMES = 8    # output frames of every chunk after the first (see chunk())
 
 
 def largest_8n1_at_most(x: int) -> int:

@@ -10,13 +10,15 @@ from comfyui_flashvsr.flashvsr import bench, cli
 
 
 class FakePipe:
-    def __init__(self, mode):
-        self.mode, self.calls = mode, []
+    def __init__(self, mode, steady=()):
+        self.mode, self.calls, self.steady = mode, [], list(steady)
 
     def upscale(self, frames, cfg):
         self.calls.append((frames.shape[0], cfg.sageattention))
         out = frames.repeat_interleave(int(cfg.scale), 1).repeat_interleave(int(cfg.scale), 2)
-        return SimpleNamespace(frames=out, stats=SimpleNamespace(attention=f"fake-{cfg.sageattention}"))
+        steady = self.steady.pop(0) if self.steady else None
+        return SimpleNamespace(frames=out, stats=SimpleNamespace(attention=f"fake-{cfg.sageattention}",
+                                                                 steady_fps=steady))
 
 
 def _params(**kw):
@@ -52,6 +54,19 @@ def test_table_and_json_carry_the_random_weights_label():
         assert "fake-disable" in out
     assert md.count("\n| tiny | disable |") == 1
     assert json.loads(json.dumps(data))["labels"] == [bench.LABEL_RANDOM, bench.LABEL_TINY]
+
+
+def test_steady_fps_is_the_median_of_the_measured_runs_and_shown():
+    # the warm-up run's steady rate (1.0) must not count; the measured runs give 50, 70, 60
+    pipe = FakePipe("tiny", steady=[1.0, 50.0, 70.0, 60.0])
+    params = _params(modes=("tiny",), sage=("disable",))
+    (result,) = bench.run(params, lambda mode: pipe)
+    assert result.steady_fps == 60.0
+    md = bench.table(bench.report(params, [result], bench.environment("cpu")), markdown=True)
+    assert "| e2e fps | steady fps |" in md and "| 60.00 |" in md
+    (unknown,) = bench.run(params, FakePipe)      # no CUDA events: shown as n/a, not as a number
+    assert unknown.steady_fps is None
+    assert "| n/a |" in bench.table(bench.report(params, [unknown], bench.environment("cpu")), markdown=True)
 
 
 def test_full_width_runs_are_not_labelled_as_reduced():

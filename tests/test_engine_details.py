@@ -179,3 +179,35 @@ def test_int8_key_ring_streams_like_the_bf16_ring_within_int8_rounding():
     assert bool(((keys - ref).abs() <= step / 2 + 1e-6).all())
     for a, b in zip(outs["int8"], outs["plain"]):
         assert float((a - b).norm() / b.norm()) < 2e-2
+
+
+class _FakeEvent:
+    """Stands in for a CUDA timing event recorded at a known time (ms)."""
+
+    def __init__(self, t: float):
+        self.t = t
+
+    def elapsed_time(self, later: "_FakeEvent") -> float:
+        return later.t - self.t
+
+
+def test_steady_period_is_the_median_gap_between_dit_starts_from_chunk_2():
+    from comfyui_flashvsr.flashvsr.engine import steady_period_ms
+    # chunk 0 (400 ms) and 1 (200 ms) are not steady; then gaps 130, 150, 140, 900 (a stall) -> 150
+    times = [0, 400, 600, 730, 880, 1020, 1920]
+    assert steady_period_ms([_FakeEvent(t) for t in times]) == 150
+    assert steady_period_ms([_FakeEvent(t) for t in times[:4]]) == 130
+    assert steady_period_ms([_FakeEvent(t) for t in times[:3]]) is None      # fewer than 4 chunks
+    assert steady_period_ms([None] * 6) is None                               # CPU: no events
+
+
+def test_run_stats_report_the_steady_rate_over_all_tiles(monkeypatch):
+    pipe = FlashVSR.random(mode="tiny", device="cpu", dtype=torch.float32, size="tiny")
+    attn = AttentionDispatcher().session("disable")
+    # two tiles with a steady period of 100 ms each: 8 frames per 2 x 100 ms = 40 fps
+    tile = [_FakeEvent(t) for t in (0, 300, 400, 500, 600)]
+    stats = pipe._stats(0.0, 10, attn, 10, [tile, tile])
+    assert stats.steady_fps == pytest.approx(40.0)
+    assert "steady 40.0 fps" in stats.summary()
+    plain = pipe._stats(0.0, 10, attn, 10, [[None] * 5])
+    assert plain.steady_fps is None and "steady" not in plain.summary()
