@@ -150,15 +150,12 @@ class FlashVSR:
             from ..models.compiled import compile_with_fallback
             net = self.decoder
             weights = net.fast_tail_weights()     # the upsampling folded into the next convolution
-            head = _fused_rgb_head(net)
 
             def tail(x):
-                return net.run_tail_subpixel(x, weights, head=head is None)
+                return net.run_tail_subpixel(x, weights)
 
-            tail = compile_with_fallback(tail, "the TCDecoder's last stage")
-            if head is not None:
-                tail = _then(tail, head)
-            self._tc_layers = (compile_with_fallback(net.run_body, "the TCDecoder"), tail)
+            self._tc_layers = (compile_with_fallback(net.run_body, "the TCDecoder"),
+                               compile_with_fallback(tail, "the TCDecoder's last stage"))
         return self._tc_layers
 
     def upscale(self, frames: torch.Tensor, config: UpscaleConfig | None = None, on_progress: Progress | None = None,
@@ -311,26 +308,6 @@ def _fused_vae_norms_supported() -> bool:
     """The VAE's fused norm kernel rounds like eager only with inductor's emulate_precision_casts."""
     import torch._inductor.config as inductor_config
     return hasattr(inductor_config, "emulate_precision_casts")
-
-
-def _fused_rgb_head(net):
-    """The TCDecoder's last ReLU + convolution as our Triton kernel (16-bit weights: the kernel's
-    products are tensor-core ones), or None to leave them to cuDNN."""
-    from ..models.tc_kernels import pack_rgb_head, relu_conv3x3_rgb, supports
-    conv = net.rgb_head()
-    if conv.weight.dtype not in (torch.float16, torch.bfloat16) or not supports(conv.in_channels, conv.out_channels):
-        return None
-    packed, cout = pack_rgb_head(conv.weight, conv.bias), conv.out_channels
-
-    def head(x):
-        return relu_conv3x3_rgb(x.contiguous(memory_format=torch.channels_last), packed, cout)
-    return head
-
-
-def _then(first, second):
-    def both(x):
-        return second(first(x))
-    return both
 
 
 def _tuned(chunks: Iterator) -> Iterator:

@@ -189,22 +189,13 @@ class TCDecoder(nn.Module):
                 for layer in list(self.decoder)[self.tail_start + 3:] if isinstance(layer, nn.Conv2d)]
         return self.subpixel_weight().contiguous(memory_format=cl), rest
 
-    def rgb_head(self) -> nn.Conv2d:
-        """The last convolution (3x3 to RGB after a ReLU), which ``models.tc_kernels`` can run fused."""
-        *_, relu, conv = self.decoder
-        if not (isinstance(relu, nn.ReLU) and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
-                and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.groups == 1):
-            raise ValueError("the TCDecoder does not end with a ReLU and a 3x3 convolution")
-        return conv
-
-    def run_tail_subpixel(self, x: torch.Tensor, weights, head: bool = True) -> torch.Tensor:
+    def run_tail_subpixel(self, x: torch.Tensor, weights) -> torch.Tensor:
         """:meth:`run_tail` with the upsampling and the first convolution as one 2x2 convolution on the
         low-resolution frames (16 instead of 36 multiply-adds per output channel and input pixel, no
         upsampled tensor), in channels-last memory (cuDNN's NHWC kernels: on the H100 at 768x1408 the
         three convolutions take 0.23 / 0.45 / 0.38 ms per frame against 0.59 / 1.00 / 0.71 ms in NCHW).
         ``weights`` from :meth:`fast_tail_weights`. Differs from run_tail by the rounding of the merged
-        weights (bf16 noise); pure, so it can be compiled. ``head=False`` stops before the last ReLU
-        and convolution (:meth:`rgb_head`), for a caller that runs them fused."""
+        weights (bf16 noise); pure, so it can be compiled."""
         start = self.tail_start
         first = self.decoder[start + 2]
         if not (isinstance(self.decoder[start], nn.Upsample) and isinstance(first, nn.Conv2d)
@@ -220,7 +211,7 @@ class TCDecoder(nn.Module):
         x = torch.stack([torch.stack(row, -1) for row in phases], -3)     # (t, cout, h, 2, w, 2)
         x = x.reshape(t, cout, 2 * h, 2 * w).contiguous(memory_format=cl)
         convs = iter(rest)
-        for layer in list(self.decoder)[start + 3:None if head else -2]:
+        for layer in list(self.decoder)[start + 3:]:
             if isinstance(layer, nn.Conv2d):
                 weight, bias = next(convs)
                 x = F.conv2d(x, weight, bias, layer.stride, layer.padding)
