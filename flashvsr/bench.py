@@ -14,6 +14,7 @@ import argparse
 import json
 import logging
 import platform
+import statistics
 import sys
 import threading
 import time
@@ -176,8 +177,8 @@ def _max(values) -> int | None:
 
 
 def _median(values) -> float | None:
-    known = sorted(v for v in values if v is not None)
-    return known[len(known) // 2] if known else None
+    known = [v for v in values if v is not None]
+    return statistics.median_low(known) if known else None
 
 
 def _random_builder(params: BenchParams) -> Callable[[str], object]:

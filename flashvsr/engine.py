@@ -8,6 +8,7 @@ variants differ only in the decoder object and in where finished frames go (the 
 from __future__ import annotations
 
 import contextlib
+import statistics
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -122,6 +123,7 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
     lat_h, lat_w = geom.model_h // 8, geom.model_w // 8
     if geom.official and not source.has(MIN_MODEL_FRAMES - 5):
         raise ValueError("official preprocessing needs at least 21 input frames; use preprocess='exact'")
+
     def tokens_for(ck) -> torch.Tensor:
         tokens = [models.projector.stream(lq(a, b), proj_state) for a, b in ck.projector_clips]
         return torch.cat([t for t in tokens if t is not None], dim=1)
@@ -191,8 +193,7 @@ def steady_period_ms(starts: list) -> float | None:
     steady = [e for e in starts[2:] if e is not None]
     if len(steady) < 2:
         return None
-    periods = sorted(a.elapsed_time(b) for a, b in zip(steady, steady[1:]))
-    return periods[len(periods) // 2]
+    return statistics.median_low(a.elapsed_time(b) for a, b in zip(steady, steady[1:]))
 
 
 def _on_side(stream, tokens_for, ck, after_main: bool = False) -> tuple[torch.Tensor, "torch.cuda.Event"]:

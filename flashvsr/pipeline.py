@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import pathlib
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -283,7 +284,7 @@ class FlashVSR:
             peak = torch.cuda.max_memory_allocated(self.device)
         seconds = time.perf_counter() - start
         periods = [p for p in map(steady_period_ms, starts) if p is not None]
-        steady = STEADY_CHUNK_FRAMES * 1000.0 / (sorted(periods)[len(periods) // 2] * len(starts)) if periods else None
+        steady = STEADY_CHUNK_FRAMES * 1000.0 / (statistics.median_low(periods) * len(starts)) if periods else None
         return RunStats(frames, seconds, peak, attn.summary(), chunks, self.mode.value, str(self.device), steady)
 
     def _release(self) -> None:

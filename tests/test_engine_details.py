@@ -193,9 +193,9 @@ class _FakeEvent:
 
 def test_steady_period_is_the_median_gap_between_dit_starts_from_chunk_2():
     from comfyui_flashvsr.flashvsr.engine import steady_period_ms
-    # chunk 0 (400 ms) and 1 (200 ms) are not steady; then gaps 130, 150, 140, 900 (a stall) -> 150
+    # chunk 0 (400 ms) and 1 (200 ms) are not steady; then gaps 130, 150, 140, 900 (a stall) -> 140
     times = [0, 400, 600, 730, 880, 1020, 1920]
-    assert steady_period_ms([_FakeEvent(t) for t in times]) == 150
+    assert steady_period_ms([_FakeEvent(t) for t in times]) == 140
     assert steady_period_ms([_FakeEvent(t) for t in times[:4]]) == 130
     assert steady_period_ms([_FakeEvent(t) for t in times[:3]]) is None      # fewer than 4 chunks
     assert steady_period_ms([None] * 6) is None                               # CPU: no events
