@@ -180,13 +180,16 @@ class FlashVSR:
         downloads = DeferredDownload()
         starts = []                   # per tile: each chunk's DiT-start event (steady_fps)
 
-        def place(ready) -> None:
+        def tick() -> None:
             nonlocal done
+            done += 1
+            if on_progress is not None:
+                on_progress(done, total)
+
+        def place(ready) -> None:
             for host, (s0, tile, ramp) in ready:
                 _place(out, weight, s0, host, tile, ramp)
-                done += 1
-                if on_progress is not None:
-                    on_progress(done, total)
+                tick()
 
         start = self._start_timing()
         try:
@@ -201,9 +204,7 @@ class FlashVSR:
                     with chunk_out.using():
                         if pin_all:
                             out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
-                            done += 1
-                            if on_progress is not None:
-                                on_progress(done, total)
+                            tick()
                         else:
                             ready = downloads.push(f, (s0, tile, ramp))
                     if not pin_all:

@@ -164,7 +164,6 @@ class KVRing:
     k_scales: torch.Tensor | None = None      # (1, H, slots*s1*128 / key_rows)
     k_shift: torch.Tensor | None = None       # (1, H, D)
     key_rows: int = 0
-    key_dtype: torch.dtype | None = None
 
     def _slots_index(self, groups, s1: int, device, inverse: bool = False) -> torch.Tensor:
         """Physical rows of the logical windows of ``groups``, or with ``inverse`` the logical
@@ -193,7 +192,7 @@ class KVRing:
         if key_rows:
             ring.k_scales = torch.zeros((1, heads, shape[0] * shape[1] // key_rows), dtype=torch.float32,
                                         device=k_w.device)
-            ring.key_rows, ring.key_dtype = key_rows, k_w.dtype
+            ring.key_rows = key_rows
         return ring
 
     def add(self, k_w, v_w, pooled, s1: int, heads: int = 1, quantize=None) -> list[int]:
@@ -231,7 +230,7 @@ class KVRing:
         """The ring's keys for the attention call: a (1, H, L, D) view, or ``QuantizedKeys``."""
         if not self.key_rows:
             return heads_view(self.k, heads)
-        return QuantizedKeys(heads_view(self.k, heads), self.k_scales, self.k_shift, self.key_rows, self.key_dtype)
+        return QuantizedKeys(heads_view(self.k, heads), self.k_scales, self.k_shift, self.key_rows, self.v.dtype)
 
     def columns(self, groups: list[int], s1: int) -> torch.Tensor:
         return self._slots_index(groups, s1, self.k.device)
@@ -376,14 +375,11 @@ class WanDiT(nn.Module):
             if i == 0:
                 state.observe(i, "pooled_q", pooled_q)
                 state.observe(i, "pooled_k", pooled_k)
-        # The window means give the keys' mean for free; only the INT8 (sage) kernel uses it, and
-        # only when it quantises the keys itself (a ring of int8 keys carries its own shift).
-        key_mean = None
-        if attn.mode == "enable" and not ring.key_rows:
-            key_mean = pooled_k.float().mean(0).view(1, heads, -1)
+        # No key mean to pass: the INT8 kernel runs only where the ring holds int8 keys, which carry
+        # their own shift (session.key_rows is set exactly when the session uses that kernel).
         o = attn.block_sparse(heads_view(q_w, heads), ring.keys(heads), heads_view(ring.v, heads),
-                              ring.physical_mask(mask, groups, s1), key_mean=key_mean)
-        o = self._merge(o).reshape(-1, BLOCK_TOKENS, q_w.shape[-1])
+                              ring.physical_mask(mask, groups, s1))
+        o = self._merge(o)
         ring.evict(groups, kv_groups)
         x, q = ops["post_self"](x, o, sa.o.weight, sa.o.bias, mods[2], blk.norm3.weight, blk.norm3.bias,
                                 ca.q.weight, ca.q.bias, ca.norm_q.weight)

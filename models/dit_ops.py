@@ -82,9 +82,8 @@ def pre_attention(x, modulation, t_mod, qw, qb, kw, kb, vw, vb, nqw, nkw, cos, s
     return q_w, k_w, v_w, q_w.mean(dim=1), k_w.mean(dim=1), mods
 
 
-def post_self_attention(x, o_windows, ow, ob, gate, n3w, n3b, cqw, cqb, cnqw):
+def post_self_attention(x, o, ow, ob, gate, n3w, n3b, cqw, cqb, cnqw):
     """Self-attention output projection and gated residual; then the cross-attention query."""
-    o = o_windows.reshape(x.shape)
     x = x + gate * F.linear(o, ow, ob)
     q = rms_norm(F.linear(F.layer_norm(x, (x.shape[-1],), n3w, n3b, eps=EPS), cqw, cqb), cnqw)
     return x, q

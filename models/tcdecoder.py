@@ -171,14 +171,17 @@ class TCDecoder(nn.Module):
         (4 * C_out, C_in, 2, 2) weight: one 2x2 kernel per output phase (row a, column b). Output pixel
         (2i+a, 2j+b) reads low-resolution rows i-1, i (a = 0) or i, i+1 (a = 1), with the 3x3 kernel's
         rows merged as [w0, w1 + w2] or [w0 + w1, w2] (columns alike). Sums in float32, rounded once."""
-        conv = self.decoder[self.tail_start + 2]
-        w = conv.weight.float()
-        rows = [torch.stack([w[:, :, 0], w[:, :, 1] + w[:, :, 2]], 2), torch.stack([w[:, :, 0] + w[:, :, 1], w[:, :, 2]], 2)]
-        phases = []
-        for a in (0, 1):
-            r = rows[a]
-            cols = [torch.stack([r[..., 0], r[..., 1] + r[..., 2]], -1), torch.stack([r[..., 0] + r[..., 1], r[..., 2]], -1)]
-            phases += [cols[0], cols[1]]
+        start = self.tail_start
+        conv = self.decoder[start + 2]
+        if not (isinstance(self.decoder[start], nn.Upsample) and isinstance(conv, nn.Conv2d)
+                and conv.kernel_size == (3, 3) and conv.padding == (1, 1) and conv.bias is None):
+            raise ValueError("the TCDecoder tail does not start with nearest 2x upsampling and a 3x3 convolution")
+
+        def fold(w, dim):      # the 3 taps along ``dim`` as 2, per phase: [w0, w1 + w2], [w0 + w1, w2]
+            t0, t1, t2 = w.unbind(dim)
+            return torch.stack([t0, t1 + t2], dim), torch.stack([t0 + t1, t2], dim)
+
+        phases = [col for row in fold(conv.weight.float(), 2) for col in fold(row, 3)]
         return torch.cat(phases, 0).to(conv.weight.dtype)
 
     def fast_tail_weights(self) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor | None]]]:
@@ -195,12 +198,9 @@ class TCDecoder(nn.Module):
         upsampled tensor), in channels-last memory (cuDNN's NHWC kernels: on the H100 at 768x1408 the
         three convolutions take 0.23 / 0.45 / 0.38 ms per frame against 0.59 / 1.00 / 0.71 ms in NCHW).
         ``weights`` from :meth:`fast_tail_weights`. Differs from run_tail by the rounding of the merged
-        weights (bf16 noise); pure, so it can be compiled."""
+        weights (bf16 noise); pure, so it can be compiled. (:meth:`subpixel_weight` checks that the
+        tail can be folded.)"""
         start = self.tail_start
-        first = self.decoder[start + 2]
-        if not (isinstance(self.decoder[start], nn.Upsample) and isinstance(first, nn.Conv2d)
-                and first.kernel_size == (3, 3) and first.padding == (1, 1) and first.bias is None):
-            raise ValueError("the TCDecoder tail does not start with nearest 2x upsampling and a 3x3 convolution")
         sub, rest = weights
         cl = torch.channels_last
         t, _, h, w = x.shape
@@ -218,11 +218,6 @@ class TCDecoder(nn.Module):
             else:
                 x = layer(x)
         return x
-
-    def run_layers(self, x: torch.Tensor, memory: list[torch.Tensor]):
-        """All layers over a chunk of frames at once (the reference the split passes must match)."""
-        x, memory = self.run_body(x, memory)
-        return self.run_tail(x), memory
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, cond: torch.Tensor, state: TCDecoderState,
