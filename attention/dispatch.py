@@ -88,9 +88,9 @@ class AttentionSession:
         """
         return self.dispatcher.run_block_sparse(self._report, self.mode, q, k, v, block_mask, key_mean)
 
-    def key_rows(self, device: torch.device) -> Optional[int]:
-        """Keys per int8 scale if this run's block-sparse calls take int8 keys (see the dispatcher)."""
-        return self.dispatcher.key_rows(self.mode, device)
+    def key_rows(self, keys: torch.Tensor) -> Optional[int]:
+        """Keys per int8 scale if this run's block-sparse calls take int8 keys like ``keys`` (see the dispatcher)."""
+        return self.dispatcher.key_rows(self.mode, keys)
 
     def quantize_keys(self, keys: torch.Tensor, shift: torch.Tensor, rows: int, out) -> None:
         self.dispatcher.quantize_keys(keys, shift, rows, out)
@@ -244,11 +244,12 @@ class AttentionDispatcher:
             keys = k.dequantize() if quantized else k
             return masked_reference(q, keys, v, block_mask, mask_budget=self.config.reference_mask_budget)
 
-    def key_rows(self, mode: str, device: torch.device) -> Optional[int]:
-        """Keys per int8 scale when this mode's block-sparse calls take int8 keys on ``device`` (a KV
+    def key_rows(self, mode: str, keys: torch.Tensor) -> Optional[int]:
+        """Keys per int8 scale when this mode's block-sparse calls take int8 keys like ``keys`` (a KV
         cache can then be kept quantised: half the memory, each key quantised once), else None."""
-        if not self.uses_int8(mode, device) or not probe_triton().available:
+        if not self.uses_int8(mode, keys.device, keys.dtype) or not probe_triton().available:
             return None
+        device = keys.device
         from . import triton_kernels as tk
         return tk.default_config(self.capability(device) or (0, 0), int8=True).block_n
 
@@ -306,14 +307,16 @@ class AttentionDispatcher:
         run their own argsort)."""
         return self._mask_kernel("longest_first_order", counts.device, counts)
 
-    def uses_int8(self, mode: str, device: torch.device) -> bool:
-        """Whether the Triton block-sparse backend runs its INT8-QK kernel for this mode and device."""
+    def uses_int8(self, mode: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
+        """Whether the Triton block-sparse backend runs its INT8-QK kernel for this mode and device
+        (and ``dtype``, when given: by default only fp16/bf16 runs take it, as the Triton kernels
+        refuse float32 and an int8 key cache would only add rounding there)."""
         if mode != "enable":
             return False
         if self.config.sparse_int8_with_sage is not None:
             return self.config.sparse_int8_with_sage
         cc = self.capability(device)
-        return cc is not None and cc[0] == 9
+        return cc is not None and cc[0] == 9 and (dtype is None or dtype in HALF_DTYPES)
 
     def _sparse_label(self, name: str, mode: str, device: torch.device) -> str:
         return "triton-int8" if name == "triton" and self.uses_int8(mode, device) else name

@@ -364,7 +364,7 @@ class WanDiT(nn.Module):
             sa.norm_q.weight, sa.norm_k.weight, rot[0], rot[1], heads)
         ring = state.kv[i]
         if ring is None:
-            ring = state.kv[i] = KVRing.allocate(k_w, pooled_k, s1, kv_groups, heads, attn.key_rows(k_w.device))
+            ring = state.kv[i] = KVRing.allocate(k_w, pooled_k, s1, kv_groups, heads, attn.key_rows(k_w))
         groups = ring.add(k_w, v_w, pooled_k, s1, heads, attn.quantize_keys)   # logical order, oldest first
         cols = ring.columns(groups, s1)
         pooled_k = ring.pooled.index_select(0, cols)

@@ -162,6 +162,21 @@ def test_int8_sparse_kernel_defaults_to_hopper_only_and_only_for_enable(monkeypa
     assert forced.uses_int8("enable", device) is False
 
 
+def test_int8_key_cache_only_for_half_precision_keys_by_default(monkeypatch):
+    # An fp32 run on Hopper with "enable": the Triton kernels refuse fp32, so an int8 key cache would
+    # only round the keys and be dequantised in every layer; it keeps float keys instead.
+    pytest.importorskip("triton")
+    dispatcher = AttentionDispatcher()
+    monkeypatch.setattr(dispatcher, "capability", lambda device: (9, 0))
+    keys = {dt: torch.zeros(2, 128, 256, dtype=dt) for dt in (torch.bfloat16, torch.float16, torch.float32)}
+    assert dispatcher.key_rows("enable", keys[torch.bfloat16]) == 64
+    assert dispatcher.key_rows("enable", keys[torch.float16]) == 64
+    assert dispatcher.key_rows("enable", keys[torch.float32]) is None
+    assert dispatcher.key_rows("disable", keys[torch.bfloat16]) is None
+    forced = AttentionDispatcher(AttentionConfig(sparse_int8_with_sage=True))   # an explicit choice stands
+    assert forced.key_rows("enable", keys[torch.float32]) == 64
+
+
 @pytest.mark.parametrize("order", [("triton", "flex"), ("reference", "flex"), ("cudnn", "reference"), ()])
 def test_config_rejects_a_sparse_order_that_cannot_always_run(order):
     with pytest.raises(ValueError, match="end with 'reference'"):
