@@ -48,7 +48,7 @@ class BenchParams:
     compile: bool = True   # UpscaleConfig.compile (CUDA only)
     seed: int = 0
     tile_size: int = 0     # UpscaleConfig.tile_size: spatial tiling in output pixels (0 = off)
-    tile_overlap: int = 128
+    tile_overlap: int = config.UpscaleConfig.tile_overlap
 
     @property
     def in_h(self) -> int:
@@ -290,9 +290,9 @@ def add_parser(sub) -> None:
     p.add_argument("--repeat", type=int, default=1, help="measured runs per case (median reported)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the DiT glue eagerly (no torch.compile; CUDA only)")
-    p.add_argument("--tile-size", type=int, default=0,
+    p.add_argument("--tile-size", type=int, default=config.UpscaleConfig.tile_size,
                    help="spatial tiling in output pixels, multiple of 128 (0 = off; e.g. 1024 for 4K output)")
-    p.add_argument("--tile-overlap", type=int, default=128)
+    p.add_argument("--tile-overlap", type=int, default=config.UpscaleConfig.tile_overlap)
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
     p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version])

@@ -64,9 +64,13 @@ def _decoder_kind(case: Case) -> str:
 
 def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention: str = "disable",
              fast: bool = False) -> CaseRun:
-    """``fast`` (CUDA): the pipeline's fast path, i.e. compiled DiT glue and the projector's per-tap
-    convolutions, to check it against the official outputs too."""
+    """``fast`` (CUDA): the pipeline's own fast path (``FlashVSR._models``: compiled DiT glue, the
+    projector's stacked-tap convolutions, the compiled TCDecoder passes with the folded tail), to
+    check it against the official outputs too."""
     p = case.meta["case_params"]
+    cfg = UpscaleConfig(scale=float(p["scale"]), sparse_ratio=float(p["sparse_ratio"]),
+                        kv_ratio=float(p["kv_ratio"]), local_range=int(p["local_range"]),
+                        color_fix="adain", preprocess="official", sageattention=sageattention)
     dit = build_dit(case.weights("weights/dit/"), device, dtype)
     projector = build_projector(case.weights("weights/lq_proj/"), p["version"], device, dtype)
     if _decoder_kind(case) == "full":
@@ -77,18 +81,16 @@ def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention:
         decoder = build_decoder("full", case.weights(prefix), device, dtype)
     else:
         decoder = build_decoder("tiny", case.weights("weights/tcdecoder/"), device, dtype)
-    consts = dit.prepare(case.tensors["input/prompt_context"])
-    ops = None
+    prompt = case.tensors["input/prompt_context"]
     if fast:
-        from ..models.dit_ops import compiled_ops
-        projector.use_conv_taps()
-        ops = compiled_ops()
-    models = EngineModels(dit, projector, decoder, consts, torch.device(device), dtype, ops)
+        from .pipeline import FlashVSR
+        pipe = FlashVSR(dit, projector, decoder.net, prompt, _decoder_kind(case), p["version"], device, dtype)
+        models = pipe._models(cfg)
+    else:
+        models = EngineModels(dit, projector, decoder, dit.prepare(prompt), torch.device(device), dtype)
+    consts = models.consts
 
     frames = case.tensors["input/lq_lowres_u8"]
-    cfg = UpscaleConfig(scale=float(p["scale"]), sparse_ratio=float(p["sparse_ratio"]),
-                        kv_ratio=float(p["kv_ratio"]), local_range=int(p["local_range"]),
-                        color_fix="adain", preprocess="official", sageattention=sageattention)
     geom = plan_geometry(frames.shape[1], frames.shape[2], cfg.scale, official=True)
     up = Upsampler(geom, "cpu", torch.float32)
     n_model = case.meta["geometry"]["F"]

@@ -206,9 +206,7 @@ class FlashVSR:
                             out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
                             tick()
                         else:
-                            ready = downloads.push(f, (s0, tile, ramp))
-                    if not pin_all:
-                        place(ready)
+                            place(downloads.push(f, (s0, tile, ramp)))
                     del chunk_out, f     # the GPU copy must not live on while the next chunk runs
             place(downloads.flush())
             if cuda:

@@ -187,14 +187,16 @@ def capture_layer(pipe, cfg, frames, chunk=2, layer=15) -> dict:
     got = {}
     dens = []
 
-    def wrapped(report, mode, q, k, v, block_mask):
+    layers = pipe.dit.cfg.num_layers
+
+    def wrapped(report, mode, q, k, v, block_mask, *rest):
         i = calls["n"]
         calls["n"] += 1
-        if i >= 30:                     # chunk >= 1: steady
+        if i >= layers:                 # chunk >= 1: steady
             dens.append(block_mask.float().mean())
-        if i == 30 * chunk + layer:
+        if i == layers * chunk + layer:
             got.update(q=q.clone(), k=k.clone(), v=v.clone(), mask=block_mask.clone())
-        return orig(report, mode, q, k, v, block_mask)
+        return orig(report, mode, q, k, v, block_mask, *rest)
 
     disp.run_block_sparse = wrapped
     try:

@@ -139,3 +139,11 @@ def test_bf16_run_is_close_to_float32_reference(case, bf16_run):
 def test_output_frame_count_is_official(case, fp32_run):
     geom = case.meta["geometry"]
     assert fp32_run.final.shape[1] == geom["F"] - 4
+
+
+def test_pipeline_model_set_reproduces_the_float32_run(case, fp32_run):
+    # fast=True builds the models the way FlashVSR does (on the CPU: one-latent decoder passes, no
+    # compilation); the frames must be those of the plain engine run
+    piped = run_case(case, torch.float32, fast=True)
+    assert piped.final.shape == fp32_run.final.shape
+    assert _psnr(piped.final, fp32_run.final) >= 90.0
