@@ -1,4 +1,4 @@
-"""``python -m comfyui_flashvsr ...``: the command line (see ``flashvsr/cli.py``)."""
-from .flashvsr.cli import main
+"""``python -m comfyui_flashvsr ...``: the command line (see ``flashvsr/cli/main.py``)."""
+from .flashvsr.cli.main import main
 
 raise SystemExit(main())

@@ -11,10 +11,10 @@ import torch
 
 from ..attention import AttentionDispatcher
 from .config import UpscaleConfig
-from .engine import EngineModels, run_stream
-from .frames import FrameSource
-from .loader import build_decoder, build_dit, build_projector
-from .preprocess import Upsampler, plan_geometry
+from .engine.stream import EngineModels, run_stream
+from .engine.frames import FrameSource
+from .engine.loader import build_decoder, build_dit, build_projector
+from .engine.preprocess import Upsampler, plan_geometry
 
 KNOWN_COMPONENTS = ("weights/dit/", "weights/lq_proj/", "weights/tcdecoder/")
 

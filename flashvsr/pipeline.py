@@ -18,11 +18,11 @@ import torch
 
 from ..attention import AttentionDispatcher
 from .config import Mode, UpscaleConfig, Version
-from .engine import EngineModels, Tile, run_stream, steady_period_ms, total_chunks
-from .frames import FrameSource
-from .host_copy import DeferredDownload
-from .preprocess import MULTIPLE, plan_geometry
-from .schedule import STEADY_CHUNK_FRAMES
+from .engine.stream import EngineModels, Tile, run_stream, steady_period_ms, total_chunks
+from .engine.frames import FrameSource
+from .engine.host_copy import DeferredDownload
+from .engine.preprocess import MULTIPLE, plan_geometry
+from .engine.schedule import STEADY_CHUNK_FRAMES
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ class FlashVSR:
                         dtype=torch.bfloat16, download: bool = True, verify_sha256: bool = False,
                         progress=None) -> "FlashVSR":
         """Load the official weights (or a known repack) from ``roots``, downloading what is missing."""
-        from .weights import COMMON_PREFIXES, ensure_weights, read_prompt, read_state_dict
+        from .weights.store import COMMON_PREFIXES, ensure_weights, read_prompt, read_state_dict
         mode, version = Mode.parse(mode), Version.parse(version)
         roots = [pathlib.Path(roots)] if isinstance(roots, (str, pathlib.Path)) else [pathlib.Path(r) for r in roots]
         files = ensure_weights(roots, version.value, mode.value, download=download, progress=progress,
@@ -98,7 +98,7 @@ class FlashVSR:
     @classmethod
     def from_state_dicts(cls, dit_sd, projector_sd, decoder_sd, prompt, mode="tiny", version="v1.1",
                          device=None, dtype=torch.bfloat16, sources=("", "", "")) -> "FlashVSR":
-        from .loader import build_dit, build_projector, build_tcdecoder, build_vae
+        from .engine.loader import build_dit, build_projector, build_tcdecoder, build_vae
         mode, device = Mode.parse(mode), _default_device(device)
         dit = build_dit(dit_sd, device, dtype, sources[0])
         projector = build_projector(projector_sd, version, device, dtype, sources[1])
@@ -120,7 +120,7 @@ class FlashVSR:
     # ---- running ------------------------------------------------------------------------
     def _decoder_for(self, cfg: UpscaleConfig):
         from ..models.tcdecoder import TCDecoderPasses
-        from .decoders import FullDecoder, TinyDecoder
+        from .engine.decoders import FullDecoder, TinyDecoder
         if self.mode is Mode.FULL:
             return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride,
                                compiled_norms=self._compiling(cfg) and _fused_vae_norms_supported())

@@ -342,7 +342,7 @@ def live_memory(pipe, cfg, frames, at_call: int = 2) -> list[dict]:
 
 
 def tiny_long_memory(frames, cfg) -> list[dict]:
-    from comfyui_flashvsr.flashvsr.decoders import TinyDecoder
+    from comfyui_flashvsr.flashvsr.engine.decoders import TinyDecoder
     from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
     pipe = FlashVSR.random(mode="tiny-long", device="cuda", dtype=torch.bfloat16, size="full")
     orig = pipe._decoder_for

@@ -44,7 +44,7 @@ class StageTimer:
 
 
 def profile_mode(mode: str, args) -> dict:
-    from comfyui_flashvsr.flashvsr import engine as eng
+    from comfyui_flashvsr.flashvsr.engine import stream as eng
     from comfyui_flashvsr.flashvsr.config import UpscaleConfig
     from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
     pipe = FlashVSR.random(mode=mode, device="cuda", dtype=torch.bfloat16, size="full")

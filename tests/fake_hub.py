@@ -20,7 +20,7 @@ from urllib.parse import unquote
 import torch
 from safetensors.torch import save as save_safetensors
 
-from comfyui_flashvsr.flashvsr.weight_files import CATALOG, VERSIONS, Catalog
+from comfyui_flashvsr.flashvsr.weights.catalog import CATALOG, VERSIONS, Catalog
 
 
 def _pickle(obj) -> bytes:

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from comfyui_flashvsr.flashvsr import cli
-from comfyui_flashvsr.flashvsr.video_io import iter_frames, probe
+from comfyui_flashvsr.flashvsr.cli import main as cli
+from comfyui_flashvsr.flashvsr.cli.video_io import iter_frames, probe
 
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample.mp4"
 
@@ -158,7 +158,7 @@ def test_bad_output_name_or_folder_is_refused_before_loading_weights(tmp_path, f
 
 
 def test_weight_errors_are_reported_without_traceback(tmp_path, monkeypatch, caplog):
-    from comfyui_flashvsr.flashvsr.weight_checks import WeightError
+    from comfyui_flashvsr.flashvsr.weights.checks import WeightError
 
     def offline(job):
         raise WeightError("FlashVSR v1.1 weights are missing and HF_HUB_OFFLINE is set: put them in /x")
@@ -224,7 +224,7 @@ import sys, time
 sys.path.insert(0, {tests!r})
 import conftest
 import numpy as np, torch
-from comfyui_flashvsr.flashvsr import cli
+from comfyui_flashvsr.flashvsr.cli import main as cli
 
 class Slow:
     def upscale_stream(self, frames, cfg, n_frames=None, on_progress=None):

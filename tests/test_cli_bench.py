@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from comfyui_flashvsr.flashvsr import bench, cli
+from comfyui_flashvsr.flashvsr.cli import bench
+from comfyui_flashvsr.flashvsr.cli import main as cli
 
 
 class FakePipe:

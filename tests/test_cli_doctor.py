@@ -4,7 +4,8 @@ import json
 import pytest
 import torch
 
-from comfyui_flashvsr.flashvsr import cli, doctor
+from comfyui_flashvsr.flashvsr.cli import doctor
+from comfyui_flashvsr.flashvsr.cli import main as cli
 
 LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\noid sha256:abc\nsize 575694948\n"
 

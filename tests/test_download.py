@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from comfyui_flashvsr.flashvsr.weights import MissingWeights, ensure_weights
+from comfyui_flashvsr.flashvsr.weights.store import MissingWeights, ensure_weights
 
 
 hub_helpers = importlib.import_module("flashvsr_tests_fake_hub")

@@ -6,9 +6,9 @@ import torch
 
 from comfyui_flashvsr.attention import AttentionDispatcher
 from comfyui_flashvsr.flashvsr import pipeline as pipeline_module
-from comfyui_flashvsr.flashvsr.color import adain, color_fix, wavelet
+from comfyui_flashvsr.flashvsr.engine.color import adain, color_fix, wavelet
 from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
-from comfyui_flashvsr.flashvsr.schedule import chunk, plan_frames
+from comfyui_flashvsr.flashvsr.engine.schedule import chunk, plan_frames
 from comfyui_flashvsr.models.dit import DiTStreamState, SparseParams, rope_angles
 from comfyui_flashvsr.models.lcsa import local_block_mask
 
@@ -142,7 +142,7 @@ def test_float32_rope_of_the_fast_step_differs_from_float64_by_rare_single_bf16_
 
 
 def test_output_conversion_equals_the_plain_formula_bit_for_bit():
-    from comfyui_flashvsr.flashvsr.engine import _to_unit_hwc
+    from comfyui_flashvsr.flashvsr.engine.stream import _to_unit_hwc
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -192,7 +192,7 @@ class _FakeEvent:
 
 
 def test_steady_period_is_the_median_gap_between_dit_starts_from_chunk_2():
-    from comfyui_flashvsr.flashvsr.engine import steady_period_ms
+    from comfyui_flashvsr.flashvsr.engine.stream import steady_period_ms
     # chunk 0 (400 ms) and 1 (200 ms) are not steady; then gaps 130, 150, 140, 900 (a stall) -> 140
     times = [0, 400, 600, 730, 880, 1020, 1920]
     assert steady_period_ms([_FakeEvent(t) for t in times]) == 140

@@ -1,8 +1,8 @@
-"""Host <-> device copies that do not drain the GPU queue (flashvsr/host_copy.py)."""
+"""Host <-> device copies that do not drain the GPU queue (flashvsr/engine/host_copy.py)."""
 import pytest
 import torch
 
-from comfyui_flashvsr.flashvsr.host_copy import DeferredDownload, upload
+from comfyui_flashvsr.flashvsr.engine.host_copy import DeferredDownload, upload
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

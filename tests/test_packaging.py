@@ -58,10 +58,11 @@ def test_dependencies_never_pin_torch_and_requirements_omit_it():
 def test_every_subpackage_of_the_repo_is_packaged():
     setuptools = PYPROJECT["tool"]["setuptools"]
     assert setuptools["package-dir"] == {"comfyui_flashvsr": "."}
-    on_disk = {f"comfyui_flashvsr.{p.parent.name}" for p in ROOT.glob("*/__init__.py")
-               if p.parent.name != "tests"}
+    on_disk = {"comfyui_flashvsr." + ".".join(p.parent.relative_to(ROOT).parts)
+               for p in ROOT.glob("**/__init__.py")
+               if p.parent != ROOT and p.parts[len(ROOT.parts)] not in {"tests", ".venv"}}
     assert set(setuptools["packages"]) == on_disk | {"comfyui_flashvsr"}
-    assert PYPROJECT["project"]["scripts"]["flashvsr"] == "comfyui_flashvsr.flashvsr.cli:main"
+    assert PYPROJECT["project"]["scripts"]["flashvsr"] == "comfyui_flashvsr.flashvsr.cli.main:main"
 
 
 def test_sample_clip_is_small_short_and_has_audio():
@@ -116,7 +117,7 @@ def test_pip_install_exposes_package_console_script_and_module_entry(tmp_path, e
          "--no-build-isolation", *(["-e"] if editable else []), src, cwd=tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    where = _run(py, "-c", "import comfyui_flashvsr.flashvsr.cli as c, comfyui_flashvsr.models, "
+    where = _run(py, "-c", "import comfyui_flashvsr.flashvsr.cli.main as c, comfyui_flashvsr.models, "
                  "comfyui_flashvsr.attention, comfyui_flashvsr.nodes; print(c.__file__)", cwd=elsewhere)
     expected = src if editable else venv
     assert Path(where.strip()).resolve().is_relative_to(expected.resolve())

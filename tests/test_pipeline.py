@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from comfyui_flashvsr.flashvsr.config import UpscaleConfig
-from comfyui_flashvsr.flashvsr.noise import latent_noise
+from comfyui_flashvsr.flashvsr.engine.noise import latent_noise
 from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
-from comfyui_flashvsr.flashvsr.schedule import plan_frames
+from comfyui_flashvsr.flashvsr.engine.schedule import plan_frames
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_tiny_long_gives_the_same_frames_as_tiny(tiny, tiny_long):
 
 
 def test_decoder_passes_of_any_size_give_the_same_frames(tiny):
-    from comfyui_flashvsr.flashvsr.decoders import TinyDecoder
+    from comfyui_flashvsr.flashvsr.engine.decoders import TinyDecoder
     from comfyui_flashvsr.models.tcdecoder import TCDecoderPasses
     g = torch.Generator().manual_seed(3)
     latents, cond = torch.randn(1, 16, 6, 4, 4, generator=g), torch.rand(1, 3, 21, 32, 32, generator=g) * 2 - 1

@@ -6,8 +6,8 @@ import av
 import numpy as np
 import pytest
 
-from comfyui_flashvsr.flashvsr import video_io
-from comfyui_flashvsr.flashvsr.video_io import VideoIOError, VideoWriter, iter_frames, probe
+from comfyui_flashvsr.flashvsr.cli import video_io
+from comfyui_flashvsr.flashvsr.cli.video_io import VideoIOError, VideoWriter, iter_frames, probe
 
 SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample.mp4"
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors, save_file
 
-from comfyui_flashvsr.flashvsr import weights
-from comfyui_flashvsr.flashvsr.weight_files import KNOWN_FILES, PROMPT_SHA256, ROLES, VERSIONS
-from comfyui_flashvsr.flashvsr.weights import (COMMON_PREFIXES, MissingWeights, WeightError, check_models_folder,
+from comfyui_flashvsr.flashvsr.weights import store as weights
+from comfyui_flashvsr.flashvsr.weights.catalog import KNOWN_FILES, PROMPT_SHA256, ROLES, VERSIONS
+from comfyui_flashvsr.flashvsr.weights.store import (COMMON_PREFIXES, MissingWeights, WeightError, check_models_folder,
                                                ensure_weights, locate_weights, read_prompt, read_state_dict,
                                                sha256_of)
 

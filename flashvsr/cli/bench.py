@@ -22,8 +22,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from . import config
-from .cli import pixels
+from .. import config
+from .common import pixels
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,8 @@ def _median(values) -> float | None:
 
 
 def _random_builder(params: BenchParams) -> Callable[[str], object]:
-    from .cli import torch_dtype
-    from .pipeline import FlashVSR
+    from .common import torch_dtype
+    from ..pipeline import FlashVSR
 
     def build(mode: str):
         return FlashVSR.random(mode=mode, version=params.version, device=params.device,
@@ -306,7 +306,7 @@ def add_parser(sub) -> None:
 
 def command(args: argparse.Namespace) -> int:
     import torch
-    from .cli import resolve_device, torch_dtype
+    from .common import resolve_device, torch_dtype
     device = resolve_device(args.device)
     dtype = torch_dtype(args.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import signal
 import sys
 import threading
@@ -18,40 +17,14 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
-from . import config
+from .. import config
+from .common import (latent_units, add_engine_arguments, default_models_roots, pixels,
+                     resolve_device, torch_dtype)
 from .video_io import VideoInfo, VideoIOError, VideoWriter, check_output, iter_frames, probe
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
-
-def default_models_roots() -> list[Path]:
-    """``$FLASHVSR_MODELS`` if set, else ``~/.cache/flashvsr/models``."""
-    env = os.environ.get("FLASHVSR_MODELS")
-    return [Path(env).expanduser()] if env else [Path.home() / ".cache" / "flashvsr" / "models"]
-
-
-def resolve_device(name: str) -> str:
-    import torch
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    log.warning("no CUDA GPU found: running on the CPU, which is far too slow for real videos "
-                "(run `flashvsr doctor` to see why CUDA is unavailable)")
-    return "cpu"
-
-
-def torch_dtype(precision: str, device: str):
-    """``auto``: bf16 (the official setting) on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
-    import torch
-    if precision == "auto":
-        if not device.startswith("cuda"):
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
 
 
 @dataclass(frozen=True)
@@ -123,7 +96,7 @@ def check_paths(job: UpscaleJob) -> VideoInfo:
 
 
 def load_pipeline(job: UpscaleJob):
-    from .pipeline import FlashVSR
+    from ..pipeline import FlashVSR
     roots = list(job.models) or default_models_roots()
     log.info("loading FlashVSR %s %s from %s", job.mode, job.version, ", ".join(map(str, roots)))
     device = resolve_device(job.device)
@@ -209,7 +182,7 @@ def job_from_args(args: argparse.Namespace) -> UpscaleJob:
         local_range=args.local_range, color_fix=args.color_fix, seed=args.seed,
         sageattention=args.sageattention, preprocess=args.preprocess, tile_size=args.tile_size,
         tile_overlap=args.tile_overlap, vae_tiling=args.vae_tiling,
-        vae_tile=_latent(args.vae_tile, "--vae-tile"), vae_stride=_latent(args.vae_stride, "--vae-stride"),
+        vae_tile=latent_units(args.vae_tile, "--vae-tile"), vae_stride=latent_units(args.vae_stride, "--vae-stride"),
         compile=args.compile)
     return UpscaleJob(
         input=Path(args.input), output=Path(args.output), upscale=upscale,
@@ -217,40 +190,6 @@ def job_from_args(args: argparse.Namespace) -> UpscaleJob:
         device=args.device, precision=args.precision, models=tuple(Path(m) for m in args.models),
         download=args.download, fps=Fraction(args.fps) if args.fps else None,
         audio=args.audio, crf=args.crf, overwrite=args.overwrite)
-
-
-def pixels(text: str) -> tuple[int, int]:
-    """``HxW`` -> (H, W)."""
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW such as 768x1408, got {text!r}") from None
-    return h, w
-
-
-def _latent(hw: tuple[int, int], flag: str) -> tuple[int, int]:
-    """Output pixels -> latent units of the Wan VAE (8 pixels each)."""
-    if hw[0] % 8 or hw[1] % 8 or min(hw) < 8:
-        raise ValueError(f"{flag} must be multiples of 8 pixels, got {hw[0]}x{hw[1]}")
-    return hw[0] // 8, hw[1] // 8
-
-
-def add_engine_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``upscale`` and ``bench``: which engine, on what."""
-    d = config.UpscaleConfig()
-    p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version],
-                   help="weights: v1.1 (default, more stable) or v1")
-    p.add_argument("--sageattention", default=d.sageattention, choices=("enable", "disable"),
-                   help="enable: Sage-style quantised attention where it is faster (our INT8 block-sparse "
-                        "kernel on Hopper; SageAttention for dense calls where installed, eligible and not "
-                        "slower than SDPA); disable: bf16 attention only")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
-                   help="compute dtype; auto: bf16 (the official setting) on GPUs that support it, "
-                        "fp16 on older GPUs, fp32 on CPU")
-    p.add_argument("--models", action="append", default=[], metavar="DIR",
-                   help="models folder (repeatable; default $FLASHVSR_MODELS or "
-                        "~/.cache/flashvsr/models; a ComfyUI models/FlashVSR folder works)")
 
 
 def _add_upscale_parser(sub) -> None:
@@ -313,12 +252,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story (no traceback unless --verbose)."""
     errors: list[type[BaseException]] = [VideoIOError, ValueError, FileNotFoundError]
     try:
-        from .weights import MissingWeights, WeightError
+        from ..weights.store import MissingWeights, WeightError
         errors += [MissingWeights, WeightError]
     except ImportError:         # the weights module is optional for tests of the CLI alone
         pass
     try:
-        from .download import DownloadError
+        from ..weights.download import DownloadError
         errors.append(DownloadError)
     except ImportError:
         pass

@@ -101,7 +101,7 @@ def gpu_checks() -> tuple[list[Check], str]:
 
 
 def package_checks() -> list[Check]:
-    from ..attention.probe import probe_sage, probe_triton
+    from ...attention.probe import probe_sage, probe_triton
     triton, sage = probe_triton(), probe_sage()
     return [
         Check("attention", "triton", INFO, triton.version if triton.available else
@@ -160,10 +160,10 @@ def attention_checks(device: str) -> list[Check]:
     """
     import torch
     import torch.nn.functional as F
-    from ..attention import AttentionDispatcher
-    from ..attention.block_sparse import build_lut, masked_reference
-    from ..attention.probe import probe_sage
-    from ..attention.sage import DenseCall, run_sage, sage_refusal
+    from ...attention import AttentionDispatcher
+    from ...attention.block_sparse import build_lut, masked_reference
+    from ...attention.probe import probe_sage
+    from ...attention.sage import DenseCall, run_sage, sage_refusal
     dev = torch.device(device)
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
     gen = torch.Generator().manual_seed(0)
@@ -217,7 +217,7 @@ def attention_checks(device: str) -> list[Check]:
 
 
 def weight_checks(roots: list[Path], deep: bool = False) -> list[Check]:
-    from .weights import check_models_folder
+    from ..weights.store import check_models_folder
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
     out = [Check("weights", "models folder", INFO, ", ".join(map(str, roots)))]
     for st in check_models_folder(roots, deep=deep):
@@ -281,7 +281,7 @@ def add_parser(sub) -> None:
 
 
 def command(args: argparse.Namespace) -> int:
-    from .cli import default_models_roots
+    from .common import default_models_roots
     roots = [Path(m) for m in args.models] or default_models_roots()
     checks = collect(roots, args.device, args.numeric, args.deep)
     if args.json:

@@ -23,8 +23,8 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-from .weight_checks import fmt_bytes, sha256_of
-from .weight_files import KnownFile
+from .checks import fmt_bytes, sha256_of
+from .catalog import KnownFile
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,7 @@ Layout of the models folder (see ``weight_files`` for the tables and their sourc
                               FlashVSR1_1.safetensors, LQ_proj_in/TCDecoder/Prompt/Wan2.1_VAE.safetensors)
 
 Pickles (.ckpt/.pth) are only ever read with ``torch.load(weights_only=True, map_location="cpu")``.
-This module reads and checks files; building the networks from them is ``loader.py``'s job.
+This module reads and checks files; building the networks from them is ``engine/loader.py``'s job.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from typing import Sequence
 import torch
 
 from .download import Progress, DownloadError, fetch, hub_endpoint, offline_reason
-from .weight_checks import (Header, MissingFile, MissingWeights, WeightError, check_role, check_size,
+from .checks import (Header, MissingFile, MissingWeights, WeightError, check_role, check_size,
                             detect_role, fmt_bytes, official_name, read_header, role_mismatch, sha256_of)
-from .weight_files import (CATALOG, KNOWN_FILES, ROLE_TITLES, SHARED_ROLES, VERSIONS, Catalog,
+from .catalog import (CATALOG, KNOWN_FILES, ROLE_TITLES, SHARED_ROLES, VERSIONS, Catalog,
                            KnownFile, check_version_mode, official_paths, repack_paths, roles_for_mode)
 
 __all__ = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from .weight_files import CATALOG, ROLE_TITLES, SHARED_ROLES, KnownFile
+from .catalog import CATALOG, ROLE_TITLES, SHARED_ROLES, KnownFile
 
 LFS_POINTER_PREFIX = b"version https://git-lfs.github.com/spec/"
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")

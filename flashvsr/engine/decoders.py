@@ -9,7 +9,7 @@ from typing import Protocol
 
 import torch
 
-from ..models.tcdecoder import TCDecoder, TCDecoderPasses
+from ...models.tcdecoder import TCDecoder, TCDecoderPasses
 
 
 class Decoder(Protocol):
@@ -26,7 +26,7 @@ class TinyDecoder:
         self.net, self.passes = net, passes or TCDecoderPasses()    # smaller passes = lower peak VRAM
 
     def new_state(self):
-        from ..models.tcdecoder import TCDecoderState
+        from ...models.tcdecoder import TCDecoderState
         return TCDecoderState()
 
     def decode(self, latents, cond, state):
@@ -41,7 +41,7 @@ class FullDecoder:
         self.compiled_norms = compiled_norms
 
     def new_state(self):
-        from ..models.wan_vae import VAETiling, WanVAEDecodeOptions
+        from ...models.wan_vae import VAETiling, WanVAEDecodeOptions
         tiling = VAETiling(self.tile, self.stride) if self.tiled else None
         return self.net.new_state(WanVAEDecodeOptions(tiling=tiling, compiled_norms=self.compiled_norms))
 

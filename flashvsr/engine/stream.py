@@ -14,11 +14,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..models.dit import DiTStreamState, SparseParams, WanDiT, DiTConstants
-from ..models.lcsa import topk_ratio_for
-from ..models.lq_projector import LQProjector, ProjectorState
+from ...models.dit import DiTStreamState, SparseParams, WanDiT, DiTConstants
+from ...models.lcsa import topk_ratio_for
+from ...models.lq_projector import LQProjector, ProjectorState
 from .color import color_fix
-from .config import UpscaleConfig
+from ..config import UpscaleConfig
 from .frames import FrameSource
 from .noise import latent_noise
 from .preprocess import Geometry, Upsampler

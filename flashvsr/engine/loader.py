@@ -10,10 +10,10 @@ from collections.abc import Mapping
 import torch
 import torch.nn as nn
 
-from ..models.dit import DiTConfig, WanDiT
-from ..models.lq_projector import LQProjector, LQProjectorConfig
-from ..models.tcdecoder import TCDecoder, TCDecoderConfig
-from .config import Version
+from ...models.dit import DiTConfig, WanDiT
+from ...models.lq_projector import LQProjector, LQProjectorConfig
+from ...models.tcdecoder import TCDecoder, TCDecoderConfig
+from ..config import Version
 from .decoders import FullDecoder, TinyDecoder
 
 DIT_TENSORS = 825
@@ -81,7 +81,7 @@ def build_tcdecoder(sd, device="cpu", dtype=torch.bfloat16, source: str = "") ->
 
 
 def build_vae(sd, device="cpu", dtype=torch.bfloat16, source: str = ""):
-    from ..models import wan_vae
+    from ...models import wan_vae
     return _build(wan_vae.WanVAEDecoder, wan_vae.WanVAEConfig.from_state_dict, wan_vae.decoder_state_dict(sd),
                   "Wan VAE decoder", device, dtype, source)
 

@@ -1,0 +1,75 @@
+"""What every ``flashvsr`` subcommand shares: where the models live, the device, the precision and
+the engine options. The subcommands import this module; it imports none of them."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+from .. import config
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def default_models_roots() -> list[Path]:
+    """``$FLASHVSR_MODELS`` if set, else ``~/.cache/flashvsr/models``."""
+    env = os.environ.get("FLASHVSR_MODELS")
+    return [Path(env).expanduser()] if env else [Path.home() / ".cache" / "flashvsr" / "models"]
+
+
+def resolve_device(name: str) -> str:
+    import torch
+    if name != "auto":
+        return name
+    if torch.cuda.is_available():
+        return "cuda"
+    log.warning("no CUDA GPU found: running on the CPU, which is far too slow for real videos "
+                "(run `flashvsr doctor` to see why CUDA is unavailable)")
+    return "cpu"
+
+
+def torch_dtype(precision: str, device: str):
+    """``auto``: bf16 (the official setting) on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
+    import torch
+    if precision == "auto":
+        if not device.startswith("cuda"):
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def pixels(text: str) -> tuple[int, int]:
+    """``HxW`` -> (H, W)."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW such as 768x1408, got {text!r}") from None
+    return h, w
+
+
+def latent_units(hw: tuple[int, int], flag: str) -> tuple[int, int]:
+    """Output pixels -> latent units of the Wan VAE (8 pixels each)."""
+    if hw[0] % 8 or hw[1] % 8 or min(hw) < 8:
+        raise ValueError(f"{flag} must be multiples of 8 pixels, got {hw[0]}x{hw[1]}")
+    return hw[0] // 8, hw[1] // 8
+
+
+def add_engine_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``upscale`` and ``bench``: which engine, on what."""
+    d = config.UpscaleConfig()
+    p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version],
+                   help="weights: v1.1 (default, more stable) or v1")
+    p.add_argument("--sageattention", default=d.sageattention, choices=("enable", "disable"),
+                   help="enable: Sage-style quantised attention where it is faster (our INT8 block-sparse "
+                        "kernel on Hopper; SageAttention for dense calls where installed, eligible and not "
+                        "slower than SDPA); disable: bf16 attention only")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+                   help="compute dtype; auto: bf16 (the official setting) on GPUs that support it, "
+                        "fp16 on older GPUs, fp32 on CPU")
+    p.add_argument("--models", action="append", default=[], metavar="DIR",
+                   help="models folder (repeatable; default $FLASHVSR_MODELS or "
+                        "~/.cache/flashvsr/models; a ComfyUI models/FlashVSR folder works)")
