@@ -111,8 +111,9 @@ class FlashVSR:
     @classmethod
     def random(cls, mode="tiny", version="v1.1", device=None, dtype=torch.bfloat16, size: str = "full",
                seed: int = 0) -> "FlashVSR":
-        """Randomly initialised networks (speed tests only: the output means nothing)."""
-        from .testing import random_networks
+        """Randomly initialised networks (speed tests only: the output means nothing); ``size`` is
+        ``random_weights.random_networks``'s: 'full' (official widths), 'tiny' or 'micro'."""
+        from .engine.random_weights import random_networks
         mode, device = Mode.parse(mode), _default_device(device)
         dit, projector, decoder, prompt = random_networks(mode, version, device, dtype, size, seed)
         return cls(dit, projector, decoder, prompt, mode, version, device, dtype)
@@ -197,7 +198,7 @@ class FlashVSR:
                 src = FrameSource(frames)
                 ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
                 starts.append([])
-                for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn, noise=noise, tile=tile,
+                for chunk_out in _tuned(run_stream(self.engine_models(cfg), src, geom, cfg, attn, noise=noise, tile=tile,
                                                    decode_stream=self._decode_stream(cfg))):
                     f, s0 = chunk_out.frames, chunk_out.start
                     starts[-1].append(chunk_out.dit_start)
@@ -249,7 +250,7 @@ class FlashVSR:
                         on_progress(done, max(total, done))
                     yield u8
 
-            for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn,
+            for chunk_out in _tuned(run_stream(self.engine_models(cfg), src, geom, cfg, attn,
                                                decode_stream=self._decode_stream(cfg))):
                 starts.append(chunk_out.dit_start)
                 with chunk_out.using():
@@ -262,7 +263,9 @@ class FlashVSR:
             self._release()
         self.last_stats = self._stats(start, count, attn, done, [starts])
 
-    def _models(self, cfg: UpscaleConfig) -> EngineModels:
+    def engine_models(self, cfg: UpscaleConfig) -> EngineModels:
+        """The model set ``upscale`` hands to ``run_stream`` for ``cfg`` (on CUDA: the compiled passes),
+        for tools that drive the engine directly, such as the golden-fixture check."""
         ops = None
         if self._compiling(cfg):
             from ..models.dit_ops import compiled_ops

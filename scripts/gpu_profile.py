@@ -112,11 +112,12 @@ def profile_mode(mode: str, args) -> dict:
 
 
 def fixture_check() -> list[dict]:
-    from comfyui_flashvsr.flashvsr.fixture_run import load_case, run_case
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("flashvsr_tests_conftest", ROOT / "tests" / "conftest.py")
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))     # registers the test helpers
+    from flashvsr_tests_fixture_run import case_files, load_case, run_case
     rows = []
-    import os
-    folder = pathlib.Path(os.environ.get("FLASHVSR_FIXTURES", ROOT.parent / "shared" / "fixtures" / "flashvsr_ref"))
-    for path in sorted(folder.glob("case_*.json")):
+    for path in case_files():          # the shipped cases plus those in $FLASHVSR_FIXTURES
         case = load_case(path.with_suffix(".safetensors"), json.loads(path.read_text()))
         for sage, fast in (("disable", False), ("enable", False), ("disable", True), ("enable", True)):
             r = run_case(case, torch.bfloat16, device="cuda", sageattention=sage, fast=fast)

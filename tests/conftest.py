@@ -21,15 +21,21 @@ def _register_package() -> None:
     spec.loader.exec_module(module)
 
 
-def _register_test_helpers() -> None:
-    """tests/fake_hub.py as ``flashvsr_tests_fake_hub`` (importlib mode puts no test dir on sys.path)."""
-    name = "flashvsr_tests_fake_hub"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / "fake_hub.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
+# Test helpers, in import order: each becomes ``flashvsr_tests_<file>`` (importlib mode puts no test
+# directory on sys.path). They live in tests/, not in the shipped package.
+TEST_HELPERS = ("fake_hub", "tiny_weights", "fixture_weights", "fixture_run")
+
+
+def register_test_helpers() -> None:
+    """Also called by scripts that reuse the helpers (scripts/gpu_profile.py)."""
+    for stem in TEST_HELPERS:
+        name = f"flashvsr_tests_{stem}"
+        if name not in sys.modules:
+            spec = importlib.util.spec_from_file_location(name, ROOT / "tests" / f"{stem}.py")
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
 
 
 _register_package()
-_register_test_helpers()
+register_test_helpers()

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from comfyui_flashvsr.flashvsr.testing import write_tiny_weights
+from flashvsr_tests_tiny_weights import write_tiny_weights
 from comfyui_flashvsr.nodes.options import NodeSettings, basic_settings
 from comfyui_flashvsr.nodes.runner import (LoadKey, PipelineCache, load_pipeline, resolve_device,
                                            resolve_precision, run_upscale, sage_not_used_reason)

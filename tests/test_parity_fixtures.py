@@ -1,29 +1,25 @@
-"""Parity with the official FlashVSR code on its golden fixtures (../shared/fixtures/flashvsr_ref).
+"""Parity with the official FlashVSR code on its golden fixtures (tests/fixtures/flashvsr_ref).
 
-Every case found in $FLASHVSR_FIXTURES (default: the shared folder) is run through our engine in
-float32 and bfloat16 with the stored weights, inputs and noise, and compared stage by stage with the
-tolerances suggested by the fixtures' README (§5): exact block masks, latents within 2e-4, final
-frames >= 90 dB in float32; bf16 final frames >= 40 dB against the float32 reference.
+Every shipped case, plus every case in the folders listed in $FLASHVSR_FIXTURES, is run through our
+engine in float32 and bfloat16 with the case's weights, inputs and noise, and compared stage by stage
+with the gates in tests/fixtures/flashvsr_ref/README.md: exact block masks, latents within 2e-4,
+final frames >= 90 dB in float32; bf16 final frames >= 40 dB against the float32 reference.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
-import pathlib
 
 import pytest
 import torch
 
-from comfyui_flashvsr.flashvsr.fixture_run import load_case, run_case
+from flashvsr_tests_fixture_run import SHIPPED, case_files, load_case, run_case
 
-DEFAULT = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "flashvsr_ref"
-FIXTURES = pathlib.Path(os.environ.get("FLASHVSR_FIXTURES", DEFAULT))
-CASES = sorted(FIXTURES.glob("case_*.json"))
+CASES = case_files()
 
 
-def test_fixture_folder_has_cases():
-    assert CASES, f"no fixture cases found in {FIXTURES} (set FLASHVSR_FIXTURES)"
+def test_the_repository_ships_both_fixture_cases():
+    assert [c.name for c in CASES if c.parent == SHIPPED] == ["case_a.json", "case_b.json"]
 
 
 def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -147,3 +143,20 @@ def test_pipeline_model_set_reproduces_the_float32_run(case, fp32_run):
     piped = run_case(case, torch.float32, fast=True)
     assert piped.final.shape == fp32_run.final.shape
     assert _psnr(piped.final, fp32_run.final) >= 90.0
+
+
+def test_rebuilt_weights_with_another_hash_are_refused(tmp_path):
+    from flashvsr_tests_fixture_run import FixtureWeightsMismatch
+    src = SHIPPED / "case_a.json"
+    meta = json.loads(src.read_text())
+    meta["slim"]["weights_sha256"] = "0" * 64
+    with pytest.raises(FixtureWeightsMismatch, match="case_a.safetensors: the weight recipe rebuilt 143 tensors"):
+        load_case(src.with_suffix(".safetensors"), meta)
+
+
+def test_flashvsr_fixtures_adds_case_folders_to_the_shipped_ones(tmp_path, monkeypatch):
+    from flashvsr_tests_fixture_run import case_files
+    (tmp_path / "held").mkdir()
+    (tmp_path / "held" / "case_z.json").write_text("{}")
+    monkeypatch.setenv("FLASHVSR_FIXTURES", str(tmp_path / "held"))
+    assert [c.name for c in case_files()] == ["case_a.json", "case_b.json", "case_z.json"]

@@ -20,7 +20,7 @@ import urllib.request
 
 import pytest
 
-from comfyui_flashvsr.flashvsr.testing import write_tiny_weights
+from flashvsr_tests_tiny_weights import write_tiny_weights
 from comfyui_flashvsr.nodes import options as o
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

@@ -1,8 +1,9 @@
-"""Random networks and small weight files, for tests, demos and speed benchmarks (never quality).
+"""Randomly initialised FlashVSR networks, for speed benchmarks and tests (the output means nothing).
 
-``write_tiny_weights`` writes reduced-width checkpoints under the official file names, so tests run
-the real loading path (file discovery, pickles through ``weights_only``, strict loads) on a CPU in
-seconds. ``random_networks`` builds full-size networks directly on the device for ``bench``.
+``random_networks`` builds the DiT, LQ projector, decoder and prompt directly on the device, at the
+official widths (``flashvsr bench``, ``FlashVSR.random``), at the golden fixtures' reduced widths
+('tiny') or at the smallest widths the architecture allows ('micro'). ``randomize`` fills a module
+with scale-aware values, so activations keep a sensible range through all layers.
 """
 from __future__ import annotations
 
@@ -12,10 +13,10 @@ import pathlib
 import torch
 import torch.nn as nn
 
-from ..models.dit import DiTConfig, WanDiT
-from ..models.lq_projector import LQProjector, LQProjectorConfig
-from ..models.tcdecoder import TCDecoder, TCDecoderConfig
-from .config import Mode, Version
+from ...models.dit import DiTConfig, WanDiT
+from ...models.lq_projector import LQProjector, LQProjectorConfig
+from ...models.tcdecoder import TCDecoder, TCDecoderConfig
+from ..config import Mode, Version
 
 TINY_DIT = DiTConfig(dim=256, ffn_dim=512, text_dim=64, num_heads=2, num_layers=2)
 TINY_PROJECTOR = LQProjectorConfig(hidden1=64, hidden2=96, out_dim=256)
@@ -29,13 +30,14 @@ MICRO_PROMPT = (1, 8, 32)
 FULL_PROMPT = (1, 512, 4096)
 
 
-def _tiny_vae_config():
-    from ..models.wan_vae import WanVAEConfig
+def tiny_vae_config():
+    """The Wan VAE decoder at the reduced width the tests use."""
+    from ...models.wan_vae import WanVAEConfig
     return WanVAEConfig(base_dim=8)
 
 
-def _full_vae_config():
-    from ..models.wan_vae import WanVAEConfig
+def full_vae_config():
+    from ...models.wan_vae import WanVAEConfig
     return WanVAEConfig()
 
 
@@ -57,7 +59,8 @@ def randomize(module: nn.Module, gen: torch.Generator) -> nn.Module:
     return module
 
 
-def _make(factory, device, dtype, gen) -> nn.Module:
+def make_random(factory, device, dtype, gen) -> nn.Module:
+    """``factory()`` built on the meta device, then materialised on ``device`` and randomised."""
     with torch.device("meta"):
         net = factory()
     net = net.to_empty(device=device).to(dtype)
@@ -77,36 +80,13 @@ def random_networks(mode, version, device, dtype, size: str = "full", seed: int 
     dit_cfg, proj_cfg, tc_cfg, prompt_shape = sizes[size]
     mode, version = Mode.parse(mode), Version.parse(version)
     gen = torch.Generator("cpu").manual_seed(seed)
-    dit = _make(lambda: WanDiT(dit_cfg), device, dtype, gen)
-    projector = _make(lambda: LQProjector(proj_cfg, causal=version is Version.V1_1), device, dtype, gen)
+    dit = make_random(lambda: WanDiT(dit_cfg), device, dtype, gen)
+    projector = make_random(lambda: LQProjector(proj_cfg, causal=version is Version.V1_1), device, dtype, gen)
     if mode is Mode.FULL:
-        from ..models.wan_vae import WanVAEDecoder
-        cfg = _full_vae_config() if size == "full" else _tiny_vae_config()
-        decoder = _make(lambda: WanVAEDecoder(cfg), device, dtype, gen)
+        from ...models.wan_vae import WanVAEDecoder
+        cfg = full_vae_config() if size == "full" else tiny_vae_config()
+        decoder = make_random(lambda: WanVAEDecoder(cfg), device, dtype, gen)
     else:
-        decoder = _make(lambda: TCDecoder(tc_cfg), device, dtype, gen)
+        decoder = make_random(lambda: TCDecoder(tc_cfg), device, dtype, gen)
     prompt = torch.randn(prompt_shape, generator=gen).to(torch.bfloat16)
     return dit, projector, decoder, prompt
-
-
-def write_tiny_weights(root, version: str = "v1.1", seed: int = 0, include_vae: bool = True) -> pathlib.Path:
-    """Write reduced-width weights under the official names into ``root/<version>/``; returns that folder."""
-    from safetensors.torch import save_file
-    version = Version.parse(version)
-    folder = pathlib.Path(root) / version.value
-    folder.mkdir(parents=True, exist_ok=True)
-    gen = torch.Generator("cpu").manual_seed(seed)
-    cpu = torch.device("cpu")
-    dit = _make(lambda: WanDiT(TINY_DIT), cpu, torch.float32, gen)
-    save_file({k: v.contiguous() for k, v in dit.state_dict().items()},
-              str(folder / "diffusion_pytorch_model_streaming_dmd.safetensors"))
-    proj = _make(lambda: LQProjector(TINY_PROJECTOR, causal=version is Version.V1_1), cpu, torch.bfloat16, gen)
-    torch.save(proj.state_dict(), folder / "LQ_proj_in.ckpt")
-    tc = _make(lambda: TCDecoder(TINY_TCDECODER), cpu, torch.float32, gen)
-    torch.save(tc.state_dict(), folder / "TCDecoder.ckpt")
-    if include_vae:
-        from ..models.wan_vae import WanVAEDecoder
-        vae = _make(lambda: WanVAEDecoder(_tiny_vae_config()), cpu, torch.float32, gen)
-        torch.save(vae.state_dict(), folder / "Wan2.1_VAE.pth")
-    torch.save(torch.randn(TINY_PROMPT, generator=gen).to(torch.bfloat16), folder / "posi_prompt.pth")
-    return folder

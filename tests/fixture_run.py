@@ -1,20 +1,27 @@
 """Run one golden-fixture case (format ``flashvsr_ref`` v1) through our engine, recording stages.
 
-Used by the parity tests and by the GPU parity check; see ../shared/fixtures/flashvsr_ref/README.md.
+Used by the parity tests and by the GPU parity check (scripts/gpu_profile.py); the cases and their
+format are described in tests/fixtures/flashvsr_ref/README.md. A slim case (one with a ``slim`` entry
+in its JSON) stores no weights: ``load_case`` rebuilds them from the recipe and checks their sha256.
 """
 from __future__ import annotations
 
+import os
 import pathlib
 from dataclasses import dataclass, field
 
 import torch
 
-from ..attention import AttentionDispatcher
-from .config import UpscaleConfig
-from .engine.stream import EngineModels, run_stream
-from .engine.frames import FrameSource
-from .engine.loader import build_decoder, build_dit, build_projector
-from .engine.preprocess import Upsampler, plan_geometry
+from comfyui_flashvsr.attention import AttentionDispatcher
+from comfyui_flashvsr.flashvsr.config import UpscaleConfig
+from comfyui_flashvsr.flashvsr.engine.frames import FrameSource
+from comfyui_flashvsr.flashvsr.engine.loader import build_decoder, build_dit, build_projector
+from comfyui_flashvsr.flashvsr.engine.preprocess import Upsampler, plan_geometry
+from comfyui_flashvsr.flashvsr.engine.stream import EngineModels, run_stream
+
+from flashvsr_tests_fixture_weights import digest, regenerate
+
+SHIPPED = pathlib.Path(__file__).resolve().parent / "fixtures" / "flashvsr_ref"
 
 KNOWN_COMPONENTS = ("weights/dit/", "weights/lq_proj/", "weights/tcdecoder/")
 
@@ -39,9 +46,34 @@ class CaseRun:
     final: torch.Tensor | None = None        # (3, T, H, W) in [-1, 1]
 
 
+class FixtureWeightsMismatch(AssertionError):
+    """The recipe rebuilt weights whose sha256 is not the one the case records."""
+
+
+def case_folders() -> list[pathlib.Path]:
+    """The shipped cases, then any folder listed in $FLASHVSR_FIXTURES (os.pathsep-separated)."""
+    extra = [pathlib.Path(p) for p in os.environ.get("FLASHVSR_FIXTURES", "").split(os.pathsep) if p]
+    return [SHIPPED] + [p for p in extra if p.resolve() != SHIPPED]
+
+
+def case_files() -> list[pathlib.Path]:
+    return [c for folder in case_folders() for c in sorted(folder.glob("case_*.json"))]
+
+
 def load_case(path: pathlib.Path, meta: dict) -> Case:
     from safetensors.torch import load_file
-    return Case(meta, load_file(str(path)))
+    tensors = load_file(str(path))
+    slim = meta.get("slim")
+    if slim is not None:
+        weights = regenerate(meta["weight_recipe"], meta["tensors"])
+        got = digest(weights)
+        if got != slim["weights_sha256"] or len(weights) != slim["weights_count"]:
+            raise FixtureWeightsMismatch(
+                f"{path.name}: the weight recipe rebuilt {len(weights)} tensors with sha256 {got}, the case "
+                f"records {slim['weights_count']} with {slim['weights_sha256']} (did torch.randn on the CPU "
+                "change? see tests/fixtures/flashvsr_ref/README.md)")
+        tensors.update(weights)
+    return Case(meta, tensors)
 
 
 def _vae_prefix(case: Case) -> str | None:
@@ -64,7 +96,7 @@ def _decoder_kind(case: Case) -> str:
 
 def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention: str = "disable",
              fast: bool = False) -> CaseRun:
-    """``fast`` (CUDA): the pipeline's own fast path (``FlashVSR._models``: compiled DiT glue, the
+    """``fast`` (CUDA): the pipeline's own fast path (``FlashVSR.engine_models``: compiled DiT glue, the
     projector's stacked-tap convolutions, the compiled TCDecoder passes with the folded tail), to
     check it against the official outputs too."""
     p = case.meta["case_params"]
@@ -83,9 +115,9 @@ def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention:
         decoder = build_decoder("tiny", case.weights("weights/tcdecoder/"), device, dtype)
     prompt = case.tensors["input/prompt_context"]
     if fast:
-        from .pipeline import FlashVSR
+        from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
         pipe = FlashVSR(dit, projector, decoder.net, prompt, _decoder_kind(case), p["version"], device, dtype)
-        models = pipe._models(cfg)
+        models = pipe.engine_models(cfg)
     else:
         models = EngineModels(dit, projector, decoder, dit.prepare(prompt), torch.device(device), dtype)
     consts = models.consts
@@ -117,7 +149,7 @@ def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention:
 
 def _draft_details(pooled: dict, dit, geom, cfg: UpscaleConfig, k: int) -> dict:
     """Recompute layer 0's draft softmax from the pooled tensors the engine used."""
-    from ..models.lcsa import draft_block_mask, local_block_mask, topk_count, topk_ratio_for
+    from comfyui_flashvsr.models.lcsa import draft_block_mask, local_block_mask, topk_count, topk_ratio_for
     bh, bw = geom.model_h // 128, geom.model_w // 128
     local = local_block_mask(bh, bw, cfg.local_range)
     s1 = bh * bw
