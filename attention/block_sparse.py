@@ -1,7 +1,7 @@
 """Block-sparse attention pieces that need only torch: input checks, the look-up table, the
 bounded-memory masked-SDPA reference, and compiled flex_attention.
 
-Semantics (FlashVSR LCSA, flashvsr-spec.md §4.7): 128x128 blocks; head h uses ``block_mask[:, h]``;
+Semantics (FlashVSR LCSA, docs/model.md §8): 128x128 blocks; head h uses ``block_mask[:, h]``;
 the softmax runs over the selected key blocks only; a query block with no selected key block
 outputs exactly zero.
 """
@@ -132,7 +132,7 @@ def flex_block_mask(lut: torch.Tensor, counts: torch.Tensor, lq: int, lk: int, m
     """A flex ``BlockMask`` whose selected blocks are all full blocks (no per-token mask_mod work).
 
     Only the compiled kernel reads block indices; eager flex evaluates ``mask_mod`` alone
-    (attention.md §4.2), so callers that may run eagerly must pass a lookup ``mask_mod``.
+    (docs/model.md §14), so callers that may run eagerly must pass a lookup ``mask_mod``.
     """
     from torch.nn.attention.flex_attention import BlockMask, noop_mask
 

@@ -1,8 +1,8 @@
 """SageAttention for dense (unmasked) attention: who may call it, and how to call it safely.
 
 Eligibility is a pure function of a few tensor facts and the probe, so every rule is testable on a
-CPU. Sources for each rule: /work/shared/docs/attention.md §1.2.3 (1.0.6 bugs), §1.3 (2.x dispatch
-table), §5.3 (the check order used here).
+CPU. The rules, the 1.0.6 bugs, the 2.x dispatch table and the check order used here are in
+docs/model.md §14.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 
 from .probe import SageProbe
 
-# 1.0.6 is Triton only: its kernels compile for these targets, not for sm_75 (attention.md §1.2.4).
+# 1.0.6 is Triton only: its kernels compile for these targets, not for sm_75 (docs/model.md §14).
 SAGE1_CAPABILITIES = frozenset({(8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (12, 0)})
 # 2.x ``sageattn`` has a kernel only for these; others raise "Unsupported CUDA architecture".
 SAGE2_CAPABILITIES = frozenset({(8, 0), (8, 6), (8, 9), (9, 0), (12, 0), (12, 1)})

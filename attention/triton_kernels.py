@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-MASK_BLOCK = 128          # FlashVSR's LCSA block, both axes (flashvsr-spec.md §4)
+MASK_BLOCK = 128          # FlashVSR's LCSA block, both axes (docs/model.md §8)
 LOG2E = 1.4426950408889634
 
 

@@ -18,11 +18,11 @@ import torch
 
 from ..attention import AttentionDispatcher
 from .config import Mode, UpscaleConfig, Version
-from .engine.stream import EngineModels, Tile, run_stream, steady_period_ms, total_chunks
+from .engine.stream import EngineModels, Tile, run_stream, steady_period_ms
 from .engine.frames import FrameSource
 from .engine.host_copy import DeferredDownload
 from .engine.preprocess import MULTIPLE, plan_geometry
-from .engine.schedule import STEADY_CHUNK_FRAMES
+from .engine.schedule import STEADY_CHUNK_FRAMES, plan_frames, total_chunks
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ class FlashVSR:
         geom = plan_geometry(h, w, cfg.scale, cfg.preprocess == "official")
         tiles = _tiles(geom.model_h, geom.model_w, cfg) if cfg.tile_size else [None]
         total = total_chunks(n, geom.official) * len(tiles)
-        n_out = n if not geom.official else max(0, ((n + 3) // 8) * 8 - 3)
+        n_out = plan_frames(n, geom.official).output_frames      # refuses a clip too short for official mode
         cuda = self.device.type == "cuda"
         # Tiny/Full: the whole result in pinned memory, filled by asynchronous copies while the GPU
         # works on. Tiny-Long pins only one chunk (long clips must not pin gigabytes of host RAM).

@@ -2,10 +2,10 @@
 
 Parameter names equal the keys of ``diffusion_pytorch_model_streaming_dmd.safetensors`` (standard
 Wan 2.1 naming), so the official file loads with no renaming. Numerics follow the official
-DiffSynth port (flashvsr-spec.md §2, §6.3): everything in the compute dtype except RMSNorm (float32
+DiffSynth port (docs/model.md §6): everything in the compute dtype except RMSNorm (float32
 inside), RoPE (float64) and the sparse-attention draft softmax (float32).
 
-Streaming (spec §1.3, §5): chunk 0 carries 6 latent frames and sees only itself; every later chunk
+Streaming (docs/model.md §4, §7): chunk 0 carries 6 latent frames and sees only itself; every later chunk
 carries 2 and also sees the post-RoPE keys/values of the last ``int(kv_ratio)`` groups of 2 frames.
 Temporal RoPE positions are absolute: 0..5, then 4+2k, 5+2k.
 """
@@ -20,7 +20,7 @@ import torch.nn as nn
 from ..attention.block_sparse import QuantizedKeys
 from . import dit_ops
 from .dit_ops import heads_view
-from .lcsa import BLOCK_TOKENS, WINDOW, draft_block_mask, local_bias, local_block_mask
+from .lcsa import BLOCK_TOKENS, WINDOW, draft_block_mask, local_bias, local_block_mask, topk_count
 
 HEAD_DIM = 128   # Wan2.1 uses 128-wide heads; head count is not recorded in the checkpoint
 
@@ -251,7 +251,7 @@ class KVRing:
 
 @dataclass
 class DiTStreamState:
-    """What one streaming run carries between chunks (flashvsr-spec.md §5)."""
+    """What one streaming run carries between chunks (docs/model.md §7)."""
     chunk_index: int = 0
     kv: list[KVRing | None] = field(default_factory=list)
     local_mask: torch.Tensor | None = None
@@ -347,7 +347,7 @@ class WanDiT(nn.Module):
             state.biases = {}
         if not state.kv:
             state.kv = [None] * len(self.blocks)
-        topk = int(s1 * s1 * sparse.topk_ratio) - 1
+        topk = topk_count(s1, sparse.topk_ratio)
         for i, blk in enumerate(self.blocks):
             x = self._block(i, blk, x, consts, rot, f // WINDOW[0], state, topk, sparse.kv_groups, s1, attn, ops)
         shift, scale = (self.head.modulation + consts.t.unsqueeze(1)).chunk(2, dim=1)

@@ -3,7 +3,7 @@
 Tokens are grouped into 128-token windows of 2 latent frames x 8 x 8 tokens. A query window may only
 attend to key windows that (a) lie inside a ``local_range`` neighbourhood on the block grid and (b)
 survive a top-k over softmax-normalised scores of window-mean-pooled queries and keys. The rules
-below follow the official code exactly (flashvsr-spec.md §4); every one of them changes outputs:
+below follow the official code exactly (docs/model.md §8); every one of them changes outputs:
 pooled scores in the compute dtype, softmax in float32, the top-k taken *globally* per
 (head, query group) over all of its query rows, and a *strict* ``>`` against the (k+1)-th value.
 """

@@ -1,4 +1,4 @@
-"""LQ projector: turns the bicubic-upsampled low-quality video into DiT tokens (spec §3).
+"""LQ projector: turns the bicubic-upsampled low-quality video into DiT tokens (docs/model.md §9).
 
 Each call takes a clip of 4 frames at output resolution and returns one latent frame of tokens.
 The two weight versions were trained with different temporal caches, and using the wrong one is a

@@ -1,4 +1,4 @@
-"""TCDecoder: FlashVSR's conditional tiny video decoder (a widened TAEHV decoder), spec §6.1.
+"""TCDecoder: FlashVSR's conditional tiny video decoder (a widened TAEHV decoder), docs/model.md §10.1.
 
 Input per latent frame: the 16 latent channels behind 768 channels of the 4x8x8 pixel-shuffled LQ
 frames (the condition). Output: 4 RGB frames per latent (2 temporal doublings), 8x the size,

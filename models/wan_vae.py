@@ -1,7 +1,7 @@
 """Wan 2.1 VAE decoder for FlashVSR "Full": strict weight subset, streaming and tiled decode.
 
 Semantics are those of FlashVSR's ``diffsynth/models/wan_video_vae.py`` (``b527c6f``,
-flashvsr-spec.md §6.2); the code is our own. Layers live in ``wan_vae_blocks.py``.
+docs/model.md §10.2); the code is our own. Layers live in ``wan_vae_blocks.py``.
 
 Use::
 
@@ -64,7 +64,7 @@ WAN_LATENT_STD = (
     2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743,
     3.2687, 2.1526, 2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.9160)
 
-# Decoder subset of Wan2.1_VAE.pth at full size (flashvsr-spec.md §6.2).
+# Decoder subset of Wan2.1_VAE.pth at full size (docs/model.md §10.2).
 WAN_VAE_DECODER_TENSORS = 108
 WAN_VAE_DECODER_PARAMS = 73_295_603
 

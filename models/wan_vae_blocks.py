@@ -1,7 +1,7 @@
 """Layers of the Wan 2.1 VAE decoder, with every causal history passed in explicitly.
 
 Module and parameter names mirror ``Wan2.1_VAE.pth`` so the checkpoint loads without renaming
-(flashvsr-spec.md §6.2). Semantics follow FlashVSR's ``diffsynth/models/wan_video_vae.py`` at
+(docs/model.md §10.2). Semantics follow FlashVSR's ``diffsynth/models/wan_video_vae.py`` at
 ``b527c6f``; the code is our own.
 
 A causal layer never keeps history on itself. Each one owns a ``slot`` (an index fixed at

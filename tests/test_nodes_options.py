@@ -6,7 +6,7 @@ import pytest
 from comfyui_flashvsr.flashvsr.config import UpscaleConfig
 from comfyui_flashvsr.nodes import options as o
 
-# Ids used by other FlashVSR packs (docs/peers.md); ours must never equal one of them.
+# Node ids that other FlashVSR packs register; ours must never equal one of them.
 PEER_IDS = {
     "AILab_FlashVSR", "AILab_FlashVSR_Advanced", "FlashVSRNode", "FlashVSRNodeAdv", "FlashVSRInitPipe",
     "FlashVSR_SM_Model", "FlashVSR_SM_KSampler", "FlashVSR_SM_VideoPathLoop", "FlashVSRModelLoader",

@@ -50,7 +50,7 @@ def test_full_size_decoder_has_the_checkpoint_tensor_names_and_counts():
         sd = WanVAEDecoder().state_dict()
     assert len(sd) == WAN_VAE_DECODER_TENSORS
     assert sum(t.numel() for t in sd.values()) == WAN_VAE_DECODER_PARAMS
-    # shapes listed in flashvsr-spec.md §6.2 for Wan2.1_VAE.pth
+    # the official Wan2.1_VAE.pth decoder shapes (docs/model.md §10.2)
     assert sd["conv2.weight"].shape == (16, 16, 1, 1, 1)
     assert sd["decoder.conv1.weight"].shape == (384, 16, 3, 3, 3)
     assert sd["decoder.middle.1.norm.gamma"].shape == (384, 1, 1)

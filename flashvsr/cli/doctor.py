@@ -25,7 +25,7 @@ OK, WARN, FAIL, INFO = "OK", "WARN", "FAIL", "INFO"
 MIN_PYTHON = (3, 10)
 MIN_TORCH = (2, 5)
 REQUIRED = ("numpy", "einops", "safetensors", "huggingface_hub", "PIL")
-# Pass thresholds for one attention call against an fp32 reference (attention.md §5.5: what other
+# Pass thresholds for one attention call against an fp32 reference (docs/model.md §14: what other
 # projects use as hard failures; SageAttention's INT8 QK measures ~0.013 relL2, bf16 SDPA ~0.004).
 MAX_REL_L2, MIN_COSINE = 0.05, 0.99
 

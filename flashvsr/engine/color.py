@@ -2,7 +2,7 @@
 
 ``adain`` is what the official code runs; ``wavelet`` keeps the decoded high frequencies and takes
 the low frequencies from the LQ frame (the official code ships it unused; users asked for it against
-colour shifts). Both are computed in float32 by default: in bf16 the wavelet sums band (spec §1.4).
+colour shifts). Both are computed in float32 by default: in bf16 the wavelet sums band (docs/model.md §11).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Decoders behind one small interface, so the engine has one loop for every variant.
 
 Both decoders are causal and carry state between chunks: decoding chunk by chunk gives the same
-frames as the official decode of the whole latent sequence at the end (spec §1).
+frames as the official decode of the whole latent sequence at the end (docs/model.md §1).
 """
 from __future__ import annotations
 

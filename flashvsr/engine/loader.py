@@ -1,6 +1,6 @@
 """Build the networks from state dicts: config inferred from shapes, strict key and shape checks.
 
-Counts of the official checkpoints (flashvsr-spec.md §2.1, §3, §6): DiT 825 tensors, LQ projector 8,
+Counts of the official checkpoints (docs/model.md §12): DiT 825 tensors, LQ projector 8,
 TCDecoder 66, Wan VAE decoder subset 108. Smaller test checkpoints go through the same code.
 """
 from __future__ import annotations

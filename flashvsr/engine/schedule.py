@@ -1,13 +1,16 @@
 """Frame bookkeeping: how many frames the model runs on, and what each chunk reads and writes.
 
 The model needs F = 8n+1 frames (n >= 3), always reads 4 frames ahead of what it outputs, and emits
-F - 4 frames (flashvsr-spec.md §1.1, §1.3). Chunk 0 runs 6 latent frames, every later chunk 2.
+F - 4 frames (docs/model.md, "Frames and chunks"). Chunk 0 runs 6 latent frames, every later chunk 2.
+Every frame and chunk count in the package comes from this module: the engine, the pipeline's
+progress totals and output sizes, and the tests all call these functions.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 MIN_MODEL_FRAMES = 25      # n = 3: the smallest run the official pipeline can do
+MIN_OFFICIAL_INPUT = MIN_MODEL_FRAMES - 4   # the drivers add 4 copies of the last frame
 STEADY_CHUNK_FRAMES = 8    # output frames of every chunk after the first (see chunk())
 
 
@@ -44,8 +47,8 @@ def plan_frames(n: int, official: bool) -> FramePlan:
     if n < 1:
         raise ValueError("no input frames: give at least 1 frame")
     if official:
-        if n + 4 < MIN_MODEL_FRAMES:
-            raise ValueError(f"official preprocessing needs at least 21 input frames, got {n}; "
+        if n < MIN_OFFICIAL_INPUT:
+            raise ValueError(f"official preprocessing needs at least {MIN_OFFICIAL_INPUT} input frames, got {n}; "
                              "use preprocess='exact' for short clips")
         f = largest_8n1_at_most(n + 4)
         return FramePlan(n, f, f - 4)
@@ -73,3 +76,18 @@ def chunk(k: int) -> Chunk:
         return Chunk(0, 0, 6, clips, 0, 21)
     clips = ((8 * k + 17, 8 * k + 21), (8 * k + 21, 8 * k + 25))
     return Chunk(k, 4 + 2 * k, 2, clips, 8 * k + 13, 8 * k + 21)
+
+
+def min_input_frames(k: int, official: bool) -> int:
+    """The fewest input frames for which chunk k runs, so a stream of unknown length can decide by
+    asking for frame ``min_input_frames(k) - 1``. Official mode runs chunk k when F reaches the
+    chunk's last LQ frame; exact mode when the chunk's first output frame is the user's."""
+    ck = chunk(k)
+    return ck.lq_end - 4 if official else ck.out_start + 1
+
+
+def total_chunks(n: int, official: bool) -> int:
+    """Chunks run for n input frames; 0 where official preprocessing refuses n (progress totals)."""
+    if n < 1 or (official and n < MIN_OFFICIAL_INPUT):
+        return 0
+    return plan_frames(n, official).chunks

@@ -1,8 +1,8 @@
 """The one streaming engine behind Full, Tiny and Tiny-Long.
 
-Per chunk (flashvsr-spec.md §1.3): upsample the LQ frames the chunk needs, feed the projector its
-4-frame clips, run one DiT step on the chunk's noise, decode the new latents (the decoders carry
-their causal state), colour-correct against the aligned LQ frames and hand the frames out. The
+Per chunk (docs/model.md, "Frames and chunks"): upsample the LQ frames the chunk needs, feed the
+projector its 4-frame clips, run one DiT step on the chunk's noise, decode the new latents (the
+decoders carry their causal state), colour-correct against the aligned LQ frames and hand the frames out. The
 variants differ only in the decoder object and in where finished frames go (the caller decides).
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ..config import UpscaleConfig
 from .frames import FrameSource
 from .noise import latent_noise
 from .preprocess import Geometry, Upsampler
-from .schedule import MIN_MODEL_FRAMES, chunk
+from .schedule import MIN_OFFICIAL_INPUT, chunk, min_input_frames
 
 Observer = Callable[[str, int, torch.Tensor], None]   # (name, chunk index, tensor)
 
@@ -67,15 +67,7 @@ def _decoding_on(stream, *inputs: torch.Tensor):
 
 def chunk_needed(k: int, source: FrameSource, official: bool) -> bool:
     """Whether chunk k produces any output frame for this input (decided without knowing N)."""
-    if official:
-        return source.has(8 * k + 20)       # F = largest 8n+1 <= N+4 must reach 8k+25
-    return k == 0 or source.has(8 * k + 13)  # exact mode: the chunk's first output frame exists
-
-
-def total_chunks(n: int, official: bool) -> int:
-    if official:
-        return max(0, ((n + 4 - 1) // 8) - 2)
-    return -(-(max(n + 4, MIN_MODEL_FRAMES) - 1) // 8) - 2
+    return source.has(min_input_frames(k, official) - 1)
 
 
 def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: UpscaleConfig, attn,
@@ -121,8 +113,9 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
     proj_state = ProjectorState()
     dec_state = models.decoder.new_state()
     lat_h, lat_w = geom.model_h // 8, geom.model_w // 8
-    if geom.official and not source.has(MIN_MODEL_FRAMES - 5):
-        raise ValueError("official preprocessing needs at least 21 input frames; use preprocess='exact'")
+    if geom.official and not source.has(MIN_OFFICIAL_INPUT - 1):
+        raise ValueError(f"official preprocessing needs at least {MIN_OFFICIAL_INPUT} input frames; "
+                         "use preprocess='exact'")
 
     def tokens_for(ck) -> torch.Tensor:
         tokens = [models.projector.stream(lq(a, b), proj_state) for a, b in ck.projector_clips]

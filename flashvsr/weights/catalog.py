@@ -13,7 +13,7 @@ functions here is a folder equivalent to ``<models>/FlashVSR``, ComfyUI may regi
 The official names are the same in both versions although the DiT and the projector differ, hence one
 folder per version. Downloads always go to ``<first root>/<version>/``.
 
-Sources of the numbers below (flashvsr-spec.md section 7 unless noted):
+Sources of the numbers below (the files themselves: docs/model.md §12):
 
 * sha256 of the official files: Hugging Face file pages of ``JunhaoZhuang/FlashVSR`` (v1) and
   ``JunhaoZhuang/FlashVSR-v1.1``; v1.1 sizes and hashes also pinned by several third-party installers.

@@ -1,7 +1,7 @@
 """GPU checks of the attention backends at FlashVSR's steady-state shapes (768x1408 output:
 8448 query tokens, 33792 keys, 12 heads, head_dim 128, bf16). Skipped without CUDA.
 
-Thresholds: sage vs fp32 cos >= 0.999 and relative L2 <= 0.03 (issue #3; attention.md §5.5 measured
+Thresholds: sage vs fp32 cos >= 0.999 and relative L2 <= 0.03 (issue #3; docs/model.md §14; measured
 0.0135 for 1.0.6 on H100); exact block-sparse algorithms in bf16 relative L2 <= 1e-2 (bf16 SDPA vs
 fp32 is 0.0023 on H100).
 """

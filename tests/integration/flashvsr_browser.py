@@ -8,7 +8,7 @@ report. Prints one JSON line (report, badge, status) and exits 0 only if everyth
 user would do it (no programmatic fallbacks)::
 
     <workdir>/browser-venv/bin/python tests/integration/flashvsr_browser.py \
-        --harness ../shared/tools/comfyui-harness --url http://127.0.0.1:8188 --out-dir /tmp/shots
+        --harness "$FLASHVSR_HARNESS" --url http://127.0.0.1:8188 --out-dir /tmp/shots
 """
 from __future__ import annotations
 
