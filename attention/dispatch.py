@@ -147,6 +147,12 @@ class AttentionDispatcher:
             self._capabilities[index] = tuple(torch.cuda.get_device_capability(index))
         return self._capabilities[index]
 
+    @property
+    def failures(self) -> frozenset:
+        """What raised so far and is not tried again: (sparse backend, signature), ("mask", kernel),
+        ("quantize", "keys")."""
+        return frozenset(self._failed)
+
     def sage_slower_than_sdpa(self) -> Optional[str]:
         """Why ``enable`` costs speed on this machine, or None (issue #6: never slower unannounced).
 
@@ -272,7 +278,7 @@ class AttentionDispatcher:
 
     # ---- block-mask bookkeeping ----------------------------------------------------------------
 
-    def _mask_kernel(self, name: str, device: torch.device, *args):
+    def mask_kernel(self, name: str, device: torch.device, *args):
         """``mask_kernels.<name>(*args)`` on CUDA with Triton, else None: the caller then runs the torch
         code with the same results. A kernel that raises is not tried again (logged once)."""
         if device.type != "cuda" or not self.config.triton_masks or ("mask", name) in self._failed:
@@ -295,17 +301,17 @@ class AttentionDispatcher:
         """``lcsa.select_above_kth(flat, kept)`` by one Triton kernel, or None where it cannot serve."""
         if flat.dtype != torch.float32:
             return None
-        return self._mask_kernel("select_above_kth", flat.device, flat, kept)
+        return self.mask_kernel("select_above_kth", flat.device, flat, kept)
 
     def block_lut(self, block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``build_lut(block_mask)``, by one Triton kernel where it can serve."""
-        got = self._mask_kernel("lut_from_mask", block_mask.device, block_mask)
+        got = self.mask_kernel("lut_from_mask", block_mask.device, block_mask)
         return got if got is not None else build_lut(block_mask)
 
     def launch_order(self, counts: torch.Tensor) -> Optional[torch.Tensor]:
         """The kernels' longest-first task order by one Triton kernel, or None (the kernels then
         run their own argsort)."""
-        return self._mask_kernel("longest_first_order", counts.device, counts)
+        return self.mask_kernel("longest_first_order", counts.device, counts)
 
     def uses_int8(self, mode: str, device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
         """Whether the Triton block-sparse backend runs its INT8-QK kernel for this mode and device

@@ -43,7 +43,7 @@ def _count_at_or_above(base, N, value, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _select_above_kth(X, T, M, N, stride_x, stride_m, NEED, BLOCK: tl.constexpr):
+def select_above_kth_kernel(X, T, M, N, stride_x, stride_m, NEED, BLOCK: tl.constexpr):
     """One program per row: T[row] = the NEED-th largest value of X[row, :N], M[row] = X[row] > T[row].
 
     In ``torch.sort``'s order (-0.0 equals +0.0, NaN above everything) the answer's order key is the
@@ -91,13 +91,13 @@ def select_above_kth(flat: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch
         flat = flat.contiguous()
     thresholds = torch.empty((rows, 1), dtype=torch.float32, device=flat.device)
     mask = torch.empty((rows, n), dtype=torch.bool, device=flat.device)
-    _select_above_kth[(rows,)](flat, thresholds, mask.view(torch.uint8), n, flat.stride(0), mask.stride(0),
+    select_above_kth_kernel[(rows,)](flat, thresholds, mask.view(torch.uint8), n, flat.stride(0), mask.stride(0),
                                kept + 1, BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS)
     return mask, thresholds
 
 
 @triton.jit
-def _lut_rows(MASK, LUT, CNT, NK, BLOCK: tl.constexpr):
+def lut_rows_kernel(MASK, LUT, CNT, NK, BLOCK: tl.constexpr):
     """One program per (batch, head, query block) row of NK key blocks: selected ids first in
     ascending order, then the others in ascending order (a stable descending sort of the flags)."""
     row = tl.program_id(0).to(tl.int64)
@@ -122,13 +122,13 @@ def lut_from_mask(block_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]
         return lut, torch.zeros(flags.shape[:-1], dtype=torch.int32, device=flags.device)
     counts = torch.empty(flags.shape[:-1], dtype=torch.int32, device=flags.device)
     block = triton.next_power_of_2(nk)
-    _lut_rows[(flags.numel() // nk,)](flags.view(torch.uint8), lut, counts, nk, BLOCK=block,
+    lut_rows_kernel[(flags.numel() // nk,)](flags.view(torch.uint8), lut, counts, nk, BLOCK=block,
                                       num_warps=max(1, min(8, block // 256)))
     return lut, counts
 
 
 @triton.jit
-def _rank_longest_first(CNT, ORDER, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
+def rank_longest_first_kernel(CNT, ORDER, N, BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr):
     """ORDER[rank(i)] = i with rank(i) = #{j: c_j > c_i} + #{j < i: c_j == c_i}: a stable descending sort."""
     i = tl.program_id(0) * BLOCK_I + tl.arange(0, BLOCK_I)
     c_i = tl.load(CNT + i, mask=i < N, other=0)
@@ -150,7 +150,7 @@ def longest_first_order(counts: torch.Tensor) -> torch.Tensor:
     order = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
     if flat.numel():
         # 16 ids per program: 99 programs for the real 1584 query blocks, one wave on an H100
-        _rank_longest_first[(triton.cdiv(flat.numel(), 16),)](flat, order, flat.numel(), BLOCK_I=16,
+        rank_longest_first_kernel[(triton.cdiv(flat.numel(), 16),)](flat, order, flat.numel(), BLOCK_I=16,
                                                                 BLOCK_J=256, num_warps=4)
     return order
 

@@ -210,7 +210,7 @@ def _quantize_tile(X, MEAN, Y, S, sxb, sxh, sxl, syb, syh, syl, ssb, ssh, H, mul
 
 
 @triton.jit
-def _quantize_tiles(
+def quantize_tiles_kernel(
     X, MEAN, Y, S, sxb, sxh, sxl, syb, syh, syl, ssb, ssh, H, multiplier,
     ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, CENTRE: tl.constexpr,
 ):
@@ -220,7 +220,7 @@ def _quantize_tiles(
 
 
 @triton.jit
-def _quantize_q_and_k(
+def quantize_q_and_k_kernel(
     Q, K, MEAN, Q8, QS, K8, KS, sqb, sqh, sql, skb, skh, skl, H, LQ, LK, q_multiplier, Q_TILES,
     Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
 ):
@@ -344,7 +344,7 @@ def quantize_tiles(x: torch.Tensor, rows: int, multiplier: float = 1.0, mean: to
     _check_last_dim(q8, scales)
     centre = mean is not None
     mean = mean.float().contiguous() if centre else scales      # any pointer when not centring
-    _quantize_tiles[(length // rows, bsz * heads)](
+    quantize_tiles_kernel[(length // rows, bsz * heads)](
         x, mean, q8, scales, x.stride(0), x.stride(1), x.stride(2), q8.stride(0), q8.stride(1), q8.stride(2),
         scales.stride(0), scales.stride(1), heads, multiplier, ROWS=rows, HEAD_DIM=dim, CENTRE=centre, num_warps=4)
     return q8, scales
@@ -360,7 +360,7 @@ def quantize_q_and_k(q: torch.Tensor, k: torch.Tensor, key_rows: int, q_multipli
     q_scales = torch.empty((bsz, heads, lq // MASK_BLOCK), dtype=torch.float32, device=q.device)
     k_scales = torch.empty((bsz, heads, lk // key_rows), dtype=torch.float32, device=k.device)
     q_tiles = lq // MASK_BLOCK
-    _quantize_q_and_k[(q_tiles + lk // key_rows, bsz * heads)](
+    quantize_q_and_k_kernel[(q_tiles + lk // key_rows, bsz * heads)](
         q, k, key_mean.float().contiguous(), q8, q_scales, k8, k_scales,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2), heads, lq, lk,
         q_multiplier, q_tiles, Q_ROWS=MASK_BLOCK, K_ROWS=key_rows, HEAD_DIM=dim, num_warps=4)

@@ -71,7 +71,7 @@ class FlashVSR:
         self.consts = dit.prepare(prompt)
         self.attention = AttentionDispatcher()
         self._tc_layers = None          # compiled TCDecoder pass, built on first CUDA run
-        self._stream = None             # decoder stream (see _decode_stream)
+        self._stream = None             # decoder stream (see decode_stream_for)
 
     # ---- construction -------------------------------------------------------------------
     @classmethod
@@ -130,7 +130,7 @@ class FlashVSR:
         body, tail = self._compiled_tc() if self._compiling(cfg) else (None, None)
         return TinyDecoder(self.decoder, TCDecoderPasses(latents=1, tail_frames=1, body=body, tail=tail))
 
-    def _decode_stream(self, cfg: UpscaleConfig):
+    def decode_stream_for(self, cfg: UpscaleConfig):
         """A second CUDA stream for the projector and decoder, beside the DiT (Tiny and Full): chunk
         k+1's projector and chunk k's decoding run while the DiT works on chunk k or k+1.
 
@@ -199,7 +199,7 @@ class FlashVSR:
                 ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
                 starts.append([])
                 for chunk_out in _tuned(run_stream(self.engine_models(cfg), src, geom, cfg, attn, noise=noise, tile=tile,
-                                                   decode_stream=self._decode_stream(cfg))):
+                                                   decode_stream=self.decode_stream_for(cfg))):
                     f, s0 = chunk_out.frames, chunk_out.start
                     starts[-1].append(chunk_out.dit_start)
                     with chunk_out.using():
@@ -251,7 +251,7 @@ class FlashVSR:
                     yield u8
 
             for chunk_out in _tuned(run_stream(self.engine_models(cfg), src, geom, cfg, attn,
-                                               decode_stream=self._decode_stream(cfg))):
+                                               decode_stream=self.decode_stream_for(cfg))):
                 starts.append(chunk_out.dit_start)
                 with chunk_out.using():
                     u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8)
@@ -285,9 +285,8 @@ class FlashVSR:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         seconds = time.perf_counter() - start
-        periods = [p for p in map(steady_period_ms, starts) if p is not None]
-        steady = STEADY_CHUNK_FRAMES * 1000.0 / (statistics.median_low(periods) * len(starts)) if periods else None
-        return RunStats(frames, seconds, peak, attn.summary(), chunks, self.mode.value, str(self.device), steady)
+        return RunStats(frames, seconds, peak, attn.summary(), chunks, self.mode.value, str(self.device),
+                        steady_fps(starts))
 
     def _release(self) -> None:
         """Drop what a finished or cancelled run left in the allocator; the weights stay loaded."""
@@ -305,6 +304,14 @@ class FlashVSR:
         from ..attention.probe import probe_sage
         p = probe_sage()
         return {"installed": p.available, "version": p.version, "flavour": p.flavour, "reason": p.reason}
+
+
+def steady_fps(starts: list[list]) -> float | None:
+    """Output frames per second of the steady period; ``starts``: per tile, the DiT-start events of
+    its chunks (the tiles run one after another, so their periods add up). None below 4 chunks or
+    without CUDA events."""
+    periods = [p for p in map(steady_period_ms, starts) if p is not None]
+    return STEADY_CHUNK_FRAMES * 1000.0 / (statistics.median_low(periods) * len(starts)) if periods else None
 
 
 def _fused_vae_norms_supported() -> bool:

@@ -378,15 +378,15 @@ class WanVAEDecoder(nn.Module):
         weight = torch.zeros((1, 1, 1, h * s, w * s), dtype=torch.float32, device=device)
         for box in tiling.boxes(h, w):
             y0, y1, x0, x1 = box
-            mask_h = _ramp((y1 - y0) * s, ramp_h, y0 == 0, y0 + tiling.tile[0] >= h, device)
-            mask_w = _ramp((x1 - x0) * s, ramp_w, x0 == 0, x0 + tiling.tile[1] >= w, device)
+            mask_h = blend_ramp((y1 - y0) * s, ramp_h, y0 == 0, y0 + tiling.tile[0] >= h, device)
+            mask_w = blend_ramp((x1 - x0) * s, ramp_w, x0 == 0, x0 + tiling.tile[1] >= w, device)
             mask = torch.minimum(mask_h[:, None], mask_w[None, :])[None, None, None]
             weight[..., y0 * s:y1 * s, x0 * s:x1 * s] += mask
             state.tiles.append(_TileStream(box, [None] * self.decoder.num_slots, mask))
         state.tile_weight = weight
 
 
-def _ramp(length: int, width: int, at_start: bool, at_end: bool, device: torch.device) -> torch.Tensor:
+def blend_ramp(length: int, width: int, at_start: bool, at_end: bool, device: torch.device) -> torch.Tensor:
     """1-D blend weights: 1 inside, a linear ramp (1/width .. 1) on sides shared with another tile."""
     m = torch.ones(length, dtype=torch.float32, device=device)
     if width > 0:

@@ -187,7 +187,7 @@ def test_cpu_sparse_order_is_the_reference_alone():
     assert AttentionDispatcher().sparse_order(torch.device("cpu")) == ("reference",)
 
 
-def test_sage_1x_on_hopper_is_announced_as_slower_than_sdpa():
+def test_sage_1x_on_hopper_is_announced_as_slower_than_sdpa(monkeypatch):
     from comfyui_flashvsr.attention import AttentionDispatcher
     from comfyui_flashvsr.attention.probe import SageProbe
 
@@ -196,11 +196,13 @@ def test_sage_1x_on_hopper_is_announced_as_slower_than_sdpa():
 
     for flavour, cap, slower in (("1.x", (9, 0), True), ("1.x", (8, 9), False), ("2.x", (9, 0), False)):
         d = AttentionDispatcher(sage=SageProbe(True, flavour, "x", None, fake))
-        d._capabilities[0] = cap            # what a CUDA call on that GPU would have recorded
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index, cap=cap: cap)
+        assert d.capability(torch.device("cuda", 0)) == cap     # what a CUDA call on that GPU records
         note = d.sage_slower_than_sdpa()
         assert (note is not None) == slower, (flavour, cap)
         if slower:
             assert "Hopper" in note and "SDPA" in note
     missing = AttentionDispatcher(sage=SageProbe(False, None, None, "not installed"))
-    missing._capabilities[0] = (9, 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (9, 0))
+    missing.capability(torch.device("cuda", 0))
     assert missing.sage_slower_than_sdpa() is None

@@ -209,7 +209,7 @@ def test_quantiser_compiles_for_ampere_and_hopper(arch):
     kinds = {"X": "*bf16", "Q": "*bf16", "K": "*bf16", "MEAN": "*fp32", "Y": "*i8", "Q8": "*i8", "K8": "*i8",
              "S": "*fp32", "QS": "*fp32", "KS": "*fp32", "multiplier": "fp32", "q_multiplier": "fp32"}
     constexprs = {"ROWS": 64, "HEAD_DIM": 128, "CENTRE": True, "Q_ROWS": 128, "K_ROWS": 64}
-    for fn in (tk._quantize_tiles, tk._quantize_q_and_k):
+    for fn in (tk.quantize_tiles_kernel, tk.quantize_q_and_k_kernel):
         signature = {a: kinds.get(a, "constexpr" if a in constexprs else "i32") for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=signature, constexprs={a: constexprs[a] for a in fn.arg_names if a in constexprs})
         ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]

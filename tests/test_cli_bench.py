@@ -111,4 +111,4 @@ def test_size_and_list_arguments_are_validated():
     with pytest.raises(argparse.ArgumentTypeError, match="768x1408"):
         bench.pixels("768 by 1408")
     with pytest.raises(argparse.ArgumentTypeError, match="tiny, tiny-long, full"):
-        bench._csv(("tiny", "tiny-long", "full"))("tiny,huge")
+        bench.csv_choices(("tiny", "tiny-long", "full"))("tiny,huge")

@@ -65,8 +65,8 @@ def test_a_raising_backend_warns_if_there_is_a_fallback_and_fails_if_not(cpu_onl
     def boom():
         raise RuntimeError("no kernel image is available")
     ref = torch.zeros(2)
-    fallback = doctor._judge("block-sparse: triton", boom, ref)
-    last = doctor._judge("block-sparse: reference", boom, ref, last_resort=True)
+    fallback = doctor.judge("block-sparse: triton", boom, ref)
+    last = doctor.judge("block-sparse: reference", boom, ref, last_resort=True)
     assert (fallback.status, last.status) == (doctor.WARN, doctor.FAIL)
     assert "no kernel image is available" in fallback.detail and "nothing to fall back to" in last.detail
 

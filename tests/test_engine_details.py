@@ -7,6 +7,7 @@ import torch
 from comfyui_flashvsr.attention import AttentionDispatcher
 from comfyui_flashvsr.flashvsr import pipeline as pipeline_module
 from comfyui_flashvsr.flashvsr.engine.color import adain, color_fix, wavelet
+from comfyui_flashvsr.flashvsr.config import UpscaleConfig
 from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
 from comfyui_flashvsr.flashvsr.engine.schedule import chunk, plan_frames
 from comfyui_flashvsr.models.dit import DiTStreamState, SparseParams, rope_angles
@@ -142,14 +143,14 @@ def test_float32_rope_of_the_fast_step_differs_from_float64_by_rare_single_bf16_
 
 
 def test_output_conversion_equals_the_plain_formula_bit_for_bit():
-    from comfyui_flashvsr.flashvsr.engine.stream import _to_unit_hwc
+    from comfyui_flashvsr.flashvsr.engine.stream import to_unit_hwc
 
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
         frames = (torch.randn(3, 3, 17, 23, generator=g) * 1.2).to(dtype)
         frames[0, 0, 0, :4] = torch.tensor([-1.0, 1.0, -3.0, 3.0]).to(dtype)     # exact ends and clamping
         want = ((frames.float() + 1) * 0.5).clamp(0, 1).permute(0, 2, 3, 1)
-        got = _to_unit_hwc(frames)
+        got = to_unit_hwc(frames)
         assert got.is_contiguous() and got.dtype == torch.float32 and torch.equal(got, want)
 
 
@@ -201,13 +202,14 @@ def test_steady_period_is_the_median_gap_between_dit_starts_from_chunk_2():
     assert steady_period_ms([None] * 6) is None                               # CPU: no events
 
 
-def test_run_stats_report_the_steady_rate_over_all_tiles(monkeypatch):
-    pipe = FlashVSR.random(mode="tiny", device="cpu", dtype=torch.float32, size="tiny")
-    attn = AttentionDispatcher().session("disable")
+def test_run_stats_report_the_steady_rate_over_all_tiles():
+    from comfyui_flashvsr.flashvsr.pipeline import RunStats, steady_fps
     # two tiles with a steady period of 100 ms each: 8 frames per 2 x 100 ms = 40 fps
     tile = [_FakeEvent(t) for t in (0, 300, 400, 500, 600)]
-    stats = pipe._stats(0.0, 10, attn, 10, [tile, tile])
-    assert stats.steady_fps == pytest.approx(40.0)
-    assert "steady 40.0 fps" in stats.summary()
-    plain = pipe._stats(0.0, 10, attn, 10, [[None] * 5])
-    assert plain.steady_fps is None and "steady" not in plain.summary()
+    steady = steady_fps([tile, tile])
+    assert steady == pytest.approx(40.0)
+    assert "steady 40.0 fps" in RunStats(10, 1.0, 0, "sdpa", 10, "tiny", "cuda", steady).summary()
+    assert steady_fps([[None] * 5]) is None                                   # CPU: no events
+    plain = FlashVSR.random(mode="tiny", device="cpu", dtype=torch.float32, size="micro").upscale(
+        torch.rand(3, 32, 32, 3), UpscaleConfig(sageattention="disable"))
+    assert plain.stats.steady_fps is None and "steady" not in plain.stats.summary()

@@ -234,11 +234,11 @@ def test_a_failing_mask_kernel_falls_back_logs_once_and_is_not_retried(monkeypat
     cuda = torch.device("cuda")
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
-            assert dispatcher._mask_kernel("select_above_kth", cuda, adversarial_rows(), 3) is None
+            assert dispatcher.mask_kernel("select_above_kth", cuda, adversarial_rows(), 3) is None
     assert calls == [2]
     assert len([r for r in caplog.records if "PassManager" in r.getMessage()]) == 1
     off = AttentionDispatcher(AttentionConfig(triton_masks=False))
-    assert off._mask_kernel("select_above_kth", cuda, adversarial_rows(), 3) is None and calls == [2]
+    assert off.mask_kernel("select_above_kth", cuda, adversarial_rows(), 3) is None and calls == [2]
 
 
 # ---- the Triton kernels, interpreted on the CPU -------------------------------------------------
@@ -353,9 +353,9 @@ def test_mask_kernels_compile_for_ampere_and_hopper(arch):
     from comfyui_flashvsr.attention import mask_kernels as mk
 
     ptx = [
-        aot_ptx(mk._select_above_kth, {"X": "fp32", "T": "fp32", "M": "u8"}, ("N", "stride_x", "stride_m", "NEED"),
+        aot_ptx(mk.select_above_kth_kernel, {"X": "fp32", "T": "fp32", "M": "u8"}, ("N", "stride_x", "stride_m", "NEED"),
                 {"BLOCK": mk.SELECT_BLOCK}, mk.SELECT_WARPS, arch),
-        aot_ptx(mk._lut_rows, {"MASK": "u8", "LUT": "i32", "CNT": "i32"}, ("NK",), {"BLOCK": 512}, 2, arch),
-        aot_ptx(mk._rank_longest_first, {"CNT": "i32", "ORDER": "i32"}, ("N",), {"BLOCK_I": 16, "BLOCK_J": 256}, 4, arch),
+        aot_ptx(mk.lut_rows_kernel, {"MASK": "u8", "LUT": "i32", "CNT": "i32"}, ("NK",), {"BLOCK": 512}, 2, arch),
+        aot_ptx(mk.rank_longest_first_kernel, {"CNT": "i32", "ORDER": "i32"}, ("N",), {"BLOCK_I": 16, "BLOCK_J": 256}, 4, arch),
     ]
     assert all(f".target sm_{arch}" in p for p in ptx)

@@ -275,12 +275,12 @@ def test_tile_blend_reassembles_an_image_that_every_tile_agrees_on(monkeypatch):
 
 
 def test_blend_ramps_rise_linearly_over_the_overlap_on_inner_sides_only():
-    from comfyui_flashvsr.models.wan_vae import _ramp
-    inner_start = _ramp(8, 4, at_start=False, at_end=True, device="cpu")
+    from comfyui_flashvsr.models.wan_vae import blend_ramp
+    inner_start = blend_ramp(8, 4, at_start=False, at_end=True, device="cpu")
     assert inner_start.tolist() == [0.25, 0.5, 0.75, 1, 1, 1, 1, 1]
-    both = _ramp(8, 4, at_start=False, at_end=False, device="cpu")
+    both = blend_ramp(8, 4, at_start=False, at_end=False, device="cpu")
     assert both.tolist() == [0.25, 0.5, 0.75, 1, 1, 0.75, 0.5, 0.25]
-    assert _ramp(5, 4, at_start=True, at_end=True, device="cpu").tolist() == [1] * 5
+    assert blend_ramp(5, 4, at_start=True, at_end=True, device="cpu").tolist() == [1] * 5
 
 
 def test_tiled_decode_with_one_covering_tile_equals_untiled_exactly():

@@ -265,7 +265,7 @@ def table(data: dict, markdown: bool = False) -> str:
     return "\n".join(head + ["", fmt.format(*cols)] + [fmt.format(*r) for r in rows])
 
 
-def _csv(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+def csv_choices(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(v.strip() for v in text.split(",") if v.strip())
         bad = [v for v in items if v not in choices]
@@ -280,8 +280,8 @@ def add_parser(sub) -> None:
                        description="Time every mode x sageattention setting on randomly initialised "
                                    f"networks ({LABEL_RANDOM}). Prints a table; --json writes one.")
     modes = tuple(m.value for m in config.Mode)
-    p.add_argument("--modes", type=_csv(modes), default=modes, help="comma list (default: all)")
-    p.add_argument("--sage", type=_csv(("enable", "disable")), default=("enable", "disable"),
+    p.add_argument("--modes", type=csv_choices(modes), default=modes, help="comma list (default: all)")
+    p.add_argument("--sage", type=csv_choices(("enable", "disable")), default=("enable", "disable"),
                    help="sageattention settings to compare (default: enable,disable)")
     p.add_argument("--size", type=pixels, default=(768, 1408), help="OUTPUT size HxW (768x1408)")
     p.add_argument("--scale", type=float, default=4.0)

@@ -132,7 +132,7 @@ def _reference(q, k, v, block_mask=None):
     return torch.where(rows, out, torch.zeros_like(out))
 
 
-def _judge(name: str, run, ref, last_resort: bool = False) -> Check:
+def judge(name: str, run, ref, last_resort: bool = False) -> Check:
     """Run one backend; wrong numbers FAIL (they would reach the video). An exception only WARNs
     when the dispatcher can fall back to another backend, i.e. unless this is the last resort."""
     import torch
@@ -174,11 +174,11 @@ def attention_checks(device: str) -> list[Check]:
                         dtype=torch.bool, device=dev)[None]
     ref_dense, ref_sparse = _reference(q, k, v), _reference(q, k, v, mask)
     dispatcher = AttentionDispatcher()
-    out = [_judge("dense: sdpa", lambda: F.scaled_dot_product_attention(q, k, v), ref_dense, True)]
+    out = [judge("dense: sdpa", lambda: F.scaled_dot_product_attention(q, k, v), ref_dense, True)]
     sage = probe_sage()
     why = sage_refusal(sage, DenseCall.of(q, k, v, dispatcher.capability(dev)))
     out.append(Check("attention", "dense: sage", INFO, f"not eligible: {why}") if why else
-               _judge("dense: sage", lambda: run_sage(sage, q, k, v), ref_dense))
+               judge("dense: sage", lambda: run_sage(sage, q, k, v), ref_dense))
     slower = dispatcher.sage_slower_than_sdpa() if not why else None
     if slower and dispatcher.config.dense_sage_where_slower:
         out.append(Check("attention", "sageattention speed", WARN, f"enable is slower here: {slower}"))
@@ -191,15 +191,15 @@ def attention_checks(device: str) -> list[Check]:
     for name in dispatcher.sparse_order(dev):
         label = f"block-sparse: {name}"
         if name == "reference":
-            out.append(_judge(label, lambda: masked_reference(q, k, v, mask), ref_sparse, True))
+            out.append(judge(label, lambda: masked_reference(q, k, v, mask), ref_sparse, True))
             continue
         refusal, run = dispatcher.sparse_runners[name]
         why = refusal(q, k, v, "disable")
         out.append(Check("attention", label, INFO, f"not eligible: {why}") if why else
-                   _judge(label, lambda run=run: run(q, k, v, lut, counts, "disable", None), ref_sparse))
+                   judge(label, lambda run=run: run(q, k, v, lut, counts, "disable", None), ref_sparse))
         if name == "triton" and not why and dispatcher.uses_int8("enable", dev):
             # what sageattention=enable runs for the sparse layers on this GPU (Sage-style INT8 QK)
-            out.append(_judge("block-sparse: triton-int8 (enable)",
+            out.append(judge("block-sparse: triton-int8 (enable)",
                               lambda run=run: run(q, k, v, lut, counts, "enable", None), ref_sparse))
     if dev.type != "cuda":
         out.append(Check("attention", "block-sparse: triton, flex", INFO,

@@ -158,7 +158,7 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
             frames = color_fix(frames, ref, cfg.color_fix, float32=cfg.color_fix_float32)
             if observer is not None:
                 observer("frames_final", k, frames)
-            out = _to_unit_hwc(frames[: max(0, stop - ck.out_start)])
+            out = to_unit_hwc(frames[: max(0, stop - ck.out_start)])
             # Nothing of this chunk but its output may stay alive while the caller works and the
             # next chunk runs (a generator keeps its locals): ~0.3 GB at 768x1408.
             del latents, cond, frames, ref
@@ -204,7 +204,7 @@ def _on_side(stream, tokens_for, ck, after_main: bool = False) -> tuple[torch.Te
     return tokens, ready
 
 
-def _to_unit_hwc(frames: torch.Tensor) -> torch.Tensor:
+def to_unit_hwc(frames: torch.Tensor) -> torch.Tensor:
     """(t, 3, H, W) in [-1, 1] -> contiguous float32 (t, H, W, 3) in [0, 1], the values of
     ``((x.float() + 1) * 0.5).clamp(0, 1)``: halving is exact, so x / 2 + 1 / 2 rounds once like
     (x + 1) / 2. One layout-changing copy and in-place arithmetic instead of four new tensors and

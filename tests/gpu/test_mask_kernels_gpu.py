@@ -72,4 +72,4 @@ def test_dispatcher_uses_the_mask_kernels_on_cuda_without_falling_back():
     assert torch.equal(mask, draft_block_mask(q, k, 12, 2, local, topk))
     lut, counts = dispatcher.block_lut(mask)
     assert dispatcher.launch_order(counts) is not None
-    assert not dispatcher._failed
+    assert not dispatcher.failures

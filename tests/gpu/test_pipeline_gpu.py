@@ -19,4 +19,4 @@ def test_overlapped_decoding_gives_the_serial_frames(mode):
     assert serial.shape == (29, 256, 384, 3) and not torch.isnan(serial).any()
     assert torch.equal(overlapped, serial)
     assert torch.equal(streamed, (serial * 255).round().to(torch.uint8))
-    assert (pipe._stream is None) == (mode == "tiny-long")
+    assert (pipe.decode_stream_for(UpscaleConfig()) is None) == (mode == "tiny-long")
