@@ -54,9 +54,12 @@ def test_downloads_only_the_files_the_variant_needs(tmp_path, fake_hub, caplog, 
         assert hashlib.sha256(data).hexdigest() in {f.sha256 for f in CATALOG.official if f.version == "v1.1"}
     assert files.dit == tmp_path / "v1.1" / "diffusion_pytorch_model_streaming_dmd.safetensors"
     assert (files.vae is None) == (mode != "full") and (files.tcdecoder is None) == (mode == "full")
-    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("[FlashVSR]")]
-    assert len(lines) == len(MODE_FILES[mode]) and all(r.levelno == logging.INFO for r in caplog.records
-                                                         if r.getMessage().startswith("[FlashVSR]"))
+    ours = [r for r in caplog.records if r.getMessage().startswith("[FlashVSR]")]
+    assert all(r.levelno == logging.INFO for r in ours)
+    for verb in ("Downloading", "Downloaded"):  # one line as each file starts, one as it ends
+        assert sorted(r.getMessage().split()[2].rstrip(":") for r in ours
+                      if r.getMessage().split()[1] == verb) == sorted(MODE_FILES[mode])
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and r.name.startswith("httpx")]
 
 
 def test_files_already_present_are_not_fetched_again(tmp_path, fake_hub):
@@ -140,11 +143,13 @@ def test_hf_endpoint_environment_variable_is_honoured_at_call_time(tmp_path, fak
 def test_progress_reports_bytes_until_each_file_is_complete(tmp_path, fake_hub):
     calls = []
     ensure_weights([tmp_path], "v1.1", "tiny", catalog=CATALOG, endpoint=fake_hub.endpoint,
-                   progress=lambda name, done, total: calls.append((name, done, total)))
-    last = {name: (done, total) for name, done, total in calls}
+                   progress=calls.append)
+    last = {s.filename: s for s in calls}
     assert set(last) == MODE_FILES["tiny"]
-    for name, (done, total) in last.items():
-        assert done == total == (tmp_path / "v1.1" / name).stat().st_size
+    assert sorted((s.index, s.count) for s in last.values()) == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    for name, status in last.items():
+        assert status.finished and status.done == status.total == (tmp_path / "v1.1" / name).stat().st_size
+        assert status.line().endswith(" done")
 
 
 def test_an_interrupted_transfer_resumes_with_a_range_request(tmp_path):
