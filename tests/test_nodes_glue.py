@@ -87,7 +87,7 @@ def glue(monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "comfyui_flashvsr.nodes.comfy_glue", raising=False)
     module = importlib.import_module("comfyui_flashvsr.nodes.comfy_glue")
     pipes = []
-    def load(key):
+    def load(key, on_download=None):
         pipes.append(FakePipe())
         return pipes[-1]
 

@@ -193,6 +193,15 @@ class _Transfer:
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, daemon=True,
                                         name=f"flashvsr-download-{source.filename}-{id(self):x}")
+        self._quiet = _QuietHub(self._thread.name)
+        self._loggers = _hub_loggers()
+        self._before = _snapshot(dest_dir)
+        self._tidy = threading.Lock()
+
+    def tidy(self) -> None:
+        """Remove huggingface_hub's bookkeeping for this file; safe to call from both threads."""
+        with self._tidy:
+            _clean_bookkeeping(self.dest_dir, self._before, self.source)
 
     # ---- worker side
     def _run(self) -> None:
@@ -202,6 +211,12 @@ class _Transfer:
             self.error = exc
         finally:
             self.ended.set()
+            if self.abort.is_set():
+                # The caller gave up on us (Cancel, timeout) and may be gone: what a late end of
+                # huggingface_hub left is ours to remove, and its warnings stayed quiet until now.
+                self.tidy()
+            for logger in self._loggers:
+                logger.removeFilter(self._quiet)
 
     def _download(self) -> Path:
         from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
@@ -255,10 +270,8 @@ class _Transfer:
 
     def wait(self, progress: Progress | None, index: int, count: int) -> Path:
         """Run the transfer to its end; raise what it raised, or DownloadError when the hub fell silent."""
-        quiet = _QuietHub(self._thread.name)
-        loggers = _hub_loggers()
-        for logger in loggers:
-            logger.addFilter(quiet)
+        for logger in self._loggers:   # removed by the worker when it ends, which may be later
+            logger.addFilter(self._quiet)
         try:
             self._thread.start()
             while not self.ended.wait(POLL_S):
@@ -278,8 +291,7 @@ class _Transfer:
             self.ended.wait(GRACE_S)
             raise
         finally:
-            for logger in loggers:
-                logger.removeFilter(quiet)
+            self.tidy()
 
 
 # ---------------------------------------------------------------- huggingface_hub's bookkeeping
@@ -373,7 +385,6 @@ def fetch(sources: Sequence[KnownFile], dest_dir: Path, *, endpoint: str | None 
                  source.revision[:12], dest_dir)
         dest_dir.mkdir(parents=True, exist_ok=True)
         _remove_stale_partials(dest_dir, source)
-        before = _snapshot(dest_dir)
         transfer = _Transfer(source, dest_dir, endpoint, timeout)
         try:
             path = transfer.wait(progress, *part)
@@ -383,8 +394,6 @@ def fetch(sources: Sequence[KnownFile], dest_dir: Path, *, endpoint: str | None 
         except errors as exc:
             failures.append(f"{source.url(endpoint)}: {_one_line(exc)}")
             continue
-        finally:
-            _clean_bookkeeping(dest_dir, before, source)
         if source.mirror and source.sha256:
             actual = sha256_of(path)
             if actual != source.sha256:
