@@ -196,8 +196,7 @@ class FakeHub:
                         self.wfile.flush()
                         time.sleep(piece / hub.rate)
                 except (BrokenPipeError, ConnectionError):  # the client gave up: that is the test
-                    pass
-                self.close_connection = True
+                    self.close_connection = True
 
             def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
                 self._answer(body=False)

@@ -296,6 +296,9 @@ class _Transfer:
 
 # ---------------------------------------------------------------- huggingface_hub's bookkeeping
 
+_HUB_MARKERS = (".gitignore", "CACHEDIR.TAG")  # huggingface_hub marks its folder with these
+
+
 def _hub_dir(dest_dir: Path) -> Path:
     return dest_dir / ".cache" / "huggingface"
 
@@ -347,8 +350,8 @@ def _clean_bookkeeping(dest_dir: Path, before: set[Path], source: KnownFile) -> 
             if path.is_file() and (_ours(path, source.filename, source.sha256) or
                                    (path in new and path.name.endswith(".incomplete"))):
                 path.unlink()
-            elif path in new and path.name == ".gitignore" and path.parent == _hub_dir(dest_dir):
-                if not [p for p in path.parent.iterdir() if p.name != ".gitignore"]:
+            elif path in new and path.name in _HUB_MARKERS and path.parent == _hub_dir(dest_dir):
+                if not [p for p in path.parent.iterdir() if p.name not in _HUB_MARKERS]:
                     path.unlink()
             elif path in new and path.is_dir() and not any(path.iterdir()):
                 path.rmdir()
