@@ -5,7 +5,10 @@ Every test passes the fake hub's address (or sets HF_ENDPOINT to it), so nothing
 import hashlib
 import importlib.util
 import logging
+import os
+import signal
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -250,7 +253,7 @@ def test_no_network_fails_at_once_with_one_message_and_no_retry_lines(tmp_path, 
     err, elapsed = run_bounded(60, lambda: ensure_weights([tmp_path], "v1.1", "tiny", catalog=CATALOG,
                                                            endpoint=closed))
     assert isinstance(err, MissingWeights) and f"downloading {BIG_DIT} failed" in str(err)
-    assert "ConnectError" in str(err)
+    assert "cannot connect to the hub (ConnectError: " in str(err)
     assert elapsed < 10                     # huggingface_hub alone retries for 23 s
     assert hub_warnings(caplog) == [] and left_in(tmp_path) == []
 
@@ -353,3 +356,52 @@ def test_a_cancelled_download_in_a_node_run_leaves_nothing_loaded_and_the_next_r
         outcome = run(statuses.append)
     assert cache.key is not None and outcome.frames.shape == (2, 32, 32, 3)
     assert {s.filename for s in statuses[1:] if s.finished} == MODE_FILES["tiny"] - {"posi_prompt.pth"}
+
+
+# ---------------------------------------------------------------- through the `flashvsr` command
+
+SAMPLE = Path(__file__).resolve().parent.parent / "assets" / "sample.mp4"
+# What the `flashvsr` console script runs (pyproject: flashvsr = ...cli.main:main), under the test name.
+FLASHVSR = ("import sys; sys.path.insert(0, {tests!r}); import conftest; "
+            "from comfyui_flashvsr.flashvsr.cli.main import main; sys.argv[0] = 'flashvsr'; sys.exit(main())")
+
+
+def flashvsr(tmp_path, hub, *args, **env):
+    code = FLASHVSR.format(tests=str(Path(__file__).parent))
+    environ = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    environ.update(HF_ENDPOINT=hub.endpoint, **env)
+    return subprocess.Popen([sys.executable, "-c", code, "upscale", str(SAMPLE), str(tmp_path / "out.mp4"),
+                             "--models", str(tmp_path / "models"), "--device", "cpu", *args],
+                            env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_cli_a_silent_hub_ends_with_one_error_line_and_exit_2(tmp_path, fake_hub):
+    fake_hub.silent_all = True
+    child = flashvsr(tmp_path, fake_hub, FLASHVSR_DOWNLOAD_TIMEOUT="1")
+    _, err = child.communicate(timeout=120)         # huggingface_hub alone would take 397 s
+    assert child.returncode == 2, err
+    errors = [line for line in err.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1 and "no answer from the hub for 1 s" in errors[0], err
+    assert "Traceback" not in err and "WARNING" not in err and "Retrying" not in err, err
+    assert left_in(tmp_path / "models") == [] and not (tmp_path / "out.mp4").exists()
+
+
+def test_cli_ctrl_c_during_a_download_exits_130_and_leaves_no_partial_file(tmp_path):
+    contents = big_contents(12)
+    catalog = hub_helpers.tiny_catalog(contents)
+    with hub_helpers.FakeHub.from_catalog(catalog, contents) as hub:
+        hub.rate = 256 * 2**10                      # 48 s for the DiT
+        child = flashvsr(tmp_path, hub)
+        lines = []
+        reader = threading.Thread(target=lambda: lines.extend(child.stderr), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 120
+        while not any(f"{BIG_DIT} (1/4): " in line for line in lines):    # the progress line
+            assert child.poll() is None and time.monotonic() < deadline, "".join(lines)
+            time.sleep(0.05)
+        child.send_signal(signal.SIGINT)
+        child.wait(timeout=60)
+        reader.join(10)
+    assert child.returncode == 130, "".join(lines)
+    assert "Traceback" not in "".join(lines)
+    assert left_in(tmp_path / "models") == []

@@ -129,24 +129,34 @@ def _transport_errors() -> tuple[type[BaseException], ...]:
     return tuple(found)
 
 
-def _is_timeout(exc: BaseException | None) -> bool:
-    # httpx2/httpx TimeoutException, requests' Timeout, socket.timeout: named so in every client.
+def _named(exc: BaseException | None, *words: str) -> bool:
+    """Whether ``exc`` or what caused it has a class named with one of ``words``: the HTTP clients
+    differ between huggingface_hub versions, but all name their timeouts and connect errors so."""
     while exc is not None:
-        if any("Timeout" in cls.__name__ for cls in type(exc).__mro__):
+        if any(w in cls.__name__ for cls in type(exc).__mro__ for w in words):
             return True
         exc = exc.__cause__ or exc.__context__
     return False
 
 
+def _is_timeout(exc: BaseException | None) -> bool:
+    return _named(exc, "Timeout")
+
+
 def _one_line(exc: BaseException) -> str:
     """First line of the error, plus its cause: huggingface_hub wraps HTTP errors (403, 5xx) in a
     generic "cannot find the requested files" error whose own text hides the status."""
-    parts = []
+    parts, first = [], exc
     while exc is not None and len(parts) < 2:
         text = str(exc).strip().splitlines()
-        parts.append(f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": "))
+        part = f"{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+        if part not in parts:
+            parts.append(part)
         exc = exc.__cause__
-    return "; caused by ".join(parts)
+    text = "; caused by ".join(parts)
+    if _named(first, "ConnectError", "ConnectionError"):
+        return f"cannot connect to the hub ({text}); check the network, proxy or HF_ENDPOINT"
+    return text
 
 
 def _silence_message(timeout: float) -> str:
