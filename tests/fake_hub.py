@@ -184,7 +184,8 @@ class FakeHub:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                if hub.rate is None:
+                rate = hub.rate                 # a response keeps the rate it started with
+                if rate is None:
                     self.wfile.write(payload)
                     return
                 piece = 64 * 1024
@@ -194,7 +195,7 @@ class FakeHub:
                             break
                         self.wfile.write(payload[i:i + piece])
                         self.wfile.flush()
-                        time.sleep(piece / hub.rate)
+                        time.sleep(piece / rate)
                 except (BrokenPipeError, ConnectionError):  # the client gave up: that is the test
                     self.close_connection = True
 

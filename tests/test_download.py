@@ -297,6 +297,12 @@ def test_cancel_from_the_progress_callback_stops_at_once_and_leaves_nothing(tmp_
         assert left_in(tmp_path) == []      # no weight, no partial file, no lock
         hub.rate = None                     # the next run starts that file again and completes
         files = ensure_weights([tmp_path], "v1.1", "tiny", catalog=catalog, endpoint=hub.endpoint)
+        # The cancelled transfer's worker may end only now (at its next 10 MiB): it must neither
+        # disturb the later download of the same file nor leave anything when it ends.
+        deadline = time.monotonic() + 30
+        while any(t.name.startswith("flashvsr-download-") for t in threading.enumerate()):
+            assert time.monotonic() < deadline, "the cancelled download's worker never ended"
+            time.sleep(0.1)
     assert files.dit.read_bytes() == contents["v1.1", "dit"]
     assert left_in(tmp_path) == sorted(f"v1.1/{name}" for name in MODE_FILES["tiny"])
 

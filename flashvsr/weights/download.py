@@ -208,10 +208,22 @@ class _Transfer:
         self._before = _snapshot(dest_dir)
         self._tidy = threading.Lock()
 
-    def tidy(self) -> None:
-        """Remove huggingface_hub's bookkeeping for this file; safe to call from both threads."""
+    def tidy(self, *, late: bool = False) -> None:
+        """Remove huggingface_hub's bookkeeping for this file; safe to call from both threads.
+
+        ``late``: the worker ending after the caller gave up on it. By then a later download of the
+        same file may be running; it holds the file's download lock, and its files are left alone.
+        """
         with self._tidy:
-            _clean_bookkeeping(self.dest_dir, self._before, self.source)
+            if not late:
+                _clean_bookkeeping(self.dest_dir, self._before, self.source)
+                return
+            from filelock import FileLock, Timeout  # a dependency of huggingface_hub
+            try:
+                with FileLock(str(_lock_path(self.dest_dir, self.source))).acquire(timeout=0):
+                    _clean_bookkeeping(self.dest_dir, self._before, self.source)
+            except Timeout:
+                return
 
     # ---- worker side
     def _run(self) -> None:
@@ -224,7 +236,7 @@ class _Transfer:
             if self.abort.is_set():
                 # The caller gave up on us (Cancel, timeout) and may be gone: what a late end of
                 # huggingface_hub left is ours to remove, and its warnings stayed quiet until now.
-                self.tidy()
+                self.tidy(late=True)
             for logger in self._loggers:
                 logger.removeFilter(self._quiet)
 
@@ -268,6 +280,17 @@ class _Transfer:
                 transfer.done += int(n or 0)
                 transfer.last_news = time.monotonic()
                 return True
+
+            # With these two, huggingface_hub treats the bar as one that aggregates: Xet downloads
+            # then report the file's bytes through ``update`` and the network's (compressed) bytes
+            # here, instead of a second bar whose bytes would be counted twice.
+            def update_transfer(self, n: float | None = 1) -> None:
+                if transfer.abort.is_set():
+                    raise _Cancelled
+                transfer.last_news = time.monotonic()
+
+            def set_transfer_postfix_str(self, *args, **kwargs) -> None:
+                return
 
         return _ProgressBridge
 
@@ -313,6 +336,11 @@ def _hub_dir(dest_dir: Path) -> Path:
     return dest_dir / ".cache" / "huggingface"
 
 
+def _lock_path(dest_dir: Path, source: KnownFile) -> Path:
+    """huggingface_hub's lock for downloading this file into ``dest_dir`` (held while it downloads)."""
+    return _hub_dir(dest_dir) / "download" / f"{source.filename}.lock"
+
+
 def _snapshot(dest_dir: Path) -> set[Path]:
     root = dest_dir / ".cache"
     return {root, *root.rglob("*")} if root.exists() else set()
@@ -340,7 +368,7 @@ def _remove_stale_partials(dest_dir: Path, source: KnownFile) -> None:
     if not stale:
         return
     from filelock import FileLock, Timeout  # a dependency of huggingface_hub
-    lock = FileLock(str(download_dir / f"{source.filename}.lock"))
+    lock = FileLock(str(_lock_path(dest_dir, source)))
     try:
         with lock.acquire(timeout=0):
             for path in stale:
