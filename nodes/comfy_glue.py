@@ -9,6 +9,7 @@ import asyncio
 import functools
 import logging
 import os
+import time
 from typing import Any, Callable
 
 import comfy.model_management as mm
@@ -72,6 +73,28 @@ def progress_and_cancel() -> Callable[[int, int], None]:
     return on_progress
 
 
+DOWNLOAD_LOG_EVERY_S = 10.0  # a download's log line; the progress bar moves several times a second
+
+
+def download_progress_and_cancel() -> Callable[[Any], None]:
+    """First-use download progress: the node's bar (bytes of the current file) and a log line every
+    few seconds; raises when the user pressed Cancel, which stops the download."""
+    state: dict[str, Any] = {"file": None, "bar": None, "logged": float("-inf")}
+
+    def on_download(status: Any) -> None:
+        mm.throw_exception_if_processing_interrupted()
+        total = status.total or max(status.done, 1)
+        if status.filename != state["file"]:
+            state["file"], state["bar"] = status.filename, comfy.utils.ProgressBar(total)
+        state["bar"].update_absolute(min(status.done, total), total)
+        now = time.monotonic()
+        if not status.finished and now - state["logged"] >= DOWNLOAD_LOG_EVERY_S:
+            state["logged"] = now
+            log.info("[FlashVSR] downloading %s", status.line())
+
+    return on_download
+
+
 def sage_status() -> dict:
     from ..flashvsr.pipeline import FlashVSR
 
@@ -85,7 +108,8 @@ def upscale(frames: torch.Tensor, settings: NodeSettings) -> tuple[torch.Tensor,
         outcome = run_upscale(frames, settings, cache=PIPELINES,
                               roots=folder_paths.get_folder_paths(MODELS_FOLDER),
                               auto_device=str(mm.get_torch_device()),
-                              on_progress=progress_and_cancel(), sage_status=sage_status)
+                              on_progress=progress_and_cancel(), sage_status=sage_status,
+                              on_download=download_progress_and_cancel())
     finally:
         mm.soft_empty_cache()
     for line in outcome.lines:

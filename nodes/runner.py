@@ -1,7 +1,7 @@
 """One node run without ComfyUI: resolve device and dtype, reuse or load the pipeline, upscale, report.
 
-The ComfyUI side (``nodes/comfy_glue.py``) only supplies the model folders, ComfyUI's device, a
-progress callback that also raises on Cancel, and converts the result; everything that decides
+The ComfyUI side (``nodes/comfy_glue.py``) only supplies the model folders, ComfyUI's device,
+progress callbacks (upscale and first-use download) that also raise on Cancel, and converts the result; everything that decides
 behaviour lives here so the tests drive it directly.
 """
 from __future__ import annotations
@@ -20,6 +20,9 @@ log = logging.getLogger(__name__)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 Progress = Callable[[int, int], None]
+# Gets a weights.download.DownloadStatus several times a second while weights download; may raise
+# to cancel (the download then leaves nothing behind and nothing stays loaded).
+DownloadProgress = Callable[[Any], None]
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,13 @@ class LoadKey:
     dtype: str
 
 
-def load_pipeline(key: LoadKey) -> Any:
+def load_pipeline(key: LoadKey, on_download: DownloadProgress | None = None) -> Any:
     """Load (downloading missing official files first) the engine pipeline for ``key``."""
     from ..flashvsr.pipeline import FlashVSR  # the engine pulls in the networks: only on first use
 
     return FlashVSR.from_pretrained(list(key.roots), mode=key.mode, version=key.version,
-                                    device=key.device, dtype=DTYPES[key.dtype], download=True)
+                                    device=key.device, dtype=DTYPES[key.dtype], download=True,
+                                    progress=on_download)
 
 
 class PipelineCache:
@@ -48,7 +52,7 @@ class PipelineCache:
     "free memory" path, which other packs may trigger from elsewhere, hence the lock.
     """
 
-    def __init__(self, load: Callable[[LoadKey], Any] = load_pipeline) -> None:
+    def __init__(self, load: Callable[[LoadKey, DownloadProgress | None], Any] = load_pipeline) -> None:
         self._load = load
         self._lock = threading.RLock()
         self._key: LoadKey | None = None
@@ -58,14 +62,15 @@ class PipelineCache:
     def key(self) -> LoadKey | None:
         return self._key
 
-    def get(self, key: LoadKey) -> tuple[Any, bool]:
-        """The pipeline for ``key`` and whether it was already loaded."""
+    def get(self, key: LoadKey, on_download: DownloadProgress | None = None) -> tuple[Any, bool]:
+        """The pipeline for ``key`` and whether it was already loaded; a load that raises (a
+        cancelled download) leaves nothing loaded."""
         with self._lock:
             if self._key == key:
                 return self._pipe, True
             self.release("different weights, device or precision requested")
             log.info("[FlashVSR] loading %s %s on %s (%s)", key.version, key.mode, key.device, key.dtype)
-            self._pipe = self._load(key)
+            self._pipe = self._load(key, on_download)
             self._key = key
             return self._pipe, False
 
@@ -126,8 +131,9 @@ class RunOutcome:
 
 def run_upscale(frames: torch.Tensor, settings: NodeSettings, *, cache: PipelineCache,
                 roots: Sequence[str], auto_device: str, on_progress: Progress,
-                sage_status: Callable[[], dict]) -> RunOutcome:
-    """Upscale ``frames`` (N, H, W, 3) with ``settings``; ``on_progress`` may raise to cancel."""
+                sage_status: Callable[[], dict], on_download: DownloadProgress | None = None) -> RunOutcome:
+    """Upscale ``frames`` (N, H, W, 3) with ``settings``; ``on_progress`` and ``on_download`` may
+    raise to cancel."""
     if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[0] == 0:
         shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
         raise ValueError("FlashVSR ⚡ needs video frames as an IMAGE batch (frames, height, width, "
@@ -138,7 +144,7 @@ def run_upscale(frames: torch.Tensor, settings: NodeSettings, *, cache: Pipeline
     config = settings.upscale_config()
     t0 = time.perf_counter()
     try:
-        pipe, reused = cache.get(key)
+        pipe, reused = cache.get(key, on_download)
         load_line = "weights: already loaded" if reused else \
             f"weights: loaded in {time.perf_counter() - t0:.1f} s"
         result = pipe.upscale(frames, config, on_progress=on_progress)

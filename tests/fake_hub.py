@@ -4,8 +4,9 @@ The fake hub is a real HTTP server on 127.0.0.1 speaking the part of the Hub pro
 ``hf_hub_download`` uses: ``HEAD``/``GET /{repo_id}/resolve/{revision}/{filename}`` answered with
 ``X-Repo-Commit``, ``ETag`` (the sha256, as the Hub does for LFS files) and ``Content-Length``;
 ``Range`` requests (206); 404s carrying ``X-Error-Code`` (``RepoNotFound``, ``RevisionNotFound``,
-``EntryNotFound``). Faults can be injected: an error status per file, or a first GET cut off after
-some bytes.
+``EntryNotFound``). Faults can be injected: an error status per file, a first GET cut off after
+some bytes, a hub that accepts connections and never answers (``silent``: for every request, or
+for ``{"GET"}`` only), and a slow hub (``rate``: bytes per second for every body).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import hashlib
 import io
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import unquote
 
@@ -92,6 +94,9 @@ class FakeHub:
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self.status: dict[tuple[str, str], int] = {}
         self.drop_first_get_after: dict[tuple[str, str], int] = {}
+        self.silent: set[str] = set()       # request methods read and never answered
+        self.rate: float | None = None      # bytes per second for a body; None = as fast as possible
+        self._closing = threading.Event()
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self.endpoint = ""
@@ -106,6 +111,14 @@ class FakeHub:
         for f in catalog.official:
             hub.add(f.repo_id, f.revision, f.filename, contents[f.version, f.role])
         return hub
+
+    @property
+    def silent_all(self) -> bool:
+        return self.silent == {"HEAD", "GET"}
+
+    @silent_all.setter
+    def silent_all(self, value: bool) -> None:
+        self.silent = {"HEAD", "GET"} if value else set()
 
     def gets(self, filename: str) -> list[tuple[str, str, str | None]]:
         return [r for r in self.requests if r[0] == "GET" and r[1].endswith("/" + filename)]
@@ -135,6 +148,10 @@ class FakeHub:
             def _answer(self, body: bool) -> None:
                 with hub._lock:
                     hub.requests.append((self.command, self.path, self.headers.get("Range")))
+                if self.command in hub.silent:
+                    hub._closing.wait()         # the connection stays open, nothing is sent
+                    self.close_connection = True
+                    return
                 status, code, commit, data, key = hub._lookup(self.path)
                 if data is None:
                     self.send_response(status)
@@ -167,7 +184,20 @@ class FakeHub:
                     self.wfile.flush()
                     self.close_connection = True
                     return
-                self.wfile.write(payload)
+                rate = hub.rate                 # a response keeps the rate it started with
+                if rate is None:
+                    self.wfile.write(payload)
+                    return
+                piece = 64 * 1024
+                try:
+                    for i in range(0, len(payload), piece):
+                        if hub._closing.is_set():
+                            break
+                        self.wfile.write(payload[i:i + piece])
+                        self.wfile.flush()
+                        time.sleep(piece / rate)
+                except (BrokenPipeError, ConnectionError):  # the client gave up: that is the test
+                    self.close_connection = True
 
             def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
                 self._answer(body=False)
@@ -186,5 +216,6 @@ class FakeHub:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         self._server.shutdown()
         self._server.server_close()

@@ -87,7 +87,7 @@ def glue(monkeypatch, tmp_path):
     monkeypatch.delitem(sys.modules, "comfyui_flashvsr.nodes.comfy_glue", raising=False)
     module = importlib.import_module("comfyui_flashvsr.nodes.comfy_glue")
     pipes = []
-    def load(key):
+    def load(key, on_download=None):
         pipes.append(FakePipe())
         return pipes[-1]
 
@@ -144,3 +144,26 @@ def test_a_cancel_pressed_before_the_run_loads_nothing(glue):
     with pytest.raises(Interrupted):
         glue.module.upscale(torch.rand(2, 8, 8, 3), NodeSettings(scale=2.0))
     assert glue.pipes == []
+
+
+def test_a_first_use_download_moves_the_bar_per_file_logs_and_stops_on_cancel(glue, monkeypatch, caplog):
+    from comfyui_flashvsr.flashvsr.weights.download import DownloadStatus
+    mib = 2**20
+
+    def load(key, on_download=None):          # what ensure_weights does while it downloads
+        on_download(DownloadStatus("dit.safetensors", 0, 30 * mib, 0.0, 1, 2))
+        on_download(DownloadStatus("dit.safetensors", 10 * mib, 30 * mib, 5e6, 1, 2))
+        on_download(DownloadStatus("dit.safetensors", 30 * mib, 30 * mib, 5e6, 1, 2, finished=True))
+        glue.fake.interrupted = True           # the user presses Cancel during the second file
+        on_download(DownloadStatus("proj.ckpt", 0, 4 * mib, 0.0, 2, 2))
+        raise AssertionError("Cancel did not stop the download")
+
+    monkeypatch.setattr(glue.module, "PIPELINES", PipelineCache(load=load))
+    caplog.set_level("INFO")
+    with pytest.raises(Interrupted):
+        glue.module.upscale(torch.rand(2, 8, 8, 3), NodeSettings(scale=2.0))
+    assert [c for c in glue.fake.calls if c[0] == "progress"] == [
+        ("progress", 0, 30 * mib), ("progress", 10 * mib, 30 * mib), ("progress", 30 * mib, 30 * mib)]
+    assert glue.module.PIPELINES.key is None   # nothing half-loaded
+    logged = [r.getMessage() for r in caplog.records if "downloading" in r.getMessage()]
+    assert logged == ["[FlashVSR] downloading dit.safetensors (1/2): 0 B of 31.46 MB (0%), 0 B/s"]

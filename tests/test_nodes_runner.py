@@ -25,9 +25,9 @@ def models(tmp_path_factory):
 def counting_cache():
     loads = []
 
-    def load(key):
+    def load(key, on_download=None):
         loads.append(key)
-        return load_pipeline(key)
+        return load_pipeline(key, on_download)
 
     return PipelineCache(load), loads
 
@@ -83,7 +83,7 @@ def test_keep_model_loaded_off_frees_the_pipeline_after_the_run(models, counting
 
 
 class Loaded:
-    def __init__(self, key):
+    def __init__(self, key, on_download=None):
         self.key, self.unloaded = key, False
 
     def unload(self):

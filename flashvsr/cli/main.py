@@ -79,6 +79,25 @@ class Progress:
         self.stream.flush()
 
 
+class DownloadLine:
+    """Weight download progress on stderr: one rewritten line on a terminal, else the first status
+    and one line every ``every_s`` seconds (the per-file "Downloaded" log line marks the end)."""
+
+    def __init__(self, stream: TextIO | None = None, every_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stream, self.every_s, self.clock = stream, every_s, clock
+        self._last_print = float("-inf")
+
+    def __call__(self, status) -> None:     # a weights.download.DownloadStatus
+        stream = self.stream or sys.stderr
+        if hasattr(stream, "isatty") and stream.isatty():
+            stream.write("\r" + status.line() + "   " + ("\n" if status.finished else ""))
+        elif not status.finished and self.clock() - self._last_print >= self.every_s:
+            stream.write(status.line() + "\n")
+            self._last_print = self.clock()
+        stream.flush()
+
+
 def _hms(seconds: float) -> str:
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -101,7 +120,8 @@ def load_pipeline(job: UpscaleJob):
     log.info("loading FlashVSR %s %s from %s", job.mode, job.version, ", ".join(map(str, roots)))
     device = resolve_device(job.device)
     return FlashVSR.from_pretrained(roots, mode=job.mode, version=job.version, device=device,
-                                    dtype=torch_dtype(job.precision, device), download=job.download)
+                                    dtype=torch_dtype(job.precision, device), download=job.download,
+                                    progress=DownloadLine())
 
 
 def run_upscale(job: UpscaleJob, pipe, info: VideoInfo, progress: Progress | None = None,

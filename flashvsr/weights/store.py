@@ -269,12 +269,16 @@ def _verify(files: WeightFiles, version: str, catalog: Catalog, endpoint: str | 
 
 def ensure_weights(roots: Sequence[Path | str], version: str, mode: str, *, download: bool = True,
                    progress: Progress | None = None, verify_sha256: bool = False,
-                   catalog: Catalog = CATALOG, endpoint: str | None = None) -> WeightFiles:
+                   catalog: Catalog = CATALOG, endpoint: str | None = None,
+                   timeout: float | None = None) -> WeightFiles:
     """Locate the files; download only the missing official ones into ``roots[0]/<version>/``.
 
     Offline (``HF_HUB_OFFLINE``, ``download=False``) or when a download fails, raises MissingWeights
-    saying why and where to put the files. ``verify_sha256`` checks official files against the
-    published hashes (a few seconds per GB).
+    saying why and where to put the files. ``progress`` receives a ``DownloadStatus`` several times a
+    second while a file downloads, on this thread; whatever it raises (a cancel) stops the download
+    and propagates, leaving no partial file. ``timeout``: seconds the hub may stay silent before the
+    download fails (default: ``FLASHVSR_DOWNLOAD_TIMEOUT``, else 60). ``verify_sha256`` checks official
+    files against the published hashes (a few seconds per GB).
     """
     roots = _as_roots(roots)
     try:
@@ -286,7 +290,7 @@ def ensure_weights(roots: Sequence[Path | str], version: str, mode: str, *, down
         for n, item in enumerate(missing.missing):
             try:
                 fetch(catalog.sources(version, item.role), roots[0] / version, endpoint=endpoint,
-                      progress=progress)
+                      progress=progress, timeout=timeout, part=(n + 1, len(missing.missing)))
             except DownloadError as exc:
                 raise MissingWeights(version, mode, missing.missing[n:],
                                      f"downloading {item.filename} failed ({exc})") from None
