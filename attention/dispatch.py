@@ -343,8 +343,10 @@ class AttentionDispatcher:
             return False
         if any(name == "fa4" for name, _ in self._failed):
             return False
-        probe, cc = self.fa4, self.capability(device)
-        return probe.available and cc is not None and cc[0] in FA4_ARCHS and (dtype is None or dtype in HALF_DTYPES)
+        if not self.fa4.available or (dtype is not None and dtype not in HALF_DTYPES):
+            return False
+        cc = self.capability(device)
+        return cc is not None and cc[0] in FA4_ARCHS
 
     def _sparse_label(self, name: str, mode: str, device: torch.device) -> str:
         return "triton-int8" if name == "triton" and self.uses_int8(mode, device) else name
