@@ -142,10 +142,10 @@ def sweep(tk, rows: list, log) -> tuple:
     return best.get("bf16", (None, 0))[0], best.get("int8", (None, 0))[0]
 
 
-def sparse_table(tk, bf16_cfg, int8_cfg, rows: list, log) -> None:
+def sparse_table(tk, bf16_cfg, int8_cfg, rows: list, log, densities=DENSITIES) -> None:
     flex = CompiledFlex()
     dispatcher = AttentionDispatcher()
-    for density in DENSITIES:
+    for density in densities:
         q, k, v, mask = make_case(density, seed=1)
         lut, counts = build_lut(mask)
         actual = float(mask.float().mean())
@@ -259,6 +259,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", help="also write the markdown tables to this file")
     parser.add_argument("--no-sweep", action="store_true", help="time only the default Triton configs")
+    parser.add_argument("--densities", type=lambda text: tuple(float(x) for x in text.split(",")),
+                        default=DENSITIES, help="block densities of the sparse table (default 0.25,0.45,1.0)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("attention bench needs a CUDA GPU", file=sys.stderr)
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
                       f"int8 {best_int8 and best_int8.label()}; defaults: {bf16_cfg.label()}, {int8_cfg.label()}", ""]
     lines += ["Block-sparse self-attention, 8448 x 33792, 12 heads, d 128, bf16 (default configs):", "",
               "| density | backend | ms | TFLOP/s (selected blocks) |", "|---|---|---|---|"]
-    sparse_table(tk, bf16_cfg, int8_cfg, lines, log)
+    sparse_table(tk, bf16_cfg, int8_cfg, lines, log, args.densities)
     lines += ["", "Cross-attention, 8448 x 512, 12 heads, d 128, bf16:", "",
               "| backend | ms | TFLOP/s |", "|---|---|---|"]
     cross_table(lines, log)

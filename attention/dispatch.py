@@ -48,9 +48,8 @@ class AttentionConfig:
     # and only where FA4 does not serve the call (FA4 bf16 beats it too; docs/benchmarks.md).
     sparse_int8_with_sage: Optional[bool] = None
     # Run SageAttention for dense calls also where it is known to be slower than SDPA (1.x on
-    # Hopper: 0.38x on FlashVSR's cross-attention, and ~0.7 ms of host time per call). Off: there
-    # ``enable`` takes SDPA for the dense calls, says so, and keeps the INT8 kernel for the sparse
-    # ones, so the setting never costs speed.
+    # Hopper, in kernel and host time; docs/benchmarks.md). Off: there ``enable`` takes SDPA for the
+    # dense calls, says so, and keeps its sparse choice, so the setting never costs speed.
     dense_sage_where_slower: bool = False
     time_calls: bool = True
     reference_mask_budget: int = REFERENCE_MASK_BUDGET
@@ -167,7 +166,7 @@ class AttentionDispatcher:
         """Why ``enable`` costs speed on this machine, or None (issue #6: never slower unannounced).
 
         SageAttention 1.x is a Triton kernel; on Hopper SDPA runs cuDNN/FA3-class kernels and wins
-        (docs/benchmarks.md: 0.140 vs 0.053 ms for FlashVSR's cross-attention on an H100).
+        (docs/benchmarks.md, FlashVSR's cross-attention on an H100).
         """
         if self.sage.available and self.sage.flavour == "1.x" and any(c[0] == 9 for c in self._capabilities.values()):
             return ("SageAttention 1.x is slower than PyTorch SDPA on Hopper GPUs (H100 measured 0.38x "
