@@ -39,7 +39,7 @@ if __package__ in (None, ""):                 # run as a script path: register t
 from .block_sparse import BLOCK, CompiledFlex, build_lut, masked_reference  # noqa: E402
 from .dispatch import AttentionDispatcher  # noqa: E402
 from .fa4 import fa4_block_sparse, probe_fa4  # noqa: E402
-from .gathered import gathered_attention  # noqa: E402
+from .gathered import gathered_attention, paged_attention  # noqa: E402
 from .probe import probe_sage, probe_triton  # noqa: E402
 
 HEADS, DIM, LQ, LK, CROSS = 12, 128, 8448, 33792, 512
@@ -86,6 +86,7 @@ def extra_backends(q, k, v, lut, counts) -> list:
     fa4 = probe_fa4()
     if fa4.available and torch.cuda.get_device_capability()[0] in (9, 10, 11):
         cases.append((f"FA4 CuTe ({fa4.describe()})", lambda: fa4_block_sparse(fa4, q, k, v, lut, counts)))
+    cases.append(("paged varlen (pure PyTorch, no gather)", lambda: paged_attention(q, k, v, lut, counts)))
     cases.append(("gathered, varlen (pure PyTorch)", lambda: gathered_attention(q, k, v, lut, counts, method="varlen")))
     cases.append(("gathered, varlen, 2 GiB chunks",
                   lambda: gathered_attention(q, k, v, lut, counts, method="varlen", budget_bytes=2 << 30)))

@@ -5,6 +5,12 @@ This is the block-sparse path wherever no sparse kernel runs: CUDA without Trito
 default), Apple MPS, the CPU. Its work grows with the selected blocks only, unlike the masked-SDPA
 reference, which computes every block and materialises a token-level mask.
 
+Paged (``paged_attention``), CUDA only: no gather at all. The keys and values are laid out once per
+call as 128-token pages, one page per (batch, head, key block), and torch's ``varlen_attn`` reads each
+(batch, head, query block)'s selected pages through a block table built from the LUT on the device:
+no host synchronisation. It needs a flash kernel that takes 128-token pages; where it refuses, the
+dispatcher's negative cache moves to the gathered path.
+
 Two ways to attend over the gathered blocks:
 - ``varlen``: CUDA, fp16/bf16, torch's ``varlen_attn`` (a flash kernel over packed sequences): every
   (batch, head, query block) is one sequence of 128 queries and ``count * 128`` keys, no padding.
@@ -112,3 +118,38 @@ def _varlen_chunk(q_rows, k_blocks, v_blocks, lut_rows, counts, row_b, row_h, se
     o = varlen_function()(q_rows.reshape(n * BLOCK, 1, dim), keys, vals, cu_q, cu_k, BLOCK, widest * BLOCK,
                           scale=scale)
     return o.reshape(n, BLOCK, dim)
+
+
+def paged_refusal(q) -> Optional[str]:
+    if q.device.type != "cuda":
+        return "paged varlen attention runs on CUDA only"
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return f"paged varlen attention needs float16 or bfloat16, got {q.dtype}"
+    if varlen_function() is None:
+        return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return None
+
+
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: torch.Tensor,
+                    counts: torch.Tensor, scale: Optional[float] = None) -> torch.Tensor:
+    """Block-sparse attention through varlen_attn's paged KV: one page per (batch, head, key block),
+    each (batch, head, query block) a sequence whose block table is its LUT row. Same arguments and
+    result as :func:`gathered_attention`."""
+    bsz, heads, lq, dim = q.shape
+    nq, nk = lq // BLOCK, k.shape[2] // BLOCK
+    rows = bsz * heads * nq
+    device = q.device
+    # (B*H*nk, 128, 1, D) pages: one copy of the ring's keys and values (its layout is (L, H, D))
+    k_pages = k.reshape(bsz * heads * nk, BLOCK, 1, dim)
+    v_pages = v.reshape(bsz * heads * nk, BLOCK, 1, dim)
+    first_page = (torch.arange(bsz * heads, device=device, dtype=torch.int32) * nk)[:, None, None]
+    table = (lut.reshape(bsz * heads, nq, nk) + first_page).reshape(rows, nk)
+    used = counts.reshape(rows).to(torch.int32) * BLOCK
+    cu_k = torch.zeros(rows + 1, device=device, dtype=torch.int32)
+    cu_k[1:] = torch.cumsum(used, 0, dtype=torch.int32)
+    cu_q = torch.arange(0, (rows + 1) * BLOCK, BLOCK, device=device, dtype=torch.int32)
+    out = varlen_function()(q.reshape(rows * BLOCK, 1, dim), k_pages, v_pages, cu_q, cu_k, BLOCK, nk * BLOCK,
+                            scale=scale, seqused_k=used, block_table=table)
+    out = out.reshape(rows, BLOCK, dim).masked_fill((counts.reshape(rows) == 0)[:, None, None], 0)
+    return out.reshape(bsz, heads, lq, dim)
+

@@ -79,15 +79,23 @@ def test_kv_ring_layout_strided_views_and_free_slots():
     torch.testing.assert_close(run(q, k, v, mask), ref, atol=2e-6, rtol=2e-6)
 
 
-def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None):
-    """torch's varlen_attn semantics on the CPU: one SDPA per packed sequence, 0 for empty keys."""
+def fake_varlen(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, seqused_k=None, block_table=None):
+    """torch's varlen_attn semantics on the CPU: one SDPA per packed sequence, 0 for empty keys;
+    with ``block_table``, ``k``/``v`` are (pages, page_size, 1, D) pools read through the table."""
     out = torch.zeros_like(q)
     for i in range(len(cu_q) - 1):
-        qs, ks = slice(int(cu_q[i]), int(cu_q[i + 1])), slice(int(cu_k[i]), int(cu_k[i + 1]))
-        assert int(cu_q[i + 1] - cu_q[i]) <= max_q and int(cu_k[i + 1] - cu_k[i]) <= max_k
-        if ks.stop > ks.start:
-            out[qs] = F.scaled_dot_product_attention(q[qs].transpose(0, 1), k[ks].transpose(0, 1),
-                                                     v[ks].transpose(0, 1), scale=scale).transpose(0, 1)
+        qs = slice(int(cu_q[i]), int(cu_q[i + 1]))
+        if block_table is None:
+            ks = slice(int(cu_k[i]), int(cu_k[i + 1]))
+            keys, vals = k[ks], v[ks]
+        else:
+            used = int(seqused_k[i])
+            pages = block_table[i, :-(-used // k.shape[1])].long()
+            keys, vals = (t[pages].reshape(-1, 1, t.shape[-1])[:used] for t in (k, v))
+        assert int(cu_q[i + 1] - cu_q[i]) <= max_q and keys.shape[0] <= max_k
+        if keys.shape[0]:
+            out[qs] = F.scaled_dot_product_attention(q[qs].transpose(0, 1), keys.transpose(0, 1),
+                                                     vals.transpose(0, 1), scale=scale).transpose(0, 1)
     return out
 
 
@@ -106,3 +114,18 @@ def test_cpu_dispatcher_runs_the_gathered_path_and_reports_it():
     torch.testing.assert_close(out, masked_reference(q, k, v, mask), atol=2e-6, rtol=2e-6)
     assert "block_sparse/gather" in session.report()["calls"]
     assert session.summary() == "attention: gather (sparse)"
+
+
+@pytest.mark.parametrize("layout", ["plain", "ring"])
+def test_paged_block_table_equals_the_reference(monkeypatch, layout):
+    monkeypatch.setattr(gathered, "varlen_function", lambda: fake_varlen)
+    q, k, v, mask = case(9, bsz=2, heads=2, nq=5, nk=7)
+    if layout == "ring":                         # (B, L, H, D) storage, as the DiT's KV ring
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    out = gathered.paged_attention(q, k, v, *build_lut(mask))
+    torch.testing.assert_close(out, masked_reference(q, k, v, mask), atol=2e-6, rtol=2e-6)
+    assert torch.equal(out[0, 0, BLOCK:2 * BLOCK], torch.zeros(BLOCK, q.shape[-1]))
+
+
+def test_paged_path_is_refused_off_cuda_with_the_reason():
+    assert "CUDA only" in gathered.paged_refusal(torch.zeros(1))

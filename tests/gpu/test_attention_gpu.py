@@ -14,10 +14,10 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 from comfyui_flashvsr.attention import AttentionConfig, AttentionDispatcher  # noqa: E402
 from comfyui_flashvsr.attention.block_sparse import BLOCK, CompiledFlex, build_lut, masked_reference  # noqa: E402
 from comfyui_flashvsr.attention.fa4 import fa4_block_sparse, probe_fa4  # noqa: E402
-from comfyui_flashvsr.attention.gathered import gathered_attention  # noqa: E402
+from comfyui_flashvsr.attention.gathered import gathered_attention, paged_attention  # noqa: E402
 from comfyui_flashvsr.attention.probe import probe_sage  # noqa: E402
 # The Triton backends' own tests: FA4, where installed, would otherwise take the dispatcher's calls.
-NO_FA4 = AttentionConfig(sparse_backends=("triton", "flex", "gather", "reference"))
+NO_FA4 = AttentionConfig(sparse_backends=("triton", "flex", "paged", "gather", "reference"))
 
 HEADS, DIM, LQ, LK, CROSS = 12, 128, 8448, 33792, 512
 
@@ -282,7 +282,7 @@ def test_fa4_failure_falls_back_to_the_next_backend_and_is_cached(sparse_case, m
     assert not dispatcher.fa4_serves(q.device)
 
 
-@pytest.mark.parametrize("method", ["varlen", "padded"])
+@pytest.mark.parametrize("method", ["paged", "varlen", "padded"])
 @pytest.mark.parametrize("layout", ["plain", "ring"])
 def test_gathered_path_matches_the_reference_on_cuda(sparse_case, method, layout):
     q, k, v, _, _ = sparse_case
@@ -290,6 +290,9 @@ def test_gathered_path_matches_the_reference_on_cuda(sparse_case, method, layout
     if layout == "ring":
         q, k, v, mask = ring_layout(q, k, v, mask)
     ref = masked_reference(q.float(), k.float(), v.float(), mask)
-    out = gathered_attention(q, k, v, *build_lut(mask), method=method)
+    if method == "paged":
+        out = paged_attention(q, k, v, *build_lut(mask))
+    else:
+        out = gathered_attention(q, k, v, *build_lut(mask), method=method)
     assert rel_l2(out, ref) <= 1e-2
     assert_zero_where_empty(out, mask)
