@@ -22,6 +22,7 @@ Empty query blocks output exactly zero.
 """
 from __future__ import annotations
 
+import inspect
 from typing import Optional
 
 import numpy as np
@@ -67,40 +68,41 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: t
     blocks_per_chunk = max(1, budget_bytes // block_bytes)
 
     q_rows = q.reshape(rows_total, BLOCK, dim)             # a copy only if q is a strided view
-    k_blocks = k.unflatten(2, (nk, BLOCK))                 # (B, H, nk, 128, D) views, no copy
-    v_blocks = v.unflatten(2, (nk, BLOCK))
-    lut_rows = lut.reshape(rows_total, nk)
-    row_ids = torch.arange(rows_total, device=q.device)
-    row_b, row_h = row_ids // (heads * nq), (row_ids // nq) % heads
+    # One row of 128 keys per (batch, head, key block): a copy of the ring's (L, H, D) layout, after
+    # which every gather is an index_select of whole 32 KB rows (multi-dimensional advanced indexing
+    # of the strided view computes an index per element and runs several times slower).
+    k_blocks = k.reshape(bsz * heads * nk, BLOCK * dim)
+    v_blocks = v.reshape(bsz * heads * nk, BLOCK * dim)
+    first = (torch.arange(rows_total, device=q.device) // nq * nk)[:, None]
+    block_ids = lut.reshape(rows_total, nk).long() + first  # rows of k_blocks, selected ones first
     out = torch.zeros_like(q_rows)
     for r0, r1 in plan_chunks(host_counts, blocks_per_chunk):
         widest = int(host_counts[r0:r1].max())
         if widest == 0:
             continue                                        # every row empty: zeros already
         if use_varlen:
-            out[r0:r1] = _varlen_chunk(q_rows[r0:r1], k_blocks, v_blocks, lut_rows[r0:r1], counts.reshape(-1)[r0:r1],
-                                       row_b[r0:r1], row_h[r0:r1], int(host_counts[r0:r1].sum()), widest, scale)
+            out[r0:r1] = _varlen_chunk(q_rows[r0:r1], k_blocks, v_blocks, block_ids[r0:r1], counts.reshape(-1)[r0:r1],
+                                       int(host_counts[r0:r1].sum()), widest, scale)
         else:
-            out[r0:r1] = _padded_chunk(q_rows[r0:r1], k_blocks, v_blocks, lut_rows[r0:r1], counts.reshape(-1)[r0:r1],
-                                       row_b[r0:r1], row_h[r0:r1], widest, scale)
+            out[r0:r1] = _padded_chunk(q_rows[r0:r1], k_blocks, v_blocks, block_ids[r0:r1], counts.reshape(-1)[r0:r1],
+                                       widest, scale)
     empty = torch.from_numpy(host_counts == 0).to(q.device, non_blocking=True)
     out.masked_fill_(empty[:, None, None], 0)               # 0/0 rows of either kernel, exactly zero
     return out.reshape(bsz, heads, lq, dim)
 
 
-def _padded_chunk(q_rows, k_blocks, v_blocks, lut_rows, counts, row_b, row_h, widest: int, scale):
+def _padded_chunk(q_rows, k_blocks, v_blocks, block_ids, counts, widest: int, scale):
     n, dim = q_rows.shape[0], q_rows.shape[-1]
-    ids = lut_rows[:, :widest].long()                                   # (n, widest), valid first
-    b, h = row_b[:, None], row_h[:, None]
-    keys = k_blocks[b, h, ids].reshape(n, 1, widest * BLOCK, dim)       # gathered: (n, 1, w*128, D)
-    vals = v_blocks[b, h, ids].reshape(n, 1, widest * BLOCK, dim)
+    ids = block_ids[:, :widest].reshape(-1)                             # (n * widest), valid first per row
+    keys = k_blocks.index_select(0, ids).view(n, 1, widest * BLOCK, dim)    # gathered: (n, 1, w*128, D)
+    vals = v_blocks.index_select(0, ids).view(n, 1, widest * BLOCK, dim)
     valid = torch.arange(widest, device=q_rows.device)[None, :] < counts[:, None]
     mask = valid.repeat_interleave(BLOCK, dim=1)[:, None, None, :]     # (n, 1, 1, w*128), broadcast
     o = F.scaled_dot_product_attention(q_rows[:, None], keys, vals, attn_mask=mask, scale=scale)
     return o[:, 0]
 
 
-def _varlen_chunk(q_rows, k_blocks, v_blocks, lut_rows, counts, row_b, row_h, selected: int, widest: int, scale):
+def _varlen_chunk(q_rows, k_blocks, v_blocks, block_ids, counts, selected: int, widest: int, scale):
     """Packed: the chunk's selected blocks back to back (``selected`` of them, known on the host), so
     no padding and no mask. The packing index is computed on the device from the counts."""
     n, dim = q_rows.shape[0], q_rows.shape[-1]
@@ -109,9 +111,9 @@ def _varlen_chunk(q_rows, k_blocks, v_blocks, lut_rows, counts, row_b, row_h, se
     slot = torch.arange(selected, device=device)
     row = torch.searchsorted(ends, slot, right=True)                     # the row each packed block is for
     col = slot - (ends - counts.long())[row]
-    ids = lut_rows[row, col].long()
-    keys = k_blocks[row_b[row], row_h[row], ids].reshape(selected * BLOCK, 1, dim)
-    vals = v_blocks[row_b[row], row_h[row], ids].reshape(selected * BLOCK, 1, dim)
+    ids = block_ids[row, col]
+    keys = k_blocks.index_select(0, ids).view(selected * BLOCK, 1, dim)
+    vals = v_blocks.index_select(0, ids).view(selected * BLOCK, 1, dim)
     cu_q = torch.arange(0, (n + 1) * BLOCK, BLOCK, device=device, dtype=torch.int32)
     cu_k = torch.zeros(n + 1, device=device, dtype=torch.int32)
     cu_k[1:] = (ends * BLOCK).to(torch.int32)
@@ -125,8 +127,11 @@ def paged_refusal(q) -> Optional[str]:
         return "paged varlen attention runs on CUDA only"
     if q.dtype not in (torch.float16, torch.bfloat16):
         return f"paged varlen attention needs float16 or bfloat16, got {q.dtype}"
-    if varlen_function() is None:
+    fn = varlen_function()
+    if fn is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    if not {"block_table", "seqused_k"} <= set(inspect.signature(fn).parameters):
+        return f"torch {torch.__version__}'s varlen_attn takes no block_table (paged KV)"
     return None
 
 

@@ -1,6 +1,8 @@
 """The pure-PyTorch block-sparse path (attention/gathered.py): equal to the masked-SDPA reference,
 exact zeros for empty query blocks, uneven counts, bounded chunks, the KV ring's strided layout, and
 the packed (varlen) index arithmetic through a stand-in for torch's CUDA-only varlen kernel."""
+import types
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,15 @@ def test_paged_block_table_equals_the_reference(monkeypatch, layout):
 
 def test_paged_path_is_refused_off_cuda_with_the_reason():
     assert "CUDA only" in gathered.paged_refusal(torch.zeros(1))
+
+
+def test_paged_path_is_refused_where_varlen_has_no_block_table(monkeypatch):
+    """torch 2.11's varlen_attn has neither block_table nor seqused_k (a TypeError on the GPU)."""
+    def old_varlen(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, scale=None):
+        raise AssertionError("never called")
+
+    monkeypatch.setattr(gathered, "varlen_function", lambda: old_varlen)
+    q = types.SimpleNamespace(device=torch.device("cuda"), dtype=torch.bfloat16)
+    assert "no block_table" in gathered.paged_refusal(q)
+    monkeypatch.setattr(gathered, "varlen_function", lambda: fake_varlen)
+    assert gathered.paged_refusal(q) is None
