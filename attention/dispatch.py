@@ -4,7 +4,8 @@ Dense attention (cross-attention, any unmasked call): SageAttention when the ses
 ``enable`` and the call is eligible (``sage.py``), else SDPA.
 Block-sparse attention (LCSA), on CUDA in ``AttentionConfig.sparse_backends`` order: FlashAttention-4
 where installed and eligible (``fa4.py``), our Triton kernels, compiled flex_attention, the pure-PyTorch
-paths of ``gathered.py`` (paged varlen, then gathered blocks), the masked-SDPA reference; on other devices the gathered path,
+paths of ``gathered.py`` (paged varlen, gathered blocks through varlen, gathered blocks through
+SDPA), the masked-SDPA reference; on other devices the gathered path,
 then the reference. A backend that raises is skipped for that (device, dtype, shape) from then on,
 logged once.
 Block-mask bookkeeping (the draft threshold, the LUT, the kernels' launch order): on CUDA the
@@ -26,14 +27,17 @@ from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, Quantized
                            check_block_sparse_inputs, masked_reference, quantize_tiles_reference)
 from .compile_guard import opaque_to_compile
 from .fa4 import SPARSE_ARCHS as FA4_ARCHS, FA4Probe, fa4_block_sparse, fa4_refusal, probe_fa4
-from .gathered import GATHER_BUDGET_BYTES, gathered_attention, paged_attention, paged_refusal
+from .gathered import (GATHER_BUDGET_BYTES, gathered_attention, paged_attention, paged_refusal,
+                       varlen_refusal)
 from .probe import SageProbe, probe_sage, probe_triton
 from .report import RunReport
 from .sage import DenseCall, run_sage, sage_refusal
 
 LOG = logging.getLogger(__name__)
 MODES = ("enable", "disable")
-SPARSE_BACKENDS = ("fa4", "triton", "flex", "paged", "gather", "reference")
+# "gather-varlen" and "gather" are one path with two kernels: a build without the flash varlen kernel
+# (it raises) then still gets the gathered path, not the reference.
+SPARSE_BACKENDS = ("fa4", "triton", "flex", "paged", "gather-varlen", "gather", "reference")
 PORTABLE_BACKENDS = ("gather", "reference")          # the ones that run on any device
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SLOWER_HERE = "SageAttention 1.x is slower than SDPA on Hopper GPUs (H100: 0.38x), so SDPA runs the dense calls"
@@ -137,6 +141,7 @@ class AttentionDispatcher:
             "triton": (self._triton_refusal, self._run_triton),
             "flex": (self._flex_refusal, self._run_flex),
             "paged": (lambda q, k, v, mode: paged_refusal(q), self._run_paged),
+            "gather-varlen": (lambda q, k, v, mode: varlen_refusal(q), self._run_gather_varlen),
             "gather": (lambda q, k, v, mode: None, self._run_gather),
         }
 
@@ -404,9 +409,13 @@ class AttentionDispatcher:
     def _run_paged(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
         return paged_attention(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts)
 
+    def _run_gather_varlen(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
+        return gathered_attention(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts,
+                                  budget_bytes=self.config.gather_budget_bytes, method="varlen")
+
     def _run_gather(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
         return gathered_attention(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts,
-                                  budget_bytes=self.config.gather_budget_bytes)
+                                  budget_bytes=self.config.gather_budget_bytes, method="padded")
 
 
 __all__ = ["AttentionConfig", "AttentionDispatcher", "AttentionSession", "BLOCK", "MODES"]

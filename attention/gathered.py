@@ -122,14 +122,22 @@ def _varlen_chunk(q_rows, k_blocks, v_blocks, block_ids, counts, selected: int, 
     return o.reshape(n, BLOCK, dim)
 
 
-def paged_refusal(q) -> Optional[str]:
+def varlen_refusal(q) -> Optional[str]:
+    """Why torch's varlen flash kernel cannot take this call (None: it can)."""
     if q.device.type != "cuda":
-        return "paged varlen attention runs on CUDA only"
+        return "varlen attention runs on CUDA only"
     if q.dtype not in (torch.float16, torch.bfloat16):
-        return f"paged varlen attention needs float16 or bfloat16, got {q.dtype}"
-    fn = varlen_function()
-    if fn is None:
+        return f"varlen attention needs float16 or bfloat16, got {q.dtype}"
+    if varlen_function() is None:
         return f"torch {torch.__version__} has no torch.nn.attention.varlen"
+    return None
+
+
+def paged_refusal(q) -> Optional[str]:
+    why = varlen_refusal(q)
+    if why is not None:
+        return why
+    fn = varlen_function()
     if not {"block_table", "seqused_k"} <= set(inspect.signature(fn).parameters):
         return f"torch {torch.__version__}'s varlen_attn takes no block_table (paged KV)"
     return None

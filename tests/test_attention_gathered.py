@@ -143,3 +143,24 @@ def test_paged_path_is_refused_where_varlen_has_no_block_table(monkeypatch):
     assert "no block_table" in gathered.paged_refusal(q)
     monkeypatch.setattr(gathered, "varlen_function", lambda: fake_varlen)
     assert gathered.paged_refusal(q) is None
+
+
+def test_a_build_without_the_varlen_kernel_still_gets_the_gathered_path(monkeypatch, caplog):
+    """Windows builds may lack torch's flash kernels: the varlen call raises once, the dispatcher
+    then runs the gathered blocks through SDPA for that shape, never the reference."""
+    from comfyui_flashvsr.attention import dispatch
+
+    def missing(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_flash_attention_forward' with arguments from the 'CUDA' backend")
+
+    monkeypatch.setattr(dispatch, "varlen_refusal", lambda q: None)       # as on CUDA with half tensors
+    monkeypatch.setattr(gathered, "varlen_function", lambda: missing)
+    q, k, v, mask = case(10)
+    dispatcher = AttentionDispatcher()
+    monkeypatch.setattr(dispatcher, "sparse_order", lambda device: ("gather-varlen", "gather", "reference"))
+    session = dispatcher.session("disable")
+    for _ in range(2):
+        out = session.block_sparse(q, k, v, mask)
+    torch.testing.assert_close(out, masked_reference(q, k, v, mask), atol=2e-6, rtol=2e-6)
+    assert session.summary() == "attention: gather (sparse)"
+    assert sum("gather-varlen failed" in r.message for r in caplog.records) == 1

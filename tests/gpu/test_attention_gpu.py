@@ -17,7 +17,7 @@ from comfyui_flashvsr.attention.fa4 import fa4_block_sparse, probe_fa4  # noqa: 
 from comfyui_flashvsr.attention.gathered import gathered_attention, paged_attention  # noqa: E402
 from comfyui_flashvsr.attention.probe import probe_sage  # noqa: E402
 # The Triton backends' own tests: FA4, where installed, would otherwise take the dispatcher's calls.
-NO_FA4 = AttentionConfig(sparse_backends=("triton", "flex", "paged", "gather", "reference"))
+NO_FA4 = AttentionConfig(sparse_backends=("triton", "flex", "paged", "gather-varlen", "gather", "reference"))
 
 HEADS, DIM, LQ, LK, CROSS = 12, 128, 8448, 33792, 512
 
