@@ -153,3 +153,13 @@ def test_the_pack_runs_without_fa4_installed(monkeypatch):
     torch.testing.assert_close(session.block_sparse(q, k, v, mask), masked_reference(q, k, v, mask),
                                atol=2e-6, rtol=2e-6)
     assert not dispatcher.fa4.available and not dispatcher.fa4_serves(torch.device("cuda"))
+
+
+def test_doctor_says_whether_fa4_is_usable(monkeypatch):
+    from comfyui_flashvsr.flashvsr.cli import doctor
+
+    monkeypatch.setattr(fa4, "probe_fa4", lambda: fa4.FA4Probe(False, None, "import flash_attn.cute failed: X"))
+    line = next(c for c in doctor.package_checks() if c.name == "flash-attn-4")
+    assert "not usable (import flash_attn.cute failed: X)" in line.detail and "[fa4]" in line.detail
+    monkeypatch.setattr(fa4, "probe_fa4", fake_probe)
+    assert next(c for c in doctor.package_checks() if c.name == "flash-attn-4").detail == "4.0.0b36"
