@@ -2,9 +2,12 @@
 
 Dense attention (cross-attention, any unmasked call): SageAttention when the session's mode is
 ``enable`` and the call is eligible (``sage.py``), else SDPA.
-Block-sparse attention (LCSA), on CUDA in ``AttentionConfig.sparse_backends`` order: our Triton
-kernel, compiled flex_attention, the masked-SDPA reference; on other devices the reference. A
-backend that raises is skipped for that (device, dtype, shape) from then on, logged once.
+Block-sparse attention (LCSA), on CUDA in ``AttentionConfig.sparse_backends`` order: FlashAttention-4
+where installed and eligible (``fa4.py``), our Triton kernels, compiled flex_attention, the pure-PyTorch
+paths of ``gathered.py`` (paged varlen, gathered blocks through varlen, gathered blocks through
+SDPA), the masked-SDPA reference; on other devices the gathered path,
+then the reference. A backend that raises is skipped for that (device, dtype, shape) from then on,
+logged once.
 Block-mask bookkeeping (the draft threshold, the LUT, the kernels' launch order): on CUDA the
 Triton kernels of ``mask_kernels.py`` where they work, else the torch code; the results are equal.
 
@@ -23,13 +26,19 @@ import torch.nn.functional as F
 from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, QuantizedKeys, build_lut,
                            check_block_sparse_inputs, masked_reference, quantize_tiles_reference)
 from .compile_guard import opaque_to_compile
+from .fa4 import SPARSE_ARCHS as FA4_ARCHS, FA4Probe, fa4_block_sparse, fa4_refusal, probe_fa4
+from .gathered import (GATHER_BUDGET_BYTES, gathered_attention, paged_attention, paged_refusal,
+                       varlen_refusal)
 from .probe import SageProbe, probe_sage, probe_triton
 from .report import RunReport
 from .sage import DenseCall, run_sage, sage_refusal
 
 LOG = logging.getLogger(__name__)
 MODES = ("enable", "disable")
-SPARSE_BACKENDS = ("triton", "flex", "reference")
+# "gather-varlen" and "gather" are one path with two kernels: a build without the flash varlen kernel
+# (it raises) then still gets the gathered path, not the reference.
+SPARSE_BACKENDS = ("fa4", "triton", "flex", "paged", "gather-varlen", "gather", "reference")
+PORTABLE_BACKENDS = ("gather", "reference")          # the ones that run on any device
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 SLOWER_HERE = "SageAttention 1.x is slower than SDPA on Hopper GPUs (H100: 0.38x), so SDPA runs the dense calls"
 
@@ -39,19 +48,20 @@ class AttentionConfig:
     # CUDA order of block-sparse backends; "reference" must come last because it never refuses.
     sparse_backends: tuple = SPARSE_BACKENDS
     # Use the INT8-QK Triton kernel for block-sparse attention when the mode is "enable" (and keep
-    # the DiT's cached keys as int8 for it). None: on Hopper only, where it was measured faster than
-    # the bf16 kernel (1.32 vs 1.62 ms per call on an H100, docs/benchmarks.md); elsewhere unmeasured.
+    # the DiT's cached keys as int8 for it). None: on Hopper only, where it beats our bf16 kernel,
+    # and only where FA4 does not serve the call (FA4 bf16 beats it too; docs/benchmarks.md).
     sparse_int8_with_sage: Optional[bool] = None
     # Run SageAttention for dense calls also where it is known to be slower than SDPA (1.x on
-    # Hopper: 0.38x on FlashVSR's cross-attention, and ~0.7 ms of host time per call). Off: there
-    # ``enable`` takes SDPA for the dense calls, says so, and keeps the INT8 kernel for the sparse
-    # ones, so the setting never costs speed.
+    # Hopper, in kernel and host time; docs/benchmarks.md). Off: there ``enable`` takes SDPA for the
+    # dense calls, says so, and keeps its sparse choice, so the setting never costs speed.
     dense_sage_where_slower: bool = False
     time_calls: bool = True
     reference_mask_budget: int = REFERENCE_MASK_BUDGET
     # On CUDA with Triton, the draft threshold/mask and the block LUT come from mask_kernels.py:
     # the same values as the torch code, in one kernel each instead of a sort and a handful.
     triton_masks: bool = True
+    # Gathered key + value bytes the pure-PyTorch block-sparse path holds at once.
+    gather_budget_bytes: int = GATHER_BUDGET_BYTES
 
     def __post_init__(self) -> None:
         unknown = [b for b in self.sparse_backends if b not in SPARSE_BACKENDS]
@@ -114,9 +124,10 @@ class AttentionDispatcher:
     """Owns what outlives a run: the probes, the negative cache, the log-once set, compiled flex."""
 
     def __init__(self, config: AttentionConfig = AttentionConfig(), *, sage: Optional[SageProbe] = None,
-                 log: logging.Logger = LOG) -> None:
+                 fa4: Optional[FA4Probe] = None, log: logging.Logger = LOG) -> None:
         self.config = config
         self._sage = sage
+        self._fa4 = fa4
         self._log = log
         self._failed: set = set()                 # (sparse backend, signature), ("mask", kernel) that raised
         self._sage_failures: dict = {}            # DenseCall.signature -> reason
@@ -126,12 +137,22 @@ class AttentionDispatcher:
         # name -> (refusal(q, k, v, mode) -> reason or None,
         #          run(q, k, v, lut, counts, mode, key_mean) -> out)
         self.sparse_runners: dict[str, tuple[Callable, Callable]] = {
+            "fa4": (self._fa4_refusal, self._run_fa4),
             "triton": (self._triton_refusal, self._run_triton),
             "flex": (self._flex_refusal, self._run_flex),
+            "paged": (lambda q, k, v, mode: paged_refusal(q), self._run_paged),
+            "gather-varlen": (lambda q, k, v, mode: varlen_refusal(q), self._run_gather_varlen),
+            "gather": (lambda q, k, v, mode: None, self._run_gather),
         }
 
     def session(self, mode: str = "enable") -> AttentionSession:
         return AttentionSession(self, mode)
+
+    @property
+    def fa4(self) -> FA4Probe:
+        if self._fa4 is None:
+            self._fa4 = probe_fa4()
+        return self._fa4
 
     @property
     def sage(self) -> SageProbe:
@@ -157,7 +178,7 @@ class AttentionDispatcher:
         """Why ``enable`` costs speed on this machine, or None (issue #6: never slower unannounced).
 
         SageAttention 1.x is a Triton kernel; on Hopper SDPA runs cuDNN/FA3-class kernels and wins
-        (docs/benchmarks.md: 0.140 vs 0.053 ms for FlashVSR's cross-attention on an H100).
+        (docs/benchmarks.md, FlashVSR's cross-attention on an H100).
         """
         if self.sage.available and self.sage.flavour == "1.x" and any(c[0] == 9 for c in self._capabilities.values()):
             return ("SageAttention 1.x is slower than PyTorch SDPA on Hopper GPUs (H100 measured 0.38x "
@@ -215,7 +236,8 @@ class AttentionDispatcher:
     # ---- block-sparse ------------------------------------------------------------------------
 
     def sparse_order(self, device: torch.device) -> tuple:
-        return self.config.sparse_backends if device.type == "cuda" else ("reference",)
+        order = self.config.sparse_backends
+        return order if device.type == "cuda" else tuple(b for b in order if b in PORTABLE_BACKENDS)
 
     def run_block_sparse(self, report: RunReport, mode: str, q, k, v, block_mask, key_mean=None) -> torch.Tensor:
         quantized = isinstance(k, QuantizedKeys)
@@ -322,7 +344,20 @@ class AttentionDispatcher:
         if self.config.sparse_int8_with_sage is not None:
             return self.config.sparse_int8_with_sage
         cc = self.capability(device)
-        return cc is not None and cc[0] == 9 and (dtype is None or dtype in HALF_DTYPES)
+        return (cc is not None and cc[0] == 9 and (dtype is None or dtype in HALF_DTYPES)
+                and not self.fa4_serves(device, dtype))
+
+    def fa4_serves(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> bool:
+        """Whether FA4 takes this device's block-sparse calls (installed, eligible GPU and dtype, in
+        the configured order, not failed before): then no int8 key cache is kept for the INT8 kernel."""
+        if "fa4" not in self.config.sparse_backends or device.type != "cuda":
+            return False
+        if any(name == "fa4" for name, _ in self._failed):
+            return False
+        if not self.fa4.available or (dtype is not None and dtype not in HALF_DTYPES):
+            return False
+        cc = self.capability(device)
+        return cc is not None and cc[0] in FA4_ARCHS
 
     def _sparse_label(self, name: str, mode: str, device: torch.device) -> str:
         return "triton-int8" if name == "triton" and self.uses_int8(mode, device) else name
@@ -359,10 +394,34 @@ class AttentionDispatcher:
             from torch.nn.attention import flex_attention  # noqa: F401  (torch >= 2.5)
         except ImportError as exc:
             return f"torch {torch.__version__} has no flex_attention ({exc})"
-        return None if q.device.type == "cuda" else "compiled flex_attention is used on CUDA only"
+        if q.device.type != "cuda":
+            return "compiled flex_attention is used on CUDA only"
+        probe = probe_triton()
+        return None if probe.available else f"compiled flex_attention needs Triton ({probe.reason})"
 
     def _run_flex(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
         return self._flex(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts)
+
+
+    def _fa4_refusal(self, q, k, v, mode) -> Optional[str]:
+        why = fa4_refusal(self.fa4, q, k, v, self.capability(q.device))
+        if why is None and self.uses_int8(mode, q.device):
+            why = "the INT8 kernel was asked for (sparse_int8_with_sage=True)"
+        return why
+
+    def _run_fa4(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
+        return fa4_block_sparse(self.fa4, q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts)
+
+    def _run_paged(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
+        return paged_attention(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts)
+
+    def _run_gather_varlen(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
+        return gathered_attention(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts,
+                                  budget_bytes=self.config.gather_budget_bytes, method="varlen")
+
+    def _run_gather(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
+        return gathered_attention(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts,
+                                  budget_bytes=self.config.gather_budget_bytes, method="padded")
 
 
 __all__ = ["AttentionConfig", "AttentionDispatcher", "AttentionSession", "BLOCK", "MODES"]

@@ -3,7 +3,7 @@ block loop, empty query blocks, bounded memory, the look-up table and the flex B
 import pytest
 import torch
 
-from comfyui_flashvsr.attention import AttentionDispatcher
+from comfyui_flashvsr.attention import AttentionConfig, AttentionDispatcher
 from comfyui_flashvsr.attention.block_sparse import (BLOCK, build_lut, check_block_sparse_inputs,
                                                      flex_block_mask, masked_reference)
 
@@ -105,9 +105,9 @@ def test_block_sparse_input_errors_name_the_problem(change, message):
         check_block_sparse_inputs(q, k, v, mask)
 
 
-def test_dispatcher_block_sparse_on_cpu_runs_the_reference():
+def test_dispatcher_block_sparse_on_cpu_runs_the_reference_when_configured_alone():
     q, k, v, mask = random_case(7)
-    session = AttentionDispatcher().session("disable")
+    session = AttentionDispatcher(AttentionConfig(sparse_backends=("reference",))).session("disable")
     out = session.block_sparse(q, k, v, mask)
     torch.testing.assert_close(out.double(), brute_force(q, k, v, mask), atol=1e-5, rtol=1e-5)
     assert session.summary() == "attention: reference (sparse)"

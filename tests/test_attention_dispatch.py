@@ -82,9 +82,9 @@ def test_report_counts_calls_and_time_per_operation_and_backend():
         session.dense(q, k, v)
     session.block_sparse(q, k, v, mask)
     calls = session.report()["calls"]
-    assert {name: c["calls"] for name, c in calls.items()} == {"dense/sdpa": 3, "block_sparse/reference": 1}
+    assert {name: c["calls"] for name, c in calls.items()} == {"dense/sdpa": 3, "block_sparse/gather": 1}
     assert all(c["seconds"] > 0 for c in calls.values())
-    assert session.summary() == "attention: sdpa (dense) / reference (sparse)"
+    assert session.summary() == "attention: sdpa (dense) / gather (sparse)"
 
 
 def test_report_without_timing_still_counts_calls():
@@ -183,8 +183,10 @@ def test_config_rejects_a_sparse_order_that_cannot_always_run(order):
         AttentionConfig(sparse_backends=order)
 
 
-def test_cpu_sparse_order_is_the_reference_alone():
-    assert AttentionDispatcher().sparse_order(torch.device("cpu")) == ("reference",)
+def test_cpu_sparse_order_is_the_gathered_path_then_the_reference():
+    assert AttentionDispatcher().sparse_order(torch.device("cpu")) == ("gather", "reference")
+    only_reference = AttentionConfig(sparse_backends=("triton", "reference"))
+    assert AttentionDispatcher(only_reference).sparse_order(torch.device("cpu")) == ("reference",)
 
 
 def test_sage_1x_on_hopper_is_announced_as_slower_than_sdpa(monkeypatch):

@@ -53,6 +53,8 @@ def test_dependencies_never_pin_torch_and_requirements_omit_it():
     extras = PYPROJECT["project"]["optional-dependencies"]
     assert {_name(d) for d in extras["sage"]} >= {"sageattention"}
     assert "pytest" in {_name(d) for d in extras["test"]}
+    fa4 = {_name(d): d for d in extras["fa4"]}              # a prerelease: pinned exactly
+    assert "==" in fa4["flash-attn-4"] and "==" in fa4["nvidia-cutlass-dsl"]
 
 
 def test_every_subpackage_of_the_repo_is_packaged():

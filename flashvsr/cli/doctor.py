@@ -101,9 +101,13 @@ def gpu_checks() -> tuple[list[Check], str]:
 
 
 def package_checks() -> list[Check]:
+    from ...attention.fa4 import probe_fa4
     from ...attention.probe import probe_sage, probe_triton
-    triton, sage = probe_triton(), probe_sage()
+    triton, sage, fa4 = probe_triton(), probe_sage(), probe_fa4()
     return [
+        Check("attention", "flash-attn-4", INFO, (fa4.version or "installed") if fa4.available else
+              f"not usable ({fa4.reason}); optional, Hopper/datacenter Blackwell: pip install "
+              "'flashvsr-bolt[fa4]' (the fastest block-sparse kernel there)"),
         Check("attention", "triton", INFO, triton.version if triton.available else
               f"not usable ({triton.reason}): the Triton block-sparse kernel is unavailable"),
         Check("attention", "sageattention", INFO,
@@ -202,8 +206,8 @@ def attention_checks(device: str) -> list[Check]:
             out.append(judge("block-sparse: triton-int8 (enable)",
                               lambda run=run: run(q, k, v, lut, counts, "enable", None), ref_sparse))
     if dev.type != "cuda":
-        out.append(Check("attention", "block-sparse: triton, flex", INFO,
-                         "used on CUDA only; on this device every sparse call takes the reference"))
+        out.append(Check("attention", "block-sparse: fa4, triton, flex", INFO,
+                         "used on CUDA only; on this device the sparse calls take the gathered path"))
     for mode in ("enable", "disable"):
         session = dispatcher.session(mode=mode)
         try:

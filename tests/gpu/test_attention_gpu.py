@@ -13,7 +13,11 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 from comfyui_flashvsr.attention import AttentionConfig, AttentionDispatcher  # noqa: E402
 from comfyui_flashvsr.attention.block_sparse import BLOCK, CompiledFlex, build_lut, masked_reference  # noqa: E402
+from comfyui_flashvsr.attention.fa4 import fa4_block_sparse, probe_fa4  # noqa: E402
+from comfyui_flashvsr.attention.gathered import gathered_attention, paged_attention  # noqa: E402
 from comfyui_flashvsr.attention.probe import probe_sage  # noqa: E402
+# The Triton backends' own tests: FA4, where installed, would otherwise take the dispatcher's calls.
+NO_FA4 = AttentionConfig(sparse_backends=("triton", "flex", "paged", "gather-varlen", "gather", "reference"))
 
 HEADS, DIM, LQ, LK, CROSS = 12, 128, 8448, 33792, 512
 
@@ -145,7 +149,7 @@ def test_int8_kernel_meets_the_sage_accuracy_thresholds(sparse_case, layout):
 
 def test_dispatcher_enable_on_hopper_runs_the_int8_kernel_and_says_so(sparse_case):
     q, k, v, mask, ref = sparse_case
-    session = AttentionDispatcher().session("enable")
+    session = AttentionDispatcher(NO_FA4).session("enable")
     out = session.block_sparse(q, k, v, mask, key_mean=k.float().mean(dim=2))
     hopper = torch.cuda.get_device_capability()[0] == 9
     assert session.summary().startswith("attention: triton-int8 (sparse)" if hopper else "attention: triton (sparse)")
@@ -169,7 +173,7 @@ def test_compiled_flex_matches_reference_and_does_not_recompile_for_new_masks(sp
 
 def test_dispatcher_on_cuda_runs_our_triton_kernel_and_reports_it(sparse_case):
     q, k, v, mask, ref = sparse_case
-    session = AttentionDispatcher().session("disable")
+    session = AttentionDispatcher(NO_FA4).session("disable")
     out = session.block_sparse(q, k, v, mask)
     assert rel_l2(out, ref) <= 1e-2
     assert session.summary() == "attention: triton (sparse)"
@@ -193,8 +197,102 @@ def test_int8_kernel_takes_keys_quantised_in_a_ring_layout(sparse_case):
     assert cosine(out, ref) >= 0.999 and rel_l2(out, ref) <= 0.03
     assert_zero_where_empty(out, mask)
     assert rel_l2(keys.dequantize(), k) <= 0.01
-    session = AttentionDispatcher().session("enable")
+    session = AttentionDispatcher(NO_FA4).session("enable")
     via = session.block_sparse(q, keys, v, mask)
     assert cosine(via, ref) >= 0.999 and rel_l2(via, ref) <= 0.03
     plain = AttentionDispatcher().session("disable")          # a bf16 backend dequantises the keys
     assert rel_l2(plain.block_sparse(q, keys, v, mask), ref) <= 0.03
+
+
+def uneven_mask(seed):
+    """Counts from ~10 % to ~80 % of the key blocks across heads, plus the empty rows of sparse_mask."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    density = torch.linspace(0.1, 0.8, HEADS, device="cuda")[None, :, None, None]
+    mask = torch.rand(1, HEADS, LQ // BLOCK, LK // BLOCK, device="cuda", generator=g) < density
+    mask[:, :, 5] = False
+    mask[:, 3] = False
+    return mask
+
+
+def ring_layout(q, k, v, mask):
+    """The DiT's layout: (B, L, H, D) storage seen as (B, H, L, D) views, and a ring slot (66 key
+    blocks) that no query selects, as a free slot of the KV ring."""
+    q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
+    mask = mask.clone()
+    mask[..., 66:132] = False
+    return q, k, v, mask
+
+
+def fa4_or_skip():
+    probe = probe_fa4()
+    if not probe.available:
+        pytest.skip(probe.reason)
+    if torch.cuda.get_device_capability()[0] not in (9, 10, 11):
+        pytest.skip("FA4 block sparsity needs sm90/sm100/sm110")
+    return probe
+
+
+@pytest.mark.parametrize("layout", ["plain", "ring"])
+@pytest.mark.parametrize("masks", ["random", "uneven"])
+def test_fa4_matches_the_reference_with_empty_rows_uneven_counts_and_ring_layout(sparse_case, layout, masks):
+    probe = fa4_or_skip()
+    q, k, v, mask, ref = sparse_case
+    if masks == "uneven":
+        mask = uneven_mask(11)
+        ref = masked_reference(q.float(), k.float(), v.float(), mask)
+    if layout == "ring":
+        q, k, v, mask = ring_layout(q, k, v, mask)
+        ref = masked_reference(q.float(), k.float(), v.float(), mask)
+    k_ptr = k.data_ptr()
+    out = fa4_block_sparse(probe, q, k, v, *build_lut(mask))
+    assert rel_l2(out, ref) <= 1e-2
+    assert_zero_where_empty(out, mask)
+    assert k.data_ptr() == k_ptr and out.shape == q.shape
+
+
+def test_dispatcher_runs_fa4_first_for_both_modes_and_keeps_no_int8_key_cache(sparse_case):
+    fa4_or_skip()
+    q, k, v, mask, ref = sparse_case
+    dispatcher = AttentionDispatcher()
+    for mode in ("disable", "enable"):
+        session = dispatcher.session(mode)
+        out = session.block_sparse(q, k, v, mask)
+        assert session.summary().endswith("fa4 (sparse)"), session.summary()
+        assert rel_l2(out, ref) <= 1e-2
+        assert session.key_rows(k) is None           # the ring keeps bf16 keys for FA4
+
+
+def test_fa4_failure_falls_back_to_the_next_backend_and_is_cached(sparse_case, monkeypatch):
+    import dataclasses
+
+    probe = fa4_or_skip()
+    q, k, v, mask, ref = sparse_case
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+        raise RuntimeError("simulated FA4 failure")
+
+    dispatcher = AttentionDispatcher(fa4=dataclasses.replace(probe, fn=broken))
+    session = dispatcher.session("disable")
+    for _ in range(2):
+        out = session.block_sparse(q, k, v, mask)
+        assert rel_l2(out, ref) <= 1e-2
+    assert len(calls) == 1 and "fa4" not in session.summary()
+    assert not dispatcher.fa4_serves(q.device)
+
+
+@pytest.mark.parametrize("method", ["paged", "varlen", "padded"])
+@pytest.mark.parametrize("layout", ["plain", "ring"])
+def test_gathered_path_matches_the_reference_on_cuda(sparse_case, method, layout):
+    q, k, v, _, _ = sparse_case
+    mask = uneven_mask(12)
+    if layout == "ring":
+        q, k, v, mask = ring_layout(q, k, v, mask)
+    ref = masked_reference(q.float(), k.float(), v.float(), mask)
+    if method == "paged":
+        out = paged_attention(q, k, v, *build_lut(mask))
+    else:
+        out = gathered_attention(q, k, v, *build_lut(mask), method=method)
+    assert rel_l2(out, ref) <= 1e-2
+    assert_zero_where_empty(out, mask)
