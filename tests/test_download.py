@@ -330,7 +330,7 @@ def test_a_partial_download_left_by_a_killed_run_is_removed_and_nothing_else(tmp
 
 
 def test_a_cancelled_download_in_a_node_run_leaves_nothing_loaded_and_the_next_run_loads(tmp_path, monkeypatch):
-    from comfyui_flashvsr.flashvsr.testing import write_tiny_weights
+    from flashvsr_tests_tiny_weights import write_tiny_weights
     from comfyui_flashvsr.nodes.options import NodeSettings
     from comfyui_flashvsr.nodes.runner import PipelineCache, run_upscale
     ready = write_tiny_weights(tmp_path / "ready", "v1.1")   # loadable reduced weights for the hub

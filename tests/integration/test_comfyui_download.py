@@ -26,7 +26,7 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors
 
-from comfyui_flashvsr.flashvsr.testing import write_tiny_weights
+from flashvsr_tests_tiny_weights import write_tiny_weights
 from comfyui_flashvsr.flashvsr.weights.catalog import CATALOG
 from comfyui_flashvsr.nodes import options as o
 
