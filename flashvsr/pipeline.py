@@ -18,7 +18,7 @@ import torch
 
 from ..attention import AttentionDispatcher
 from .config import Mode, UpscaleConfig, Version
-from .engine.stream import EngineModels, Tile, run_stream, steady_period_ms, total_chunks
+from .engine.stream import EngineModels, Tile, check_finite, run_stream, steady_period_ms, total_chunks
 from .engine.frames import FrameSource
 from .engine.host_copy import DeferredDownload
 from .engine.preprocess import MULTIPLE, plan_geometry
@@ -163,8 +163,8 @@ class FlashVSR:
                 noise: torch.Tensor | None = None) -> UpscaleResult:
         """frames: (N, H, W, C) float in [0, 1] (C = 3; RGBA and gray are converted). Returns N frames."""
         cfg = config or UpscaleConfig()
-        frames = _rgb(frames)
-        n, h, w = frames.shape[:3]
+        src = FrameSource(frames)        # checked here once; a tensor source is shared by the tiles
+        n, (h, w) = src.count, src.first().shape[:2]
         geom = plan_geometry(h, w, cfg.scale, cfg.preprocess == "official")
         tiles = _tiles(geom.model_h, geom.model_w, cfg) if cfg.tile_size else [None]
         total = total_chunks(n, geom.official) * len(tiles)
@@ -179,6 +179,7 @@ class FlashVSR:
         done = 0
         downloads = DeferredDownload()
         starts = []                   # per tile: each chunk's DiT-start event (steady_fps)
+        checks = []                   # (finite flag on the device, first frame, frames) per chunk
 
         def tick() -> None:
             nonlocal done
@@ -194,13 +195,13 @@ class FlashVSR:
         start = self._start_timing()
         try:
             for tile in tiles:
-                src = FrameSource(frames)
                 ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
                 starts.append([])
                 for chunk_out in _tuned(run_stream(self._models(cfg), src, geom, cfg, attn, noise=noise, tile=tile,
                                                    decode_stream=self._decode_stream(cfg))):
                     f, s0 = chunk_out.frames, chunk_out.start
                     starts[-1].append(chunk_out.dit_start)
+                    checks.append((chunk_out.finite, s0, f.shape[0]))
                     with chunk_out.using():
                         if pin_all:
                             out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
@@ -211,6 +212,7 @@ class FlashVSR:
             place(downloads.flush())
             if cuda:
                 torch.cuda.synchronize(self.device)
+            _check_outputs(checks)
             if weight is not None:
                 out /= weight
         except torch.cuda.OutOfMemoryError as err:
@@ -230,7 +232,7 @@ class FlashVSR:
         cfg = config or UpscaleConfig()
         if cfg.tile_size:
             raise ValueError("spatial tiling needs the whole clip; use upscale() or tile_size=0 when streaming")
-        src = FrameSource(_rgb_frame(f) for f in frames)
+        src = FrameSource(frames)
         first = src.first()
         geom = plan_geometry(first.shape[0], first.shape[1], cfg.scale, cfg.preprocess == "official")
         total = total_chunks(n_frames, geom.official) if n_frames else 0
@@ -242,7 +244,8 @@ class FlashVSR:
 
             def ready(items):
                 nonlocal count, done
-                for u8, _ in items:
+                for u8, (finite, s0) in items:
+                    check_finite(finite, s0, u8.shape[0])
                     count += u8.shape[0]
                     done += 1
                     if on_progress is not None:
@@ -254,7 +257,7 @@ class FlashVSR:
                 starts.append(chunk_out.dit_start)
                 with chunk_out.using():
                     u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8)
-                    done_u8 = downloads.push(u8)
+                    done_u8 = downloads.push(u8, (_on_host(chunk_out.finite), chunk_out.start))
                 del chunk_out, u8    # the GPU copies must not live on while the next chunk runs
                 yield from ready(done_u8)
             yield from ready(downloads.flush())
@@ -310,6 +313,23 @@ def _fused_vae_norms_supported() -> bool:
     return hasattr(inductor_config, "emulate_precision_casts")
 
 
+def _check_outputs(checks: list) -> None:
+    """After a run (the GPU is done): one read of all chunks' finite flags, then name the first bad one."""
+    if not checks or bool(torch.stack([finite for finite, _, _ in checks]).all()):
+        return
+    for finite, start, count in checks:
+        check_finite(finite, start, count)
+
+
+def _on_host(flag: torch.Tensor) -> torch.Tensor:
+    """A copy of a CUDA scalar queued on the current stream, there by the time the work queued
+    after it is (a DeferredDownload's event): reading it then costs no wait."""
+    if flag.device.type != "cuda":
+        return flag
+    host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+    return host.copy_(flag, non_blocking=True)
+
+
 def _tuned(chunks: Iterator) -> Iterator:
     """Run each chunk with cuDNN autotuning on (our conv shapes repeat every chunk), without
     changing the flag for the rest of the process (other ComfyUI nodes)."""
@@ -327,25 +347,6 @@ def _default_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _rgb(frames: torch.Tensor) -> torch.Tensor:
-    if not isinstance(frames, torch.Tensor) or frames.ndim != 4:
-        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-        raise ValueError(f"expected frames as an (N, H, W, C) tensor, got {shape}")
-    if frames.shape[0] < 1:
-        raise ValueError("no input frames: give at least 1 frame")
-    c = frames.shape[-1]
-    if c == 1:
-        return frames.expand(-1, -1, -1, 3)
-    if c in (3, 4):
-        return frames[..., :3]
-    raise ValueError(f"expected 1, 3 or 4 channels in the last dimension, got {c} (shape {tuple(frames.shape)})")
-
-
-def _rgb_frame(frame) -> torch.Tensor:
-    frame = torch.as_tensor(frame)
-    return _rgb(frame[None])[0]
 
 
 def _tiles(model_h: int, model_w: int, cfg: UpscaleConfig) -> list[Tile]:
