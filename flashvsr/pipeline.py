@@ -93,19 +93,23 @@ class FlashVSR:
         dec_sd = read_state_dict(dec_path, role=dec_role,
                                  strip_prefixes=COMMON_PREFIXES if dec_role == "tcdecoder" else ())
         return cls.from_state_dicts(dit_sd, proj_sd, dec_sd, read_prompt(files.prompt), mode, version,
-                                    device, dtype, sources=(str(files.dit), str(files.lq_proj), str(dec_path)))
+                                    device, dtype,
+                                    sources=(str(files.dit), str(files.lq_proj), str(dec_path), str(files.prompt)))
 
     @classmethod
     def from_state_dicts(cls, dit_sd, projector_sd, decoder_sd, prompt, mode="tiny", version="v1.1",
-                         device=None, dtype=torch.bfloat16, sources=("", "", "")) -> "FlashVSR":
-        from .engine.loader import build_dit, build_projector, build_tcdecoder, build_vae
+                         device=None, dtype=torch.bfloat16, sources=("", "", "", "")) -> "FlashVSR":
+        """``sources``: the files of the DiT, projector, decoder and prompt, for the error messages."""
+        from .engine.loader import build_dit, build_projector, build_tcdecoder, build_vae, check_fit
         mode, device = Mode.parse(mode), _default_device(device)
+        sources = tuple(sources) + ("",) * (4 - len(sources))
         dit = build_dit(dit_sd, device, dtype, sources[0])
         projector = build_projector(projector_sd, version, device, dtype, sources[1])
         if mode is Mode.FULL:
             decoder = build_vae(decoder_sd, device, dtype, sources[2])
         else:
             decoder = build_tcdecoder(decoder_sd, device, dtype, sources[2])
+        check_fit(dit, projector, decoder, prompt, sources)
         return cls(dit, projector, decoder, prompt, mode, version, device, dtype)
 
     @classmethod

@@ -182,7 +182,7 @@ def test_an_output_with_nan_is_an_error_not_a_black_video(nan_pipe):
     with pytest.raises(RuntimeError, match=r"NaN.*frames 0-2"):
         list(nan_pipe.upscale_stream(iter(frames), CFG))
     with pytest.raises(RuntimeError, match=r"NaN"):
-        nan_pipe.upscale(frames, UpscaleConfig(scale=2.0, sageattention="disable", tile_size=256))
+        nan_pipe.upscale(frames, UpscaleConfig(scale=2.0, sageattention="disable", tile_size=512))
 
 
 def test_the_node_reports_a_nan_output_as_a_flashvsr_error(nan_pipe):
