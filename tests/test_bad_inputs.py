@@ -231,7 +231,20 @@ def test_a_dit_with_fewer_blocks_than_its_name_implies_is_refused(importable, tm
     models = _save_weights(tmp_path / "models")
     _sparse_dit(models / "v1.1" / "diffusion_pytorch_model_streaming_dmd.safetensors", blocks=29)
     line = _one_error_line(_upscale(importable, tmp_path, _write_png_folder(tmp_path / "in", 2), models))
-    assert "diffusion_pytorch_model_streaming_dmd.safetensors" in line and "29" in line and "30" in line
+    assert "diffusion_pytorch_model_streaming_dmd.safetensors: holds 29 DiT blocks" in line
+    assert "has 30 (blocks 0-29); missing blocks [29]:" in line
+
+
+def test_a_pickled_dit_is_counted_after_loading_and_a_gap_is_named(tmp_path):
+    def dit(blocks):
+        sd = {"patch_embedding.weight": torch.zeros(1536, 1, 1, 1, 1), "head.head.weight": torch.zeros(1, 1)}
+        sd.update({f"blocks.{i}.self_attn.q.weight": torch.zeros(1, 1) for i in blocks})
+        return sd
+    torch.save(dit(range(30)), tmp_path / "whole.pth")
+    assert len(read_state_dict(tmp_path / "whole.pth", role="dit")) == 32
+    torch.save(dit([*range(29), 30]), tmp_path / "gap.pth")
+    with pytest.raises(WeightError, match=r"gap\.pth: holds 30 DiT blocks.*missing blocks \[29\]; unexpected blocks \[30\]"):
+        read_state_dict(tmp_path / "gap.pth", role="dit")
 
 
 def test_cli_names_both_files_when_projector_and_dit_do_not_fit(importable, tmp_path):
@@ -320,3 +333,31 @@ def test_a_video_whose_frame_size_changes_midway_names_the_frame(importable, tmp
     models = _save_weights(tmp_path / "models")
     line = _one_error_line(_upscale(importable, tmp_path, video, models))
     assert "in.ts" in line and "frame 3" in line and "64x48" in line and "48x32" in line
+
+
+def test_a_decoding_error_midway_names_the_video_and_frame(monkeypatch):
+    import av
+    from comfyui_flashvsr.flashvsr.cli.video_io import VideoIOError, iter_frames
+    real_open = av.open
+
+    class Damaged:
+        """The sample, as if its bytes went bad after two frames."""
+        def __init__(self, container):
+            self.container, self.streams = container, container.streams
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.container.close()
+
+        def decode(self, stream):
+            for i, frame in enumerate(self.container.decode(stream)):
+                if i == 2:
+                    raise av.error.InvalidDataError(1094995529, "Invalid data found when processing input")
+                yield frame
+    monkeypatch.setattr(av, "open", lambda path, *a, **k: Damaged(real_open(path, *a, **k)))
+    frames = iter_frames(ROOT / "assets" / "sample.mp4")
+    next(frames), next(frames)
+    with pytest.raises(VideoIOError, match=r"sample\.mp4: cannot decode frame 2: .*Invalid data"):
+        next(frames)

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import torch
 
-LAYOUT = "(N, H, W, C) with C = 3 (RGB), 4 (RGBA, alpha ignored) or 1 (gray)"
+LAYOUT = "(N, H, W, C) tensor, C = 3 (RGB), 4 (RGBA, alpha ignored) or 1 (gray)"
 
 
 class BadFrames(ValueError):
@@ -80,7 +80,7 @@ class FrameSource:
         frame = torch.as_tensor(frame)
         if frame.ndim != 3:
             raise BadFrames(f"frame {index} has shape {tuple(frame.shape)}; each frame of a stream must be "
-                            f"(H, W, C), i.e. one frame of {LAYOUT}")
+                            f"(H, W, C), one frame of an {LAYOUT}")
         frame = rgb_clip(frame[None], first_index=index)[0]
         size = tuple(frame.shape[:2])
         if self._size is None:
@@ -98,13 +98,13 @@ def rgb_clip(frames: torch.Tensor, first_index: int = 0) -> torch.Tensor:
     """
     if not isinstance(frames, torch.Tensor) or frames.ndim != 4:
         shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-        raise BadFrames(f"expected frames as a tensor {LAYOUT}, got {shape}")
+        raise BadFrames(f"expected frames as an {LAYOUT}, got {shape}")
     if frames.shape[0] < 1:
         raise BadFrames("no input frames: give at least 1 frame")
     c = frames.shape[-1]
     if c not in (1, 3, 4):
         raise BadFrames(f"expected 1, 3 or 4 channels in the last dimension, got {c} (shape "
-                        f"{tuple(frames.shape)}); frames are {LAYOUT}, not channels-first")
+                        f"{tuple(frames.shape)}); frames are an {LAYOUT}, not channels-first")
     _check_dtype(frames.dtype)
     frames = frames.expand(-1, -1, -1, 3) if c == 1 else frames[..., :3]
     if frames.is_floating_point():

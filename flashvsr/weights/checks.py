@@ -290,11 +290,11 @@ def check_dit_blocks(path: Path, shapes: Mapping[str, Sequence[int]]) -> None:
     want = set(range(WAN_1_3B_BLOCKS))
     if blocks == want:
         return
-    missing = sorted(want - blocks)
-    gaps = f"; missing blocks {missing[:5]}{' …' if len(missing) > 5 else ''}" if missing else ""
+    odd = [(what, sorted(ids)) for what, ids in (("missing", want - blocks), ("unexpected", blocks - want)) if ids]
+    odd_text = "".join(f"; {what} blocks {ids[:5]}{' …' if len(ids) > 5 else ''}" for what, ids in odd)
     raise WeightError(f"{path}: holds {len(blocks)} DiT blocks, but the Wan2.1-1.3B DiT this file stands for "
-                      f"(width {width}) has {WAN_1_3B_BLOCKS}{gaps}: the file is incomplete or another model. "
-                      f"{_fix_hint(None)}")
+                      f"(width {width}) has {WAN_1_3B_BLOCKS} (blocks 0-{WAN_1_3B_BLOCKS - 1}){odd_text}: the file is "
+                      f"incomplete or another model. {_fix_hint(None)}")
 
 
 def sha256_of(path: Path, chunk_size: int = 8 * 1024 * 1024) -> str:
