@@ -165,7 +165,11 @@ class FlashVSR:
 
     def upscale(self, frames: torch.Tensor, config: UpscaleConfig | None = None, on_progress: Progress | None = None,
                 noise: torch.Tensor | None = None) -> UpscaleResult:
-        """frames: (N, H, W, C) float in [0, 1] (C = 3; RGBA and gray are converted). Returns N frames."""
+        """frames: (N, H, W, C) float in [0, 1] or uint8 (C = 3; RGBA and gray are converted). Returns N frames.
+
+        Raises ``BadFrames`` (a ValueError naming the frame) for NaN/Inf pixels, other dtypes or layouts,
+        and ``NonFiniteOutput`` when the networks produce NaN (broken weights) instead of returning it.
+        """
         cfg = config or UpscaleConfig()
         src = FrameSource(frames)        # checked here once; a tensor source is shared by the tiles
         n, (h, w) = src.count, src.first().shape[:2]

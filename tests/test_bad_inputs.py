@@ -203,6 +203,12 @@ def test_weights_of_different_widths_name_both_files():
         FlashVSR.from_state_dicts(dit.state_dict(), proj.state_dict(), dec.state_dict(), wide_prompt,
                                   device="cpu", dtype=torch.float32,
                                   sources=("dit.st", "proj.ckpt", "dec.ckpt", "prompt.pth"))
+    from comfyui_flashvsr.models.tcdecoder import TCDecoder, TCDecoderConfig
+    odd_dec = TCDecoder(TCDecoderConfig(channels=(16, 8, 8, 8), latent_channels=8 + 768))
+    with pytest.raises(CheckpointMismatch, match=r"decoder \(dec\.ckpt\) reads 8 latent channels.*DiT \(dit\.st\) makes 16"):
+        FlashVSR.from_state_dicts(dit.state_dict(), proj.state_dict(), odd_dec.state_dict(), prompt,
+                                  device="cpu", dtype=torch.float32,
+                                  sources=("dit.st", "proj.ckpt", "dec.ckpt", "prompt.pth"))
 
 
 def _sparse_dit(path: Path, blocks: int, dim: int = 1536) -> None:
