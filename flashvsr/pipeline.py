@@ -18,7 +18,7 @@ import torch
 
 from ..attention import AttentionDispatcher
 from .config import Mode, UpscaleConfig, Version
-from .engine.stream import EngineModels, Tile, run_stream, steady_period_ms
+from .engine.stream import EngineModels, Tile, check_finite, run_stream, steady_period_ms
 from .engine.frames import FrameSource
 from .engine.host_copy import DeferredDownload
 from .engine.preprocess import MULTIPLE, plan_geometry
@@ -93,19 +93,23 @@ class FlashVSR:
         dec_sd = read_state_dict(dec_path, role=dec_role,
                                  strip_prefixes=COMMON_PREFIXES if dec_role == "tcdecoder" else ())
         return cls.from_state_dicts(dit_sd, proj_sd, dec_sd, read_prompt(files.prompt), mode, version,
-                                    device, dtype, sources=(str(files.dit), str(files.lq_proj), str(dec_path)))
+                                    device, dtype,
+                                    sources=(str(files.dit), str(files.lq_proj), str(dec_path), str(files.prompt)))
 
     @classmethod
     def from_state_dicts(cls, dit_sd, projector_sd, decoder_sd, prompt, mode="tiny", version="v1.1",
-                         device=None, dtype=torch.bfloat16, sources=("", "", "")) -> "FlashVSR":
-        from .engine.loader import build_dit, build_projector, build_tcdecoder, build_vae
+                         device=None, dtype=torch.bfloat16, sources=("", "", "", "")) -> "FlashVSR":
+        """``sources``: the files of the DiT, projector, decoder and prompt, for the error messages."""
+        from .engine.loader import build_dit, build_projector, build_tcdecoder, build_vae, check_fit
         mode, device = Mode.parse(mode), _default_device(device)
+        sources = tuple(sources) + ("",) * (4 - len(sources))
         dit = build_dit(dit_sd, device, dtype, sources[0])
         projector = build_projector(projector_sd, version, device, dtype, sources[1])
         if mode is Mode.FULL:
             decoder = build_vae(decoder_sd, device, dtype, sources[2])
         else:
             decoder = build_tcdecoder(decoder_sd, device, dtype, sources[2])
+        check_fit(dit, projector, decoder, prompt, sources)
         return cls(dit, projector, decoder, prompt, mode, version, device, dtype)
 
     @classmethod
@@ -162,10 +166,14 @@ class FlashVSR:
 
     def upscale(self, frames: torch.Tensor, config: UpscaleConfig | None = None, on_progress: Progress | None = None,
                 noise: torch.Tensor | None = None) -> UpscaleResult:
-        """frames: (N, H, W, C) float in [0, 1] (C = 3; RGBA and gray are converted). Returns N frames."""
+        """frames: (N, H, W, C) float in [0, 1] or uint8 (C = 3; RGBA and gray are converted). Returns N frames.
+
+        Raises ``BadFrames`` (a ValueError naming the frame) for NaN/Inf pixels, other dtypes or layouts,
+        and ``NonFiniteOutput`` when the networks produce NaN (broken weights) instead of returning it.
+        """
         cfg = config or UpscaleConfig()
-        frames = _rgb(frames)
-        n, h, w = frames.shape[:3]
+        src = FrameSource(frames)        # checked here once; a tensor source is shared by the tiles
+        n, (h, w) = src.count, src.first().shape[:2]
         geom = plan_geometry(h, w, cfg.scale, cfg.preprocess == "official")
         tiles = _tiles(geom.model_h, geom.model_w, cfg) if cfg.tile_size else [None]
         total = total_chunks(n, geom.official) * len(tiles)
@@ -180,6 +188,7 @@ class FlashVSR:
         done = 0
         downloads = DeferredDownload()
         starts = []                   # per tile: each chunk's DiT-start event (steady_fps)
+        checks = []                   # (finite flag on the device, first frame, frames) per chunk
 
         def tick() -> None:
             nonlocal done
@@ -195,13 +204,13 @@ class FlashVSR:
         start = self._start_timing()
         try:
             for tile in tiles:
-                src = FrameSource(frames)
                 ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
                 starts.append([])
                 for chunk_out in _tuned(run_stream(self.engine_models(cfg), src, geom, cfg, attn, noise=noise, tile=tile,
                                                    decode_stream=self.decode_stream_for(cfg))):
                     f, s0 = chunk_out.frames, chunk_out.start
                     starts[-1].append(chunk_out.dit_start)
+                    checks.append((chunk_out.finite, s0, f.shape[0]))
                     with chunk_out.using():
                         if pin_all:
                             out[s0:s0 + f.shape[0]].copy_(f, non_blocking=True)
@@ -212,6 +221,7 @@ class FlashVSR:
             place(downloads.flush())
             if cuda:
                 torch.cuda.synchronize(self.device)
+            _check_outputs(checks)
             if weight is not None:
                 out /= weight
         except torch.cuda.OutOfMemoryError as err:
@@ -231,7 +241,7 @@ class FlashVSR:
         cfg = config or UpscaleConfig()
         if cfg.tile_size:
             raise ValueError("spatial tiling needs the whole clip; use upscale() or tile_size=0 when streaming")
-        src = FrameSource(_rgb_frame(f) for f in frames)
+        src = FrameSource(frames)
         first = src.first()
         geom = plan_geometry(first.shape[0], first.shape[1], cfg.scale, cfg.preprocess == "official")
         total = total_chunks(n_frames, geom.official) if n_frames else 0
@@ -243,7 +253,8 @@ class FlashVSR:
 
             def ready(items):
                 nonlocal count, done
-                for u8, _ in items:
+                for u8, (finite, s0) in items:
+                    check_finite(finite, s0, u8.shape[0])
                     count += u8.shape[0]
                     done += 1
                     if on_progress is not None:
@@ -255,7 +266,7 @@ class FlashVSR:
                 starts.append(chunk_out.dit_start)
                 with chunk_out.using():
                     u8 = (chunk_out.frames * 255.0).round_().to(torch.uint8)
-                    done_u8 = downloads.push(u8)
+                    done_u8 = downloads.push(u8, (_on_host(chunk_out.finite), chunk_out.start))
                 del chunk_out, u8    # the GPU copies must not live on while the next chunk runs
                 yield from ready(done_u8)
             yield from ready(downloads.flush())
@@ -320,6 +331,23 @@ def _fused_vae_norms_supported() -> bool:
     return hasattr(inductor_config, "emulate_precision_casts")
 
 
+def _check_outputs(checks: list) -> None:
+    """After a run (the GPU is done): one read of all chunks' finite flags, then name the first bad one."""
+    if not checks or bool(torch.stack([finite for finite, _, _ in checks]).all()):
+        return
+    for finite, start, count in checks:
+        check_finite(finite, start, count)
+
+
+def _on_host(flag: torch.Tensor) -> torch.Tensor:
+    """A copy of a CUDA scalar queued on the current stream, there by the time the work queued
+    after it is (a DeferredDownload's event): reading it then costs no wait."""
+    if flag.device.type != "cuda":
+        return flag
+    host = torch.empty((), dtype=flag.dtype, pin_memory=True)
+    return host.copy_(flag, non_blocking=True)
+
+
 def _tuned(chunks: Iterator) -> Iterator:
     """Run each chunk with cuDNN autotuning on (our conv shapes repeat every chunk), without
     changing the flag for the rest of the process (other ComfyUI nodes)."""
@@ -337,25 +365,6 @@ def _default_device(device) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def _rgb(frames: torch.Tensor) -> torch.Tensor:
-    if not isinstance(frames, torch.Tensor) or frames.ndim != 4:
-        shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
-        raise ValueError(f"expected frames as an (N, H, W, C) tensor, got {shape}")
-    if frames.shape[0] < 1:
-        raise ValueError("no input frames: give at least 1 frame")
-    c = frames.shape[-1]
-    if c == 1:
-        return frames.expand(-1, -1, -1, 3)
-    if c in (3, 4):
-        return frames[..., :3]
-    raise ValueError(f"expected 1, 3 or 4 channels in the last dimension, got {c} (shape {tuple(frames.shape)})")
-
-
-def _rgb_frame(frame) -> torch.Tensor:
-    frame = torch.as_tensor(frame)
-    return _rgb(frame[None])[0]
 
 
 def _tiles(model_h: int, model_w: int, cfg: UpscaleConfig) -> list[Tile]:

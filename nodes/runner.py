@@ -142,12 +142,17 @@ def run_upscale(frames: torch.Tensor, settings: NodeSettings, *, cache: Pipeline
     key = LoadKey(tuple(str(r) for r in roots), settings.version, settings.mode, device,
                   resolve_precision(settings.precision, device))
     config = settings.upscale_config()
+    from ..flashvsr.engine.frames import BadFrames
+    from ..flashvsr.engine.loader import CheckpointMismatch
+    from ..flashvsr.engine.stream import NonFiniteOutput
     t0 = time.perf_counter()
     try:
         pipe, reused = cache.get(key, on_download)
         load_line = "weights: already loaded" if reused else \
             f"weights: loaded in {time.perf_counter() - t0:.1f} s"
         result = pipe.upscale(frames, config, on_progress=on_progress)
+    except (BadFrames, CheckpointMismatch, NonFiniteOutput) as err:
+        raise ValueError(f"FlashVSR ⚡: {err}") from None     # the whole story: no engine traceback
     finally:
         # With keep_model_loaded on, a cancelled or failed run keeps the model as well: the engine
         # frees only the run's own tensors, so the next run needs no reload.

@@ -281,6 +281,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         errors.append(DownloadError)
     except ImportError:
         pass
+    from ..engine.stream import NonFiniteOutput      # broken weights: a message, not a black video
+    errors.append(NonFiniteOutput)
     return tuple(errors)
 
 

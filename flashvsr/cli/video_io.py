@@ -87,8 +87,7 @@ def probe(path: str | os.PathLike, fps: Fraction | None = None) -> VideoInfo:
         images = list_images(path)
         if not images:
             raise VideoIOError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in folder {path}")
-        from PIL import Image
-        with Image.open(images[0]) as im:
+        with _open_image(images[0]) as im:
             width, height = im.size
         return VideoInfo(path, width, height, Fraction(fps or DEFAULT_FOLDER_FPS), len(images),
                          None, True)
@@ -124,12 +123,24 @@ def iter_frames(path: str | os.PathLike) -> Iterator[np.ndarray]:
         yield from _iter_video(path)
 
 
+def _open_image(path: Path):
+    """Pillow's image, or one line naming the file that cannot be read (not a traceback)."""
+    from PIL import Image
+    try:
+        return Image.open(path)
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise VideoIOError(f"cannot read image {path}: {exc}; replace or remove it") from None
+
+
 def _iter_folder(folder: Path) -> Iterator[np.ndarray]:
     from PIL import Image
     size = None
     for p in list_images(folder):
-        with Image.open(p) as im:
-            rgb = np.array(im.convert("RGB"))      # writable: torch.as_tensor warns on read-only
+        with _open_image(p) as im:
+            try:       # the pixels are decoded here: a truncated file fails now, not at open
+                rgb = np.array(im.convert("RGB"))      # writable: torch.as_tensor warns on read-only
+            except (OSError, ValueError, Image.DecompressionBombError) as exc:
+                raise VideoIOError(f"cannot read image {p}: {exc}; replace or remove it") from None
         if size is None:
             size = rgb.shape
         elif rgb.shape != size:
@@ -140,11 +151,23 @@ def _iter_folder(folder: Path) -> Iterator[np.ndarray]:
 
 def _iter_video(path: Path) -> Iterator[np.ndarray]:
     av = _require_av()
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_type = "AUTO"
-        for frame in container.decode(stream):
-            yield _to_rgb(frame)
+    index, size = 0, None
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            for frame in container.decode(stream):
+                if size is None:
+                    size = (frame.width, frame.height)
+                elif (frame.width, frame.height) != size:
+                    raise VideoIOError(f"{path}: frame {index} is {frame.width}x{frame.height} but the video starts "
+                                       f"at {size[0]}x{size[1]}: a video super-resolution model cannot mix sizes; "
+                                       f"re-encode the video at one size (e.g. ffmpeg -vf scale={size[0]}:{size[1]})")
+                yield _to_rgb(frame)
+                index += 1
+    except av.FFmpegError as exc:
+        raise VideoIOError(f"{path}: cannot decode frame {index}: {exc}; the file is damaged or truncated "
+                           "(re-encode or re-download it)") from None
 
 
 def _to_rgb(frame) -> np.ndarray:

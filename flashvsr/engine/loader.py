@@ -5,14 +5,15 @@ TCDecoder 66, Wan VAE decoder subset 108. Smaller test checkpoints go through th
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn as nn
 
 from ...models.dit import DiTConfig, WanDiT
 from ...models.lq_projector import LQProjector, LQProjectorConfig
-from ...models.tcdecoder import TCDecoder, TCDecoderConfig
+from ...models.tcdecoder import COND_SHUFFLE, TCDecoder, TCDecoderConfig
 from ..config import Version
 from .decoders import FullDecoder, TinyDecoder
 
@@ -84,6 +85,35 @@ def build_vae(sd, device="cpu", dtype=torch.bfloat16, source: str = ""):
     from ...models import wan_vae
     return _build(wan_vae.WanVAEDecoder, wan_vae.WanVAEConfig.from_state_dict, wan_vae.decoder_state_dict(sd),
                   "Wan VAE decoder", device, dtype, source)
+
+
+def check_fit(dit: WanDiT, projector: LQProjector, decoder: nn.Module, prompt: torch.Tensor,
+              sources: Sequence[str]) -> None:
+    """Each file loads on its own, but where one network feeds another the widths must agree: a set
+    mixed from different models (or sizes) would otherwise fail deep inside a run, or not at all.
+
+    ``sources``: the DiT, projector, decoder and prompt files; the message names both files at fault.
+    """
+    dit_src, proj_src, dec_src, prompt_src = (s or "state dict" for s in sources)
+    if not (isinstance(prompt, torch.Tensor) and prompt.ndim == 3 and prompt.shape[0] == 1):
+        shape = tuple(prompt.shape) if isinstance(prompt, torch.Tensor) else type(prompt).__name__
+        raise CheckpointMismatch(f"prompt embedding ({prompt_src}): expected a (1, L, C) tensor, got {shape}")
+    if isinstance(decoder, TCDecoder):     # its input is the latents behind the shuffled RGB condition
+        latent = decoder.cfg.latent_channels - 3 * math.prod(COND_SHUFFLE)
+    else:
+        latent = decoder.config.z_dim
+    pairs = (
+        (projector.cfg.out_dim, dit.cfg.dim, f"the LQ projector ({proj_src}) makes tokens {{}} wide",
+         f"the DiT ({dit_src}) is {{}} wide"),
+        (prompt.shape[-1], dit.cfg.text_dim, f"the prompt embedding ({prompt_src}) is {{}} wide",
+         f"the DiT ({dit_src}) takes text {{}} wide"),
+        (latent, dit.cfg.out_dim, f"the decoder ({dec_src}) reads {{}} latent channels",
+         f"the DiT ({dit_src}) makes {{}}"),
+    )
+    for got, want, this, that in pairs:
+        if got != want:
+            raise CheckpointMismatch(f"{this.format(got)} but {that.format(want)}: these files come from different "
+                                     "models or sizes; use the files of one FlashVSR release together")
 
 
 def build_decoder(kind: str, sd, device="cpu", dtype=torch.bfloat16, source: str = "", **vae_tiling):

@@ -45,6 +45,7 @@ class ChunkOutput:
     frames: torch.Tensor       # (t, out_h, out_w, 3) float in [0, 1] on the compute device
     stream: "torch.cuda.Stream | None" = None   # where ``frames`` was made: use it there (see run_stream)
     dit_start: "torch.cuda.Event | None" = None  # CUDA: recorded as the chunk's DiT step was queued (steady_period_ms)
+    finite: "torch.Tensor | None" = None         # 0-d bool beside ``frames``: no NaN/Inf in them (check_finite)
 
     def using(self):
         """Context in which to read ``frames`` on the GPU (its stream), without making the DiT wait."""
@@ -159,15 +160,29 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
             if observer is not None:
                 observer("frames_final", k, frames)
             out = to_unit_hwc(frames[: max(0, stop - ck.out_start)])
+            finite = out.sum().isfinite()      # NaN survives the clamp; summing [0, 1] cannot overflow
             # Nothing of this chunk but its output may stay alive while the caller works and the
             # next chunk runs (a generator keeps its locals): ~0.3 GB at 768x1408.
             del latents, cond, frames, ref
-        yield ChunkOutput(k, ck.out_start, out, decode_stream, dit_start)
-        del out
+        yield ChunkOutput(k, ck.out_start, out, decode_stream, dit_start, finite)
+        del out, finite
         for i in [i for i in hr if i < ck.out_end]:
             del hr[i]
         source.forget_before(ck.out_end)
         k += 1
+
+
+class NonFiniteOutput(RuntimeError):
+    """The networks produced NaN or infinite values: broken weights or a precision they overflow."""
+
+
+def check_finite(finite: "torch.Tensor | bool", start: int, count: int) -> None:
+    """Raise for a chunk whose ``ChunkOutput.finite`` is false. Read it on the host only once the
+    chunk's frames are there (a read earlier would make the host wait for the GPU)."""
+    if not bool(finite):
+        raise NonFiniteOutput(f"FlashVSR produced NaN or infinite values in output frames {start}-{start + count - 1}: "
+                              "the weight files are broken or overflow this precision. Check them with "
+                              "`flashvsr doctor --deep`; with fp16, try bf16 or fp32.")
 
 
 def _timing_event(dev: torch.device) -> "torch.cuda.Event | None":

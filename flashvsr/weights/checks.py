@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import struct
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 from .catalog import CATALOG, ROLE_TITLES, SHARED_ROLES, KnownFile
 
@@ -29,6 +30,12 @@ ROLE_SIGNATURES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("vae", ("decoder.conv1.weight", "decoder.head.2.weight")),
     ("lq_proj", ("conv1.weight", "norm1.gamma", "linear_layers.0.weight")),
 )
+
+
+# Every DiT FlashVSR ships or accepts (official files, repacks) is Wan2.1-1.3B: at its width a file
+# with another block count is incomplete, not a variant. Narrower test checkpoints are left alone.
+WAN_1_3B_WIDTH, WAN_1_3B_BLOCKS = 1536, 30
+_BLOCK_KEY = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 
 class WeightError(ValueError):
@@ -270,6 +277,24 @@ def check_role(path: Path, header: Header, role: str, expected_name: str) -> Non
     found = detect_role(header.keys, header.pickle_bytes)
     if found != role:
         raise role_mismatch(path, role, found, expected_name)
+    if role == "dit" and header.shapes is not None:
+        check_dit_blocks(path, header.shapes)      # from the header: before gigabytes load
+
+
+def check_dit_blocks(path: Path, shapes: Mapping[str, Sequence[int]]) -> None:
+    """Raise if a DiT at the Wan2.1-1.3B width does not hold exactly its 30 blocks."""
+    width = next((shape[0] for key, shape in shapes.items() if key.endswith("patch_embedding.weight")), None)
+    if width != WAN_1_3B_WIDTH:
+        return
+    blocks = {int(m.group(1)) for key in shapes if (m := _BLOCK_KEY.search(key))}
+    want = set(range(WAN_1_3B_BLOCKS))
+    if blocks == want:
+        return
+    odd = [(what, sorted(ids)) for what, ids in (("missing", want - blocks), ("unexpected", blocks - want)) if ids]
+    odd_text = "".join(f"; {what} blocks {ids[:5]}{' …' if len(ids) > 5 else ''}" for what, ids in odd)
+    raise WeightError(f"{path}: holds {len(blocks)} DiT blocks, but the Wan2.1-1.3B DiT this file stands for "
+                      f"(width {width}) has {WAN_1_3B_BLOCKS} (blocks 0-{WAN_1_3B_BLOCKS - 1}){odd_text}: the file is "
+                      f"incomplete or another model. {_fix_hint(None)}")
 
 
 def sha256_of(path: Path, chunk_size: int = 8 * 1024 * 1024) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Sequence
 import torch
 
 from .download import Progress, DownloadError, fetch, hub_endpoint, offline_reason
-from .checks import (Header, MissingFile, MissingWeights, WeightError, check_role, check_size,
+from .checks import (Header, MissingFile, MissingWeights, WeightError, check_dit_blocks, check_role, check_size,
                             detect_role, fmt_bytes, official_name, read_header, role_mismatch, sha256_of)
 from .catalog import (CATALOG, KNOWN_FILES, ROLE_TITLES, SHARED_ROLES, VERSIONS, Catalog,
                            KnownFile, check_version_mode, official_paths, repack_paths, roles_for_mode)
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 COMMON_PREFIXES = ("model.diffusion_model.", "diffusion_model.", "model.")
 WRAPPER_KEYS = ("state_dict", "model_state", "model", "module")
+# torch.load(weights_only=True) before 2.6 can be made to run code (CVE-2025-32434).
+SAFE_UNPICKLING_TORCH = (2, 6)
 
 
 @dataclass(frozen=True)
@@ -61,7 +64,20 @@ class FileStatus:
 
 # ---------------------------------------------------------------- reading
 
-def _torch_load(path: Path):
+def _refuse_unsafe_unpickling(path: Path, role: str | None) -> None:
+    """Never unpickle with a torch whose weights_only guard can be bypassed; say how to get past it."""
+    found = re.match(r"(\d+)\.(\d+)", torch.__version__)
+    if found is None or (int(found.group(1)), int(found.group(2))) >= SAFE_UNPICKLING_TORCH:
+        return
+    names = sorted({r.filename for r in CATALOG.repacks if role is None or r.role == role})
+    raise WeightError(f"{path}: not opened: this is a pickle checkpoint and torch {torch.__version__} is older "
+                      f"than 2.6, whose torch.load(weights_only=True) a crafted file can get past to run code "
+                      f"(CVE-2025-32434). Upgrade torch (pip install -U \"torch>=2.6\", see README.md) or put "
+                      f"the safetensors repack in the FlashVSR models folder instead: {', '.join(names)}.")
+
+
+def _torch_load(path: Path, role: str | None = None):
+    _refuse_unsafe_unpickling(path, role)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -132,11 +148,13 @@ def read_state_dict(path: Path | str, *, strip_prefixes: Sequence[str] = (),
     if header.kind == "safetensors":
         sd = _load_safetensors(path)
     else:
-        sd = _unwrap(_torch_load(path), path)
+        sd = _unwrap(_torch_load(path, role), path)
     if role and header.keys is None and header.pickle_bytes is None:
         found = detect_role(tuple(sd))
         if found != role:
             raise role_mismatch(path, role, found, expected)
+    if role == "dit" and header.shapes is None:          # a pickle: its shapes are known only now
+        check_dit_blocks(path, {k: tuple(v.shape) for k, v in sd.items()})
     return _strip_one_prefix(sd, strip_prefixes)
 
 
@@ -145,7 +163,7 @@ def read_prompt(path: Path | str) -> torch.Tensor:
     path = Path(path)
     header = read_header(path)
     check_role(path, header, "prompt", "posi_prompt.pth")
-    obj = _load_safetensors(path) if header.kind == "safetensors" else _torch_load(path)
+    obj = _load_safetensors(path) if header.kind == "safetensors" else _torch_load(path, "prompt")
     if isinstance(obj, Mapping) and len(obj) == 1:
         (obj,) = obj.values()
     if not isinstance(obj, torch.Tensor):
