@@ -152,7 +152,7 @@ def test_upscale_stream_with_mixed_sizes_names_the_first_odd_frame(pipe):
 # ---------------------------------------------------------------- the node
 
 def _node(frames, pipe):
-    return run_upscale(frames, NodeSettings(scale=2.0, sageattention="disable"), cache=PipelineCache(lambda key: pipe),
+    return run_upscale(frames, NodeSettings(scale=2.0, sageattention="disable"), cache=PipelineCache(lambda key, on_download=None: pipe),
                        roots=["unused"], auto_device="cpu", on_progress=lambda d, t: None, sage_status=lambda: NO_SAGE)
 
 
