@@ -89,7 +89,7 @@ def test_options_reach_the_engine_config(tmp_path, fake_loader):
 
 def test_job_carries_mode_version_device_precision_and_models():
     args = cli.build_parser().parse_args(
-        ["upscale", "in.mp4", "out.mp4", "--mode", "tiny-long", "--version", "v1",
+        ["upscale", "in.mp4", "out.mp4", "--mode", "tiny-long", "--weights", "v1",
          "--device", "cpu", "--precision", "fp16", "--models", "/m1", "--models", "/m2",
          "--no-download", "--no-audio", "--fps", "30000/1001"])
     job = cli.job_from_args(args)
@@ -115,8 +115,8 @@ def test_memory_stays_flat_for_a_long_input(tmp_path):
     info = probe(SAMPLE)
     job = cli.UpscaleJob(input=SAMPLE, output=tmp_path / "long.mkv", audio=False,
                          upscale=cli.config.UpscaleConfig(scale=1.0))
-    n = cli.run_upscale(job, FakePipe(), info, CountingProgress(2000, io.StringIO()), frames=source())
-    assert n == 2000
+    done = cli.run_upscale(job, FakePipe(), info, CountingProgress(2000, io.StringIO()), frames=source())
+    assert done.frames == 2000
     assert max(written) <= 25                       # look-ahead of the engine, nothing more
 
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import config
-from .common import pixels
+from .common import add_weights_argument, pixels
 
 log = logging.getLogger(__name__)
 
@@ -295,7 +295,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tile-overlap", type=int, default=config.UpscaleConfig.tile_overlap)
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
-    p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version])
+    add_weights_argument(p)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
@@ -314,7 +314,7 @@ def command(args: argparse.Namespace) -> int:
         raise ValueError(f"--repeat and --frames must be >= 1, got {args.repeat} and {args.frames}")
     params = BenchParams(modes=args.modes, sage=args.sage, out_h=args.size[0], out_w=args.size[1],
                          scale=args.scale, frames=args.frames, widths=args.widths,
-                         version=args.version, device=device, precision=precision,
+                         version=args.weights, device=device, precision=precision,
                          warmup_frames=min(args.warmup_frames, args.frames), repeat=args.repeat,
                          compile=args.compile, tile_size=args.tile_size, tile_overlap=args.tile_overlap)
     for label in labels(params):
