@@ -284,7 +284,8 @@ def add_parser(sub) -> None:
     p.add_argument("--sage", type=_csv(("enable", "disable")), default=("enable", "disable"),
                    help="sageattention settings to compare (default: enable,disable)")
     p.add_argument("--size", type=pixels, default=(768, 1408), help="OUTPUT size HxW (768x1408)")
-    p.add_argument("--scale", type=float, default=4.0)
+    p.add_argument("--scale", type=float, default=4.0,
+                   help="upscale factor; the input size is --size divided by it (default 4)")
     p.add_argument("--frames", type=int, default=45, help="input frames per run (default 45)")
     p.add_argument("--warmup-frames", type=int, default=21, help="0 disables the warm-up run")
     p.add_argument("--repeat", type=int, default=1, help="measured runs per case (median reported)")
