@@ -340,3 +340,15 @@ def test_doctor_lists_each_shared_file_once(flashvsr, tmp_path):
     assert len(names) == len(set(names)), names
     (tc,) = [c for c in json.loads(done.stdout)["checks"] if c["name"] == "TCDecoder"]
     assert tc["status"] == "OK" and "unused copy at" in tc["detail"]
+
+
+def test_a_frame_folder_moved_aside_by_a_killed_swap_comes_back(tmp_path, flashvsr, no_weights):
+    src = _frames(tmp_path / "in", n=3)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    aside = tmp_path / f".f.replaced-{dead}"          # killed between the two renames of a swap
+    aside.mkdir()
+    (aside / "frame_000000.png").write_bytes(b"previous")
+    done = flashvsr("upscale", src, tmp_path / "f", *no_weights)
+    _refused_before_loading(done, "exists: pass --overwrite")
+    assert _tree(tmp_path / "f") == {"frame_000000.png": b"previous"} and not aside.exists()

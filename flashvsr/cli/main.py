@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
 from .. import config
+from ..engine.schedule import MIN_MODEL_FRAMES
 from .common import (latent_units, add_engine_arguments, default_models_roots, pack_version, pixels,
                      resolve_device, torch_dtype)
 from .output import OutputError, check_destination, clean_stale
@@ -26,7 +27,6 @@ from .video_io import VideoInfo, VideoIOError, VideoWriter, check_output, iter_f
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-FIRST_CHUNK_FRAMES = 21   # the first output arrives after this many input frames (plus look-ahead)
 
 EXAMPLES = """examples:
   flashvsr upscale clip.mp4 clip_x4.mp4                  4x with the default tiny mode
@@ -72,12 +72,20 @@ class Progress:
         self.done = 0
         self._last_print = float("-inf")
         self._printed = None          # the count in the last line written (not on a terminal)
+        self._width = 0               # of the line on a terminal, so a shorter one blanks the rest
         self._tty = hasattr(stream, "isatty") and stream.isatty()
 
     def begin(self, what: str) -> None:
         """Say what happens before the first frames come out (that takes the longest)."""
-        self.stream.write(("\r" if self._tty else "") + f"{self.line()}  {what}" + ("" if self._tty else "\n"))
+        if self._tty:
+            self._rewrite(f"{self.line()}  {what}")
+        else:
+            self.stream.write(f"{self.line()}  {what}\n")
         self.stream.flush()
+
+    def _rewrite(self, text: str) -> None:
+        self.stream.write("\r" + text.ljust(self._width))
+        self._width = len(text)
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
@@ -92,7 +100,7 @@ class Progress:
         self.done = done
         now = self.clock()
         if self._tty:
-            self.stream.write("\r" + self.line() + "   ")
+            self._rewrite(self.line())
             self.stream.flush()
         elif now - self._last_print >= self.every_s:
             self.stream.write(self.line() + "\n")
@@ -100,7 +108,8 @@ class Progress:
 
     def close(self) -> None:
         if self._tty:
-            self.stream.write("\r" + self.line() + "\n")
+            self._rewrite(self.line())
+            self.stream.write("\n")
         elif self._printed != self.done:          # else the last line already says it
             self.stream.write(self.line() + "\n")
         self.stream.flush()
@@ -116,8 +125,8 @@ def check_paths(job: UpscaleJob) -> VideoInfo:
     for this output left behind."""
     info = probe(job.input, fps=job.fps)
     check_output(job.output)
+    clean_stale(job.output)           # first: it may bring back an output a killed swap moved aside
     check_destination(job.output, job.input, job.overwrite)
-    clean_stale(job.output)
     return info
 
 
@@ -147,7 +156,7 @@ def run_upscale(job: UpscaleJob, pipe, info: VideoInfo, progress: Progress | Non
     ``frames`` replaces the decoder (tests feed synthetic frames through it).
     """
     progress = progress or Progress(info.frames)
-    progress.begin(f"warming up: the first output needs the first {FIRST_CHUNK_FRAMES}-frame chunk")
+    progress.begin(f"warming up: the first chunk (the first {MIN_MODEL_FRAMES} frames) takes longest")
     stats = []
     source: Iterator = iter(frames) if frames is not None else iter_frames(job.input)
     audio_from = job.input if (job.audio and info.audio and not info.is_folder) else None
