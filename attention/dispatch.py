@@ -188,7 +188,7 @@ class AttentionDispatcher:
             report.sage_not_used("dense", why)
             # Off CUDA there is nothing to fix (SageAttention is CUDA-only) and the run summary
             # names the reason: a warning on every CPU run would only be noise.
-            expected = why == SLOWER_HERE or q.device.type != "cuda"
+            expected = why == SLOWER_HERE or self.dense_call(q, k, v).device_type != "cuda"
             self.say_once(logging.INFO if expected else logging.WARNING, ("sage", why),
                           f"SageAttention was requested but dense attention uses SDPA: {why}")
         with report.record("dense", "sdpa", q.device):
