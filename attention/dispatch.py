@@ -213,8 +213,10 @@ class AttentionDispatcher:
                     why = f"sage raised {type(exc).__name__}: {exc}"
                     self._sage_failures[self.dense_call(q, k, v).signature(self.sage)] = why
             report.sage_not_used("dense", why)
-            chosen = why == SLOWER_HERE
-            self.say_once(logging.INFO if chosen else logging.WARNING, ("sage", why),
+            # Off CUDA there is nothing to fix (SageAttention is CUDA-only) and the run summary
+            # names the reason: a warning on every CPU run would only be noise.
+            expected = why == SLOWER_HERE or self.dense_call(q, k, v).device_type != "cuda"
+            self.say_once(logging.INFO if expected else logging.WARNING, ("sage", why),
                           f"SageAttention was requested but dense attention uses SDPA: {why}")
         with report.record("dense", "sdpa", q.device):
             return F.scaled_dot_product_attention(q, k, v)

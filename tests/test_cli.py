@@ -89,7 +89,7 @@ def test_options_reach_the_engine_config(tmp_path, fake_loader):
 
 def test_job_carries_mode_version_device_precision_and_models():
     args = cli.build_parser().parse_args(
-        ["upscale", "in.mp4", "out.mp4", "--mode", "tiny-long", "--version", "v1",
+        ["upscale", "in.mp4", "out.mp4", "--mode", "tiny-long", "--weights", "v1",
          "--device", "cpu", "--precision", "fp16", "--models", "/m1", "--models", "/m2",
          "--no-download", "--no-audio", "--fps", "30000/1001"])
     job = cli.job_from_args(args)
@@ -115,8 +115,8 @@ def test_memory_stays_flat_for_a_long_input(tmp_path):
     info = probe(SAMPLE)
     job = cli.UpscaleJob(input=SAMPLE, output=tmp_path / "long.mkv", audio=False,
                          upscale=cli.config.UpscaleConfig(scale=1.0))
-    n = cli.run_upscale(job, FakePipe(), info, CountingProgress(2000, io.StringIO()), frames=source())
-    assert n == 2000
+    done = cli.run_upscale(job, FakePipe(), info, CountingProgress(2000, io.StringIO()), frames=source())
+    assert done.frames == 2000
     assert max(written) <= 25                       # look-ahead of the engine, nothing more
 
 
@@ -252,3 +252,28 @@ def test_a_signal_from_outside_leaves_no_partial_file(tmp_path, sig):
     _, err = child.communicate(timeout=60)
     assert child.returncode == 130, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_progress_says_warming_up_first_and_a_terminal_line_overwrites_it_whole():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+    now = [0.0]
+    stream = Terminal()
+    p = cli.Progress(100, stream, clock=lambda: now[0])
+    p.begin("warming up: the first chunk takes longest")
+    now[0] = 5.0
+    p.update(10)
+    first, second = stream.getvalue().split("\r")[1:]
+    assert "warming up" in first
+    assert len(second) >= len(first) and second.rstrip() == "10/100 frames  2.00 fps  0:00:05 elapsed  ETA 0:00:45"
+
+
+def test_progress_off_a_terminal_does_not_repeat_the_last_line():
+    now = [0.0]
+    stream = io.StringIO()
+    p = cli.Progress(10, stream, every_s=0, clock=lambda: now[0])
+    now[0] = 1.0
+    p.update(10)
+    p.close()
+    assert stream.getvalue().count("10/10 frames") == 1

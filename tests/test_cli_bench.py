@@ -64,7 +64,7 @@ def test_steady_fps_is_the_median_of_the_measured_runs_and_shown():
     (result,) = bench.run(params, lambda mode: pipe)
     assert result.steady_fps == 60.0
     md = bench.table(bench.report(params, [result], bench.environment("cpu")), markdown=True)
-    assert "| e2e fps | steady fps |" in md and "| 60.00 |" in md
+    assert "| e2e fps | e2e range | steady fps |" in md and "| 60.00 |" in md
     (unknown,) = bench.run(params, FakePipe)      # no CUDA events: shown as n/a, not as a number
     assert unknown.steady_fps is None
     assert "| n/a |" in bench.table(bench.report(params, [unknown], bench.environment("cpu")), markdown=True)
@@ -112,3 +112,33 @@ def test_size_and_list_arguments_are_validated():
         bench.pixels("768 by 1408")
     with pytest.raises(argparse.ArgumentTypeError, match="tiny, tiny-long, full"):
         bench.csv_choices(("tiny", "tiny-long", "full"))("tiny,huge")
+
+
+def test_cuda_takes_three_measured_runs_by_default_and_cpu_one(monkeypatch, capsys):
+    from comfyui_flashvsr.flashvsr.cli import common
+    seen = []
+    monkeypatch.setattr(bench, "run", lambda params: seen.append(params) or [])
+    for device, expected in (("cuda", 3), ("cpu", 1)):
+        monkeypatch.setattr(common, "resolve_device", lambda name, device=device: device)
+        assert cli.main(["bench", "--precision", "fp32", "--modes", "tiny"]) == 0
+        assert seen[-1].repeat == expected
+    assert cli.main(["bench", "--precision", "fp32", "--repeat", "5"]) == 0 and seen[-1].repeat == 5
+    assert "median of 5 run(s)" in capsys.readouterr().out
+    assert cli.main(["bench", "--repeat", "0"]) == 2
+
+
+def test_table_shows_the_median_and_the_range_of_the_runs():
+    # the measured runs give steady 50, 70, 60 (the warm-up's 1.0 does not count)
+    pipe = FakePipe("tiny", steady=[1.0, 50.0, 70.0, 60.0])
+    params = _params(modes=("tiny",), sage=("disable",))
+    (result,) = bench.run(params, lambda mode: pipe)
+    assert result.runs == 3 and result.steady_fps_range == (50.0, 70.0)
+    lo, hi = result.fps_range
+    assert lo <= result.fps <= hi
+    data = json.loads(json.dumps(bench.report(params, [result], bench.environment("cpu"))))
+    md = bench.table(data, markdown=True)
+    assert "| e2e fps | e2e range | steady fps | steady range |" in md
+    assert f"| {result.fps:.2f} | {lo:.2f}-{hi:.2f} | 60.00 | 50.00-70.00 |" in md
+    (single,) = bench.run(_params(modes=("tiny",), sage=("disable",), repeat=1), FakePipe)
+    assert "| - | n/a | - |" in bench.table(bench.report(params, [single], bench.environment("cpu")),
+                                            markdown=True)

@@ -15,13 +15,14 @@ CORE_VIDEO_NODES = {"LoadVideo", "GetVideoComponents", "CreateVideo", "SaveVideo
 CONTROL_VALUES = {"fixed", "increment", "decrement", "randomize"}
 
 IMPORT_WITHOUT_COMFY = r"""
-import importlib.abc, importlib.util, sys
-BLOCKED = {"comfy", "comfy_api", "folder_paths", "server", "nodes", "sageattention", "triton"}
-class Block(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in BLOCKED:
-            raise ImportError(f"blocked in this test: {name}")
-sys.meta_path.insert(0, Block())
+import importlib.util, sys
+# Absent as if never installed: a None entry in sys.modules makes `import x` raise
+# ModuleNotFoundError and `importlib.util.find_spec("x")` return None, which is what libraries
+# (torch among them) see on a machine without the package. A finder that raises from find_spec
+# would instead break their "is it installed?" probes.
+BLOCKED = ("comfy", "comfy_api", "folder_paths", "server", "nodes", "sageattention", "triton")
+for name in BLOCKED:
+    sys.modules[name] = None
 spec = importlib.util.spec_from_file_location("pack", sys.argv[1] + "/__init__.py",
                                               submodule_search_locations=[sys.argv[1]])
 pack = importlib.util.module_from_spec(spec); sys.modules["pack"] = pack; spec.loader.exec_module(pack)
@@ -29,6 +30,7 @@ print("torch imported by the pack import:", "torch" in sys.modules)
 import pack.nodes.options, pack.nodes.runner, pack.nodes.schema
 import torch
 print("cuda initialised:", torch.cuda.is_initialized())
+print("still blocked:", all(sys.modules.get(n, 0) is None for n in BLOCKED))
 """
 
 
@@ -38,6 +40,7 @@ def test_pack_imports_without_comfyui_sageattention_or_triton_and_stays_light():
     assert out.returncode == 0, out.stderr
     assert "torch imported by the pack import: False" in out.stdout
     assert "cuda initialised: False" in out.stdout
+    assert "still blocked: True" in out.stdout       # nothing swapped a real module in
 
 
 def test_comfyui_gets_an_async_entrypoint_and_a_web_folder_but_no_v1_mappings():

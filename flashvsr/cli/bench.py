@@ -23,12 +23,16 @@ from pathlib import Path
 from typing import Callable
 
 from .. import config
-from .common import pixels
+from .common import add_weights_argument, pixels
 
 log = logging.getLogger(__name__)
 
 LABEL_RANDOM = "RANDOM WEIGHTS: speed and memory only, not quality"
 LABEL_TINY = "REDUCED WIDTHS (--widths tiny): NOT the real model's speed; a smoke test only"
+# Measured runs per case unless --repeat says otherwise. One end-to-end run on a GPU can be far off
+# (a stray compile, clock ramp-up), so CUDA takes the median of three and shows the spread; CPU runs
+# are smoke tests and slow, so one.
+DEFAULT_REPEAT = {"cuda": 3, "cpu": 1}
 
 
 @dataclass(frozen=True)
@@ -70,6 +74,13 @@ class BenchResult:
     peak_ram_bytes: int | None
     attention: str
     steady_fps: float | None = None   # CUDA, >= 4 chunks: from the GPU's period per steady chunk (RunStats)
+    runs: int = 1                     # measured runs; fps and steady_fps are their medians
+    fps_range: tuple[float, float] | None = None          # (slowest, fastest) of the runs
+    steady_fps_range: tuple[float, float] | None = None
+
+
+def default_repeat(device: str) -> int:
+    return DEFAULT_REPEAT["cuda" if device.startswith("cuda") else "cpu"]
 
 
 class PeakRSS:
@@ -164,8 +175,11 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
             median = runs[len(runs) // 2]
             results.append(replace(median, peak_vram_bytes=_max(r.peak_vram_bytes for r in runs),
                                    peak_ram_bytes=_max(r.peak_ram_bytes for r in runs),
-                                   steady_fps=_median(r.steady_fps for r in runs)))
-            log.info("%s / sageattention=%s: %.2f fps", mode, sage, results[-1].fps)
+                                   steady_fps=_median(r.steady_fps for r in runs), runs=len(runs),
+                                   fps_range=_range(r.fps for r in runs),
+                                   steady_fps_range=_range(r.steady_fps for r in runs)))
+            log.info("%s / sageattention=%s: %.2f fps (median of %d)", mode, sage, results[-1].fps,
+                     len(runs))
         del pipe
         _empty_cache(params.device)
     return results
@@ -174,6 +188,11 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
 def _max(values) -> int | None:
     known = [v for v in values if v is not None]
     return max(known) if known else None
+
+
+def _range(values) -> tuple[float, float] | None:
+    known = [v for v in values if v is not None]
+    return (min(known), max(known)) if known else None
 
 
 def _median(values) -> float | None:
@@ -238,6 +257,12 @@ def _fps(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.2f}"
 
 
+def _spread(r: dict, key: str) -> str:
+    """The runs' slowest-fastest fps, e.g. ``46.90-48.10``; ``-`` for a single run."""
+    span = r.get(key)
+    return "-" if span is None or r.get("runs", 1) < 2 else f"{span[0]:.2f}-{span[1]:.2f}"
+
+
 def table(data: dict, markdown: bool = False) -> str:
     p, env = data["params"], data["environment"]
     where = env.get("gpu") or env.get("cpu") or env["device"]
@@ -249,9 +274,11 @@ def table(data: dict, markdown: bool = False) -> str:
                 f"{p['precision']}, weights {p['version']}, "
                 f"compile {'on' if p['compile'] and p['device'].startswith('cuda') else 'off'}, "
                 + (f"tiles {p['tile_size']} px (overlap {p['tile_overlap']}), " if p.get("tile_size") else "")
-                + f"median of {p['repeat']} run(s)")
-    cols = ["mode", "sageattention", "e2e fps", "steady fps", "s/frame", "peak VRAM", "peak RAM", "attention ran"]
-    rows = [[r["mode"], r["sageattention"], f"{r['fps']:.2f}", _fps(r.get("steady_fps")),
+                + f"median of {p['repeat']} run(s), range = slowest-fastest")
+    cols = ["mode", "sageattention", "e2e fps", "e2e range", "steady fps", "steady range", "s/frame",
+            "peak VRAM", "peak RAM", "attention ran"]
+    rows = [[r["mode"], r["sageattention"], f"{r['fps']:.2f}", _spread(r, "fps_range"),
+             _fps(r.get("steady_fps")), _spread(r, "steady_fps_range"),
              f"{r['seconds'] / r['frames']:.3f}", _gib(r["peak_vram_bytes"]), _gib(r["peak_ram_bytes"]),
              r["attention"] or "?"]
             for r in data["results"]]
@@ -284,10 +311,13 @@ def add_parser(sub) -> None:
     p.add_argument("--sage", type=csv_choices(("enable", "disable")), default=("enable", "disable"),
                    help="sageattention settings to compare (default: enable,disable)")
     p.add_argument("--size", type=pixels, default=(768, 1408), help="OUTPUT size HxW (768x1408)")
-    p.add_argument("--scale", type=float, default=4.0)
+    p.add_argument("--scale", type=float, default=4.0,
+                   help="upscale factor; the input size is --size divided by it (default 4)")
     p.add_argument("--frames", type=int, default=45, help="input frames per run (default 45)")
     p.add_argument("--warmup-frames", type=int, default=21, help="0 disables the warm-up run")
-    p.add_argument("--repeat", type=int, default=1, help="measured runs per case (median reported)")
+    p.add_argument("--repeat", type=int, default=None,
+                   help=f"measured runs per case; the median and the range are reported (default "
+                        f"{DEFAULT_REPEAT['cuda']} on CUDA, {DEFAULT_REPEAT['cpu']} on CPU)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="run the DiT glue eagerly (no torch.compile; CUDA only)")
     p.add_argument("--tile-size", type=int, default=config.UpscaleConfig.tile_size,
@@ -295,7 +325,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tile-overlap", type=int, default=config.UpscaleConfig.tile_overlap)
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
-    p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version])
+    add_weights_argument(p)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
@@ -310,12 +340,13 @@ def command(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     dtype = torch_dtype(args.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
-    if args.repeat < 1 or args.frames < 1:
-        raise ValueError(f"--repeat and --frames must be >= 1, got {args.repeat} and {args.frames}")
+    repeat = default_repeat(device) if args.repeat is None else args.repeat
+    if repeat < 1 or args.frames < 1:
+        raise ValueError(f"--repeat and --frames must be >= 1, got {repeat} and {args.frames}")
     params = BenchParams(modes=args.modes, sage=args.sage, out_h=args.size[0], out_w=args.size[1],
                          scale=args.scale, frames=args.frames, widths=args.widths,
-                         version=args.version, device=device, precision=precision,
-                         warmup_frames=min(args.warmup_frames, args.frames), repeat=args.repeat,
+                         version=args.weights, device=device, precision=precision,
+                         warmup_frames=min(args.warmup_frames, args.frames), repeat=repeat,
                          compile=args.compile, tile_size=args.tile_size, tile_overlap=args.tile_overlap)
     for label in labels(params):
         log.warning(label)

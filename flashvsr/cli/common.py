@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 from pathlib import Path
 
 from .. import config
@@ -57,11 +58,30 @@ def latent_units(hw: tuple[int, int], flag: str) -> tuple[int, int]:
     return hw[0] // 8, hw[1] // 8
 
 
+def add_weights_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", default="v1.1", choices=[v.value for v in config.Version],
+                   help="weights version: v1.1 (default, more stable) or v1")
+
+
+def pack_version() -> str:
+    """This pack's version: the checkout's pyproject.toml (ComfyUI runs the pack from a clone), else
+    the installed distribution's metadata."""
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    if pyproject.is_file():
+        found = re.search(r'^version\s*=\s*"([^"]+)"', pyproject.read_text(encoding="utf-8"), re.M)
+        if found:
+            return found.group(1)
+    from importlib import metadata
+    try:
+        return metadata.version("flashvsr-bolt")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``upscale`` and ``bench``: which engine, on what."""
     d = config.UpscaleConfig()
-    p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version],
-                   help="weights: v1.1 (default, more stable) or v1")
+    add_weights_argument(p)
     p.add_argument("--sageattention", default=d.sageattention, choices=("enable", "disable"),
                    help="enable: Sage-style quantised attention where it is faster (our INT8 block-sparse "
                         "kernel on Hopper; SageAttention for dense calls where installed, eligible and not "

@@ -12,12 +12,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import platform
 import sys
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Callable
 
 log = logging.getLogger(__name__)
 
@@ -220,21 +220,53 @@ def attention_checks(device: str) -> list[Check]:
     return out
 
 
-def weight_checks(roots: list[Path], deep: bool = False) -> list[Check]:
+def hub_unreachable(timeout_s: float = 5.0) -> str | None:
+    """Why the weights hub cannot be reached from here, or None when it answers (any HTTP status)."""
+    import urllib.error
+    import urllib.request
+    from ..weights.catalog import HF_ENDPOINT
+    from ..weights.download import hub_endpoint
+    url = hub_endpoint() or HF_ENDPOINT
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:
+        return None                       # it answered, which is all a download needs to start
+    except (OSError, ValueError) as exc:  # URLError, timeouts, refused connections, a bad URL
+        return f"{url} is unreachable ({getattr(exc, 'reason', exc)})"
+    return None
+
+
+def weight_checks(roots: list[Path], deep: bool = False,
+                  unreachable: Callable[[], str | None] | None = None) -> list[Check]:
+    from ..weights.download import offline_reason
     from ..weights.store import check_models_folder
-    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    offline = offline_reason(True)
     out = [Check("weights", "models folder", INFO, ", ".join(map(str, roots)))]
-    for st in check_models_folder(roots, deep=deep):
+    statuses = check_models_folder(roots, deep=deep)
+    # A file shared by both versions may sit in several folders; the loader takes the first.
+    first: dict[str, int] = {}
+    missing = []
+    for st in statuses:
+        if st.label in first:
+            shown = out[first[st.label]]
+            out[first[st.label]] = Check(shown.section, shown.name, shown.status,
+                                         f"{shown.detail}; unused copy at {st.path}")
+            continue
+        first[st.label] = len(out)
         if st.state == "present":
             out.append(Check("weights", st.label, OK, f"{st.path}{'; ' + st.detail if st.detail else ''}"))
         elif st.state == "missing":
-            # A missing file only blocks a run when it cannot be downloaded on first use.
-            how = ("HF_HUB_OFFLINE is set, so it will not be downloaded: put it there by hand"
-                   if offline else "downloaded on first use")
-            out.append(Check("weights", st.label, FAIL if offline else WARN,
-                             f"missing at {st.path} ({how}); {st.detail}".rstrip("; ")))
+            missing.append((len(out), st))
+            out.append(None)              # decided below, once we know whether they can download
         else:
             out.append(Check("weights", st.label, FAIL, st.detail or f"{st.state}: {st.path}"))
+    # A missing file only blocks a run when it cannot be downloaded on first use.
+    cut_off = None if offline or not missing else (unreachable or hub_unreachable)()
+    how = (offline or (f"{cut_off}, so it cannot download: put it there by hand, or run again "
+                       "where the hub is reachable" if cut_off else "downloaded on first use"))
+    for i, st in missing:
+        out[i] = Check("weights", st.label, FAIL if offline or cut_off else WARN,
+                       f"missing at {st.path} ({how}); {st.detail}".rstrip("; "))
     return out
 
 

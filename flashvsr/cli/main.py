@@ -18,13 +18,31 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, TextIO
 
 from .. import config
-from .common import (latent_units, add_engine_arguments, default_models_roots, pixels,
+from ..engine.schedule import MIN_MODEL_FRAMES
+from .common import (latent_units, add_engine_arguments, default_models_roots, pack_version, pixels,
                      resolve_device, torch_dtype)
+from .output import OutputError, check_destination, clean_stale
 from .video_io import VideoInfo, VideoIOError, VideoWriter, check_output, iter_frames, probe
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+EXAMPLES = """examples:
+  flashvsr upscale clip.mp4 clip_x4.mp4                  4x with the default tiny mode
+  flashvsr upscale clip.mp4 clip_x2.mkv --scale 2 --mode tiny-long
+  flashvsr upscale frames/ upscaled/ --fps 24            a folder of images to PNG frames
+  flashvsr doctor                                        is this machine ready?
+  flashvsr bench --modes tiny --size 768x1408            fps and peak VRAM on random weights
+"""
+UPSCALE_EXAMPLES = """examples:
+  flashvsr upscale clip.mp4 clip_x4.mp4
+  flashvsr upscale clip.mp4 clip_x2.mkv --scale 2 --sageattention disable
+  flashvsr upscale long.mp4 long_x4.mp4 --mode tiny-long        flat VRAM for long clips
+  flashvsr upscale big.mp4 big_x2.mp4 --scale 2 --tile-size 768 less VRAM, whole clip in RAM
+  flashvsr upscale frames/ upscaled/ --fps 24                   PNG frames out (frame_000000.png ...)
+  flashvsr upscale clip.mp4 clip_x4.mp4 --weights v1 --overwrite
+"""
 
 
 @dataclass(frozen=True)
@@ -53,7 +71,21 @@ class Progress:
         self.start = clock()
         self.done = 0
         self._last_print = float("-inf")
+        self._printed = None          # the count in the last line written (not on a terminal)
+        self._width = 0               # of the line on a terminal, so a shorter one blanks the rest
         self._tty = hasattr(stream, "isatty") and stream.isatty()
+
+    def begin(self, what: str) -> None:
+        """Say what happens before the first frames come out (that takes the longest)."""
+        if self._tty:
+            self._rewrite(f"{self.line()}  {what}")
+        else:
+            self.stream.write(f"{self.line()}  {what}\n")
+        self.stream.flush()
+
+    def _rewrite(self, text: str) -> None:
+        self.stream.write("\r" + text.ljust(self._width))
+        self._width = len(text)
 
     def line(self) -> str:
         elapsed = max(self.clock() - self.start, 1e-9)
@@ -68,14 +100,18 @@ class Progress:
         self.done = done
         now = self.clock()
         if self._tty:
-            self.stream.write("\r" + self.line() + "   ")
+            self._rewrite(self.line())
             self.stream.flush()
         elif now - self._last_print >= self.every_s:
             self.stream.write(self.line() + "\n")
-            self._last_print = now
+            self._last_print, self._printed = now, done
 
     def close(self) -> None:
-        self.stream.write(("\r" if self._tty else "") + self.line() + "\n")
+        if self._tty:
+            self._rewrite(self.line())
+            self.stream.write("\n")
+        elif self._printed != self.done:          # else the last line already says it
+            self.stream.write(self.line() + "\n")
         self.stream.flush()
 
 
@@ -104,37 +140,48 @@ def _hms(seconds: float) -> str:
 
 
 def check_paths(job: UpscaleJob) -> VideoInfo:
-    """Fail fast on input/output problems, before any weights are loaded."""
+    """Fail fast on input/output problems, before any weights are loaded; clear what killed runs
+    for this output left behind."""
     info = probe(job.input, fps=job.fps)
     check_output(job.output)
-    if job.output.exists() and not job.overwrite:
-        raise VideoIOError(f"{job.output} exists: pass --overwrite to replace it")
-    if job.output.resolve() == job.input.resolve():
-        raise VideoIOError("output and input are the same path")
+    clean_stale(job.output)           # first: it may bring back an output a killed swap moved aside
+    check_destination(job.output, job.input, job.overwrite)
     return info
 
 
 def load_pipeline(job: UpscaleJob):
     from ..pipeline import FlashVSR
     roots = list(job.models) or default_models_roots()
-    log.info("loading FlashVSR %s %s from %s", job.mode, job.version, ", ".join(map(str, roots)))
     device = resolve_device(job.device)
-    return FlashVSR.from_pretrained(roots, mode=job.mode, version=job.version, device=device,
+    log.info("loading weights: FlashVSR %s %s from %s onto %s ...", job.mode, job.version,
+             ", ".join(map(str, roots)), device)
+    start = time.monotonic()
+    pipe = FlashVSR.from_pretrained(roots, mode=job.mode, version=job.version, device=device,
                                     dtype=torch_dtype(job.precision, device), download=job.download,
                                     progress=DownloadLine())
+    log.info("weights loaded in %.1f s", time.monotonic() - start)
+    return pipe
+
+
+@dataclass(frozen=True)
+class Written:
+    frames: int
+    stats: object = None      # the pipeline's RunStats, when it gives one
 
 
 def run_upscale(job: UpscaleJob, pipe, info: VideoInfo, progress: Progress | None = None,
-                frames: Iterable | None = None) -> int:
-    """Stream ``job.input`` through ``pipe`` into ``job.output``; return the number of frames written.
+                frames: Iterable | None = None) -> Written:
+    """Stream ``job.input`` through ``pipe`` into ``job.output``: frames written and the run's stats.
 
     ``frames`` replaces the decoder (tests feed synthetic frames through it).
     """
     progress = progress or Progress(info.frames)
+    progress.begin(f"warming up: the first chunk (the first {MIN_MODEL_FRAMES} frames) takes longest")
+    stats = []
     source: Iterator = iter(frames) if frames is not None else iter_frames(job.input)
     audio_from = job.input if (job.audio and info.audio and not info.is_folder) else None
     if job.upscale.tile_size:
-        chunks = _whole_clip(job, pipe, source, progress)
+        chunks = _whole_clip(job, pipe, source, progress, stats)
     else:
         chunks = pipe.upscale_stream(source, job.upscale, n_frames=info.frames)
     with VideoWriter(job.output, info.fps, audio_from=audio_from, crf=job.crf,
@@ -146,10 +193,10 @@ def run_upscale(job: UpscaleJob, pipe, info: VideoInfo, progress: Progress | Non
                 progress.update(writer.frames_written)
         written = writer.frames_written
     progress.close()
-    return written
+    return Written(written, stats[0] if stats else getattr(pipe, "last_stats", None))
 
 
-def _whole_clip(job: UpscaleJob, pipe, source: Iterator, progress: Progress) -> Iterator:
+def _whole_clip(job: UpscaleJob, pipe, source: Iterator, progress: Progress, stats: list) -> Iterator:
     """Spatial tiling runs every tile over the whole clip, so the clip has to be in memory."""
     import numpy as np
     import torch
@@ -168,6 +215,7 @@ def _whole_clip(job: UpscaleJob, pipe, source: Iterator, progress: Progress) -> 
 
     result = pipe.upscale(frames, job.upscale, on_progress=on_progress)
     del frames
+    stats.append(getattr(result, "stats", None))
     step = 8
     for i in range(0, result.frames.shape[0], step):
         yield result.frames[i:i + step]
@@ -189,10 +237,12 @@ def _upscale_command(args: argparse.Namespace) -> int:
     log.info("input %s: %dx%d, %s fps, %s frames, audio: %s", info.path, info.width, info.height,
              float(info.fps), info.frames or "?", info.audio or "none")
     pipe = load_pipeline(job)
-    written = run_upscale(job, pipe, info)
-    if info.frames and written != info.frames:
-        log.warning("wrote %d frames for %d input frames", written, info.frames)
-    print(f"wrote {job.output} ({written} frames)")
+    done = run_upscale(job, pipe, info)
+    if info.frames and done.frames != info.frames:
+        log.warning("wrote %d frames for %d input frames", done.frames, info.frames)
+    print(f"wrote {job.output} ({done.frames} frames)")
+    if done.stats is not None:
+        print(f"FlashVSR {job.mode} {job.version}: {done.stats.summary()}")
     return EXIT_OK
 
 
@@ -206,7 +256,7 @@ def job_from_args(args: argparse.Namespace) -> UpscaleJob:
         compile=args.compile)
     return UpscaleJob(
         input=Path(args.input), output=Path(args.output), upscale=upscale,
-        mode=config.Mode.parse(args.mode).value, version=config.Version.parse(args.version).value,
+        mode=config.Mode.parse(args.mode).value, version=config.Version.parse(args.weights).value,
         device=args.device, precision=args.precision, models=tuple(Path(m) for m in args.models),
         download=args.download, fps=Fraction(args.fps) if args.fps else None,
         audio=args.audio, crf=args.crf, overwrite=args.overwrite)
@@ -217,7 +267,9 @@ def _add_upscale_parser(sub) -> None:
     p = sub.add_parser("upscale", help="upscale a video file or a folder of images",
                        description="Upscale IN (video file or image folder) to OUT (.mp4/.mov/.mkv/"
                                    ".webm, or a folder name without suffix for PNG frames). Keeps "
-                                   "the frame rate and the audio; weights download on first use.")
+                                   "the frame rate and the audio; weights download on first use. "
+                                   "Prints a run summary (attention backends, fps, peak VRAM).",
+                       epilog=UPSCALE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="video file or folder of images")
     p.add_argument("output", help="output video (.mp4 .mov .mkv .webm) or folder for PNG frames")
     p.add_argument("--mode", default="tiny", choices=[m.value for m in config.Mode],
@@ -227,7 +279,8 @@ def _add_upscale_parser(sub) -> None:
     p.add_argument("--scale", type=float, default=d.scale, help="upscale factor, 1..4 (default 4)")
     p.add_argument("--color-fix", default=d.color_fix, choices=config.COLOR_FIXES,
                    help="match colours to the input (default adain, the official choice)")
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seed", type=int, default=d.seed,
+                   help=f"noise seed of the single diffusion step (default {d.seed}, the official one)")
     p.add_argument("--sparse-ratio", type=float, default=d.sparse_ratio,
                    help="sparse attention budget (2.0 official; 1.5 faster)")
     p.add_argument("--kv-ratio", type=float, default=d.kv_ratio, help="cached chunks (3.0 official)")
@@ -237,7 +290,9 @@ def _add_upscale_parser(sub) -> None:
                    help="exact: every frame, exact size (default); official: the drivers' crop/trim")
     p.add_argument("--tile-size", type=int, default=d.tile_size,
                    help="spatial tiles in output pixels to save VRAM (0 = off; multiple of 128, >= 256)")
-    p.add_argument("--tile-overlap", type=int, default=d.tile_overlap)
+    p.add_argument("--tile-overlap", type=int, default=d.tile_overlap,
+                   help=f"overlap of neighbouring tiles in output pixels, blended to hide seams "
+                        f"(default {d.tile_overlap}; less than half of --tile-size)")
     p.add_argument("--vae-tiling", action="store_true", help="tile the Wan VAE decode (full mode)")
     p.add_argument("--vae-tile", type=pixels, default=(d.vae_tile[0] * 8, d.vae_tile[1] * 8),
                    metavar="HxW", help="VAE tile in output pixels (default 480x832)")
@@ -249,28 +304,46 @@ def _add_upscale_parser(sub) -> None:
                    help="output frame rate (default: the input's; 30 for image folders)")
     p.add_argument("--no-audio", dest="audio", action="store_false", help="drop the audio track")
     p.add_argument("--crf", type=int, default=18, help="encoder quality, lower is better (default 18)")
-    p.add_argument("--overwrite", "-y", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--overwrite", "-y", action="store_true",
+                   help="replace OUT if it exists, once the run has succeeded (a folder only if it "
+                        "holds nothing but frame_NNNNNN.png files)")
     p.add_argument("--no-download", dest="download", action="store_false",
                    help="never download weights; fail if they are missing")
     p.set_defaults(func=_upscale_command)
+
+
+class _RenamedVersion(argparse.Action):
+    """``--version`` used to name the weights; now it is the pack's version, so say the new name."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        parser.error(f"--version {values or ''} no longer selects the weights: use --weights "
+                     f"{values or 'v1.1'} (flashvsr --version prints the pack's version)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import bench, doctor
     parser = argparse.ArgumentParser(
         prog="flashvsr", description="FlashVSR ⚡ video super-resolution (one-step diffusion, "
-                                     "streaming) from the command line.")
+                                     "streaming) from the command line.",
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging, full tracebacks")
+    parser.add_argument("--version", action="version", version=f"flashvsr {pack_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_upscale_parser(sub)
     doctor.add_parser(sub)
     bench.add_parser(sub)
+    for p in sub.choices.values():
+        # -v after the subcommand too; SUPPRESS keeps an absent one from undoing a -v given before
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="debug logging, full tracebacks")
+    for name in ("upscale", "bench"):               # the subcommands that take --weights
+        sub.choices[name].add_argument("--version", action=_RenamedVersion, nargs="?", help=argparse.SUPPRESS)
     return parser
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors whose message is the whole story (no traceback unless --verbose)."""
-    errors: list[type[BaseException]] = [VideoIOError, ValueError, FileNotFoundError]
+    errors: list[type[BaseException]] = [VideoIOError, OutputError, ValueError, FileNotFoundError]
     try:
         from ..weights.store import MissingWeights, WeightError
         errors += [MissingWeights, WeightError]
@@ -326,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as exc:
         if args.verbose:
             raise
-        log.error("%s", exc)
+        log.error("%s", _in_cli_words(str(exc)))
         return EXIT_USAGE
     except _oom_errors() as exc:
         log.error("out of memory (%s). Try --mode tiny-long, --tile-size 512, a smaller --scale, "
@@ -335,6 +408,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+
+
+# The library names its keyword arguments; on the command line the same switch is a flag.
+_API_TO_FLAG = (("(download=False)", "(--no-download)"),)
+
+
+def _in_cli_words(message: str) -> str:
+    for api, flag in _API_TO_FLAG:
+        message = message.replace(api, flag)
+    return message
 
 
 def _oom_errors() -> tuple[type[BaseException], ...]:

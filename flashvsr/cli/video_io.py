@@ -14,13 +14,14 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+
+from .output import discard, frame_name, partial_path, replace_with
 
 log = logging.getLogger(__name__)
 
@@ -192,11 +193,6 @@ def check_output(path: Path) -> None:
         raise VideoIOError(f"output folder does not exist: {path.parent}")
 
 
-def partial_path(path: Path) -> Path:
-    """Hidden sibling name for the file being written; renamed onto ``path`` when complete."""
-    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
-
-
 class _AudioCarrier:
     """Copies (or re-encodes) the source's first audio stream into the output, interleaved.
 
@@ -319,7 +315,7 @@ class VideoWriter:
                              f"{self.size[0]}x{self.size[1]}")
         if self.is_folder:
             from PIL import Image
-            Image.fromarray(frame).save(self._tmp / f"frame_{self.frames_written:06d}.png")
+            Image.fromarray(frame).save(self._tmp / frame_name(self.frames_written))
         else:
             self._encode(frame)
         self.frames_written += 1
@@ -375,9 +371,7 @@ class VideoWriter:
             if self._audio is not None:
                 self._audio.mux_until(None)
             self._close_container()
-        if self.is_folder and self.path.exists():
-            shutil.rmtree(self.path)            # --overwrite on a folder: replace it as a whole
-        os.replace(self._tmp, self.path)
+        replace_with(self._tmp, self.path)
 
     def _close_container(self) -> None:
         if self._audio is not None:
@@ -391,10 +385,7 @@ class VideoWriter:
         try:
             self._close_container()
         finally:
-            if self._tmp.is_dir():
-                shutil.rmtree(self._tmp, ignore_errors=True)
-            else:
-                self._tmp.unlink(missing_ok=True)
+            discard(self._tmp)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
