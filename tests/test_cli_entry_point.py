@@ -49,7 +49,7 @@ ENGINES = {
     "random": """
         import torch
         from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
-        FlashVSR.from_pretrained = classmethod(lambda cls, roots, mode, version, device, dtype, download:
+        FlashVSR.from_pretrained = classmethod(lambda cls, roots, mode, version, device, dtype, download, progress=None:
             cls.random(mode=mode, version=version, device=device, dtype=dtype, size="micro"))
     """,
 }
