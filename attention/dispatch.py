@@ -25,12 +25,12 @@ from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, Quantized
 from .compile_guard import opaque_to_compile
 from .probe import SageProbe, probe_sage, probe_triton
 from .report import RunReport
-from .sage import DenseCall, run_sage, sage_refusal
+from ..flashvsr.config import SAGE_CHOICES
+from .sage import HALF_DTYPES, DenseCall, run_sage, sage_refusal
 
 LOG = logging.getLogger(__name__)
-MODES = ("enable", "disable")
+MODES = SAGE_CHOICES  # the sageattention choices, defined once in flashvsr/config.py
 SPARSE_BACKENDS = ("triton", "flex", "reference")
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 SLOWER_HERE = "SageAttention 1.x is slower than SDPA on Hopper GPUs (H100: 0.38x), so SDPA runs the dense calls"
 
 

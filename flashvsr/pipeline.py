@@ -18,6 +18,7 @@ import torch
 
 from ..attention import AttentionDispatcher
 from .config import Mode, UpscaleConfig, Version
+from .devices import resolve_device
 from .engine.stream import EngineModels, Tile, run_stream, steady_period_ms, total_chunks
 from .engine.frames import FrameSource
 from .engine.host_copy import DeferredDownload
@@ -324,9 +325,8 @@ def _tuned(chunks: Iterator) -> Iterator:
 
 
 def _default_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``flashvsr.devices``' rule: auto is CUDA, else MPS, else CPU; a missing device is refused."""
+    return device if isinstance(device, torch.device) else torch.device(resolve_device(device, flag="device"))
 
 
 def _rgb(frames: torch.Tensor) -> torch.Tensor:

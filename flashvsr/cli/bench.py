@@ -279,9 +279,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed/memory benchmark on random weights",
                        description="Time every mode x sageattention setting on randomly initialised "
                                    f"networks ({LABEL_RANDOM}). Prints a table; --json writes one.")
-    modes = tuple(m.value for m in config.Mode)
+    modes = config.MODES
     p.add_argument("--modes", type=_csv(modes), default=modes, help="comma list (default: all)")
-    p.add_argument("--sage", type=_csv(("enable", "disable")), default=("enable", "disable"),
+    p.add_argument("--sage", type=_csv(config.SAGE_CHOICES), default=config.SAGE_CHOICES,
                    help="sageattention settings to compare (default: enable,disable)")
     p.add_argument("--size", type=pixels, default=(768, 1408), help="OUTPUT size HxW (768x1408)")
     p.add_argument("--scale", type=float, default=4.0)
@@ -295,7 +295,7 @@ def add_parser(sub) -> None:
     p.add_argument("--tile-overlap", type=int, default=config.UpscaleConfig.tile_overlap)
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
-    p.add_argument("--version", default="v1.1", choices=[v.value for v in config.Version])
+    p.add_argument("--version", default="v1.1", choices=config.VERSIONS)
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                    help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")

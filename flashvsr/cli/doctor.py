@@ -19,6 +19,8 @@ from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 
+from .. import config
+
 log = logging.getLogger(__name__)
 
 OK, WARN, FAIL, INFO = "OK", "WARN", "FAIL", "INFO"
@@ -204,7 +206,7 @@ def attention_checks(device: str) -> list[Check]:
     if dev.type != "cuda":
         out.append(Check("attention", "block-sparse: triton, flex", INFO,
                          "used on CUDA only; on this device every sparse call takes the reference"))
-    for mode in ("enable", "disable"):
+    for mode in config.SAGE_CHOICES:
         session = dispatcher.session(mode=mode)
         try:
             session.dense(q, k, v)
