@@ -55,7 +55,7 @@ def test_web_extension_handles_both_nodes_and_asks_the_info_route():
 
 
 def _workflow(name):
-    return json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+    return json.loads((ROOT / "example_workflows" / f"{o.EXAMPLE_WORKFLOWS[name]}.json").read_text())
 
 
 def _flashvsr_values(spec, widgets_values):
@@ -97,5 +97,5 @@ def test_example_workflow_is_core_video_nodes_around_flashvsr(name, node_id, spe
 
 @pytest.mark.parametrize("name", ["basic", "advanced"])
 def test_example_workflow_has_a_jpeg_thumbnail_of_the_same_name(name):
-    data = (ROOT / "example_workflows" / f"{name}.jpg").read_bytes()
+    data = (ROOT / "example_workflows" / f"{o.EXAMPLE_WORKFLOWS[name]}.jpg").read_bytes()
     assert data[:3] == b"\xff\xd8\xff" and len(data) > 10_000
