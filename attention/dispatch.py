@@ -25,7 +25,7 @@ from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, Quantized
 from .compile_guard import opaque_to_compile
 from .probe import SageProbe, probe_sage, probe_triton
 from .report import RunReport
-from ..flashvsr.config import SAGE_CHOICES
+from ..flashvsr.config import SAGE_CHOICES, SageAttention
 from .sage import HALF_DTYPES, DenseCall, run_sage, sage_refusal
 
 LOG = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class AttentionSession:
     def report(self) -> dict:
         out = self._report.as_dict()
         out["mode"] = self.mode
-        if self.mode == "enable":
+        if self.mode == SageAttention.ENABLE:
             out["sage"] = self.dispatcher.sage.describe()
         return out
 
@@ -130,7 +130,7 @@ class AttentionDispatcher:
             "flex": (self._flex_refusal, self._run_flex),
         }
 
-    def session(self, mode: str = "enable") -> AttentionSession:
+    def session(self, mode: str = SageAttention.ENABLE.value) -> AttentionSession:
         return AttentionSession(self, mode)
 
     @property
@@ -172,7 +172,7 @@ class AttentionDispatcher:
         if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
             raise ValueError(f"dense attention needs q (B, H, Lq, D) and k, v (B, H, Lk, D); got "
                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        if mode == "enable":
+        if mode == SageAttention.ENABLE:
             why = self._try_sage_reason(q, k, v)
             if why is None:
                 try:
@@ -311,7 +311,7 @@ class AttentionDispatcher:
         """Whether the Triton block-sparse backend runs its INT8-QK kernel for this mode and device
         (and ``dtype``, when given: by default only fp16/bf16 runs take it, as the Triton kernels
         refuse float32 and an int8 key cache would only add rounding there)."""
-        if mode != "enable":
+        if mode != SageAttention.ENABLE:
             return False
         if self.config.sparse_int8_with_sage is not None:
             return self.config.sparse_int8_with_sage

@@ -16,6 +16,7 @@ import torch
 
 from ..flashvsr.devices import resolve_device as _resolve_device
 from ..flashvsr.devices import resolve_precision, torch_dtype
+from ..flashvsr.config import SageAttention
 from .options import NodeSettings
 
 log = logging.getLogger(__name__)
@@ -157,7 +158,7 @@ def run_upscale(frames: torch.Tensor, settings: NodeSettings, *, cache: Pipeline
 def sage_not_used_reason(requested: str, attention_line: str,
                          sage_status: Callable[[], dict]) -> str | None:
     """Why SageAttention did not run although it was requested; None when it ran or was not asked."""
-    if requested != "enable" or "sage" in attention_line.lower():
+    if requested != SageAttention.ENABLE or "sage" in attention_line.lower():
         return None
     status = sage_status()
     if not status.get("installed"):
@@ -186,7 +187,7 @@ def enable_plan(device: str, dispatcher: Any = None) -> dict[str, str]:
                 "disable": disable, "sage": "none"}
     d.capability(dev)  # remembered, so the speed rule below knows this GPU
     sage = d.sage
-    int8 = d.uses_int8("enable", dev) and probe_triton().available
+    int8 = d.uses_int8(SageAttention.ENABLE.value, dev) and probe_triton().available
     dense = sage.available and (d.sage_slower_than_sdpa() is None or d.config.dense_sage_where_slower)
     name = f"SageAttention {sage.version or sage.flavour}" if sage.available else ""
     if int8 and dense:
