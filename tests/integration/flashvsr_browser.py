@@ -156,6 +156,16 @@ def chinese_names(run, page) -> dict:
         "(id) => app.graph.getNodeById(id).inputs.map(i => i.localized_name ?? i.label ?? null)", node)
     run.shot(page, "zh_01_advanced_node.png")
     node_shot(run, page, node, "zh_02_node.png")
+    # What applies: the fresh node is tiny with tile_size 0; then full, then VAE tiling on, then tiles.
+    hidden = "(id) => app.graph.getNodeById(id).widgets.filter(w => w.hidden).map(w => w.name)"
+    pick = """([id, name, v]) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === name);
+        w.value = v; w.callback?.(v); }"""
+    result["hidden"] = {"fresh": page.evaluate(hidden, node)}
+    for name, value in (("mode", "full"), ("vae_tiling", True), ("tile_size", 512)):
+        page.evaluate(pick, [node, name, value])
+        result["hidden"][f"{name}={value}"] = page.evaluate(hidden, node)
+    result["height"] = page.evaluate("(id) => app.graph.getNodeById(id).size[1]", node)
+    node_shot(run, page, node, "zh_03_node_full_tiled.png")
     return result
 
 

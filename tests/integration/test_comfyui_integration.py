@@ -209,6 +209,16 @@ def test_chinese_front_end_shows_the_nodes_chinese_names(server):
     assert result["locale"] == "zh" and result["title"] == zh["display_name"]
     assert result["widget_labels"]["tile_overlap"] == zh["inputs"]["tile_overlap"]["name"]
     assert result["input_labels"][0] == zh["inputs"]["frames"]["name"]
+    vae = ["vae_tiling", "vae_tile_height", "vae_tile_width", "vae_stride_height", "vae_stride_width"]
+    assert result["hidden"] == {"fresh": sorted_like(vae + ["tile_overlap"]),
+                                "mode=full": sorted_like(vae[1:] + ["tile_overlap"]),
+                                "vae_tiling=True": ["tile_overlap"], "tile_size=512": []}
+
+
+def sorted_like(names: list[str]) -> list[str]:
+    """``names`` in the node's widget order."""
+    order = [w.id for w in o.ADVANCED_INPUTS]
+    return sorted(names, key=order.index)
 
 
 def test_cancel_stops_within_a_chunk_and_the_cached_model_still_runs(server):
