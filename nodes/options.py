@@ -215,12 +215,6 @@ def device_choices() -> tuple[str, ...]:
     return BASE_DEVICES + tuple(d for d in existing_devices() if d not in BASE_DEVICES)
 
 
-# The inputs whose rules ComfyUI cannot check itself (its own check covers each input's min, max and
-# dropdown choices, and puts each message on its input). ComfyUI shows a string returned by
-# ``validate_inputs`` on every input of its signature, so the signature holds only these.
-CROSS_CHECKED = ("tile_size", "tile_overlap")
-
-
 def cross_field_problems(values: Mapping[str, Any]) -> dict[str, str]:
     """The rules that relate inputs, by the input each broken rule is about; None = linked, not known."""
     problems = {}

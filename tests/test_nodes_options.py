@@ -1,5 +1,6 @@
 """The node inputs as data: ids, order, tooltips, defaults, ranges and validation messages."""
 import dataclasses
+import pathlib
 
 import pytest
 
@@ -135,11 +136,18 @@ def test_each_cross_field_problem_is_keyed_by_the_input_it_is_about():
 def test_node_and_engine_share_one_tile_rule():
     from comfyui_flashvsr.flashvsr.config import tile_problems
     for size, overlap in ((512, 300), (300, 32), (512, 64), (0, 999)):
-        engine = UpscaleConfig.problems(dataclasses.replace(UpscaleConfig(), tile_size=0))  # valid base
-        assert engine == {}
         assert o.cross_field_problems({"tile_size": size, "tile_overlap": overlap}) == tile_problems(size, overlap)
-    with pytest.raises(ValueError, match=r"tile_overlap is 300; it must be less than half of tile_size \(512\)"):
+    assert UpscaleConfig(tile_size=512, tile_overlap=64).problems() == {}
+    with pytest.raises(ValueError, match=r"^tile_overlap is 300; it must be less than half of tile_size \(512\)"):
         UpscaleConfig(tile_size=512, tile_overlap=300)
+
+
+def test_the_advanced_validator_names_only_the_tile_inputs():
+    # ComfyUI shows the validator's text on every input in its signature and checks the others itself.
+    import ast
+    tree = ast.parse((pathlib.Path(o.__file__).parent / "advanced.py").read_text())
+    (fn,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "validate_inputs"]
+    assert [a.arg for a in fn.args.args] == ["cls", "tile_size", "tile_overlap"] and fn.args.kwarg is None
 
 
 def test_allowed_values_come_from_the_config_module():
