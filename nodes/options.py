@@ -85,13 +85,13 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
            "original v1. Each version is its own download into models/FlashVSR/<version>/.",
            default="v1.1", options=tuple(reversed(VERSIONS))),
     Widget("COMBO", "mode", "tiny: TCDecoder, fast. tiny-long: same output as tiny, flat VRAM for "
-           "long videos. full: Wan 2.1 VAE decoder, best quality, slowest, most VRAM.",
-           default="tiny", options=MODES),
+           "long videos. full: Wan 2.1 VAE decoder, best quality, slowest, most VRAM. Switching only "
+           "the mode keeps the DiT loaded.", default="tiny", options=MODES),
     _scale(0.1),
     Widget("COMBO", "sageattention", "enable: Sage-style quantised attention where it is faster: our "
            "INT8 block-sparse kernel on Hopper GPUs, SageAttention for the dense calls where it is "
            "installed, eligible and not slower than PyTorch (the node reports what ran and why). "
-           "disable: bf16 attention only. The badge on the node says whether the server has SageAttention.",
+           "disable: bf16 attention only. The badge above the node says what enable runs on this server.",
            default=SageAttention.ENABLE.value, options=SAGE_CHOICES),
     Widget("COMBO", "color_fix", "Match each output frame's colours to the input frame. adain: "
            "official (per-channel mean and std). wavelet: keeps the input's low frequencies; try it "
@@ -111,10 +111,10 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
            "Otherwise a multiple of 128, at least 256: lowers VRAM for very large outputs; tiles are "
            "blended, seams are possible.", default=_DEFAULTS.tile_size, min=0, max=8192, step=TILE_STEP),
     Widget("INT", "tile_overlap", "Overlap of neighbouring spatial tiles in output pixels; must be "
-           "less than half of tile_size. Ignored when tile_size is 0.",
+           "less than half of tile_size. Hidden while tile_size is 0.",
            default=_DEFAULTS.tile_overlap, min=0, max=4096, step=8),
     Widget("BOOLEAN", "vae_tiling", "full mode only: decode with the Wan VAE in overlapping tiles to "
-           "cut decoder VRAM (the official runs decode untiled). Ignored by tiny and tiny-long.",
+           "cut decoder VRAM (the official runs decode untiled). Hidden in tiny and tiny-long.",
            default=_DEFAULTS.vae_tiling, label_on="tiled", label_off="untiled"),
     Widget("INT", "vae_tile_height", "VAE tile height in output pixels (multiple of 8).",
            default=_DEFAULTS.vae_tile[0] * VAE_PIXELS_PER_LATENT, min=64, max=8192, step=8),
@@ -127,7 +127,7 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
            "the tile width.", default=_DEFAULTS.vae_stride[1] * VAE_PIXELS_PER_LATENT,
            min=8, max=8192, step=8),
     Widget("COMBO", "precision", "Compute dtype. auto: bf16 on GPUs that support it, else fp16; "
-           "fp32 on CPU. The official weights run in bf16.", default="auto", options=PRECISIONS),
+           "fp16 on MPS, fp32 on CPU. The official weights run in bf16.", default="auto", options=PRECISIONS),
     Widget("COMBO", "device", "auto: ComfyUI's device (honours --cpu, --cuda-device). Or pick one "
            "of the devices this server has.", default="auto", options=BASE_DEVICES, machine_options=True),
     Widget("BOOLEAN", "keep_model_loaded", "Keep the weights on the device for the next run "
