@@ -296,9 +296,10 @@ def add_parser(sub) -> None:
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
     p.add_argument("--version", default="v1.1", choices=config.VERSIONS)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cuda, "
+                                                     "cuda:1, mps, cpu")
+    p.add_argument("--precision", default="auto", choices=config.PRECISIONS,
+                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs and MPS, fp32 on CPU")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write JSON here")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=command)

@@ -11,6 +11,7 @@ from .. import config
 
 log = logging.getLogger(__name__)
 
+
 def default_models_roots() -> list[Path]:
     """``$FLASHVSR_MODELS`` if set, else ``~/.cache/flashvsr/models``."""
     env = os.environ.get("FLASHVSR_MODELS")
@@ -58,10 +59,11 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="enable: Sage-style quantised attention where it is faster (our INT8 block-sparse "
                         "kernel on Hopper; SageAttention for dense calls where installed, eligible and not "
                         "slower than SDPA); disable: bf16 attention only")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cuda, cuda:1, mps, cpu")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cuda, "
+                                                     "cuda:1, mps, cpu")
     p.add_argument("--precision", default="auto", choices=config.PRECISIONS,
                    help="compute dtype; auto: bf16 (the official setting) on GPUs that support it, "
-                        "fp16 on older GPUs, fp32 on CPU")
+                        "fp16 on older GPUs and MPS, fp32 on CPU")
     p.add_argument("--models", action="append", default=[], metavar="DIR",
                    help="models folder (repeatable; default $FLASHVSR_MODELS or "
                         "~/.cache/flashvsr/models; a ComfyUI models/FlashVSR folder works)")
