@@ -130,22 +130,27 @@ def template_run(run, page) -> dict:
     return result
 
 
-ZH_JS = """async () => {
-  await app.extensionManager.setting.set('Comfy.Locale', 'zh');
-}"""
+LOCALE_JS = "async (lang) => { await app.extensionManager.setting.set('Comfy.Locale', lang); }"
 
 
 def chinese_names(run, page) -> dict:
     """Front end in Chinese: a newly added Advanced node shows its Chinese name, inputs and widgets."""
     result = {"fallbacks": []}
     run.close_dialogs(page)
-    page.evaluate(ZH_JS)
+    page.evaluate(LOCALE_JS, "zh")   # a server-side user setting: put back below for the other tests
+    try:
+        return _chinese_names(run, page, result)
+    finally:
+        page.evaluate(LOCALE_JS, "en")
+
+
+def _chinese_names(run, page, result: dict) -> dict:
     page.reload(wait_until="domcontentloaded")
     page.wait_for_function("() => window.app && app.graph && window.LiteGraph", timeout=run.a.timeout * 1000)
     page.wait_for_timeout(2500)
     run.close_dialogs(page)
-    node = page.evaluate("""() => { const n = LiteGraph.createNode('FlashVSRBoltAdvanced'); n.pos = [200, 120];
-        app.graph.add(n); app.canvas.ds.offset = [-120, 40]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true);
+    node = page.evaluate("""() => { const n = LiteGraph.createNode('FlashVSRBoltAdvanced'); n.pos = [-800, 100];
+        app.graph.add(n); app.canvas.ds.offset = [860, 60]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true);
         return n.id; }""")
     page.wait_for_timeout(800)
     result["locale"] = page.evaluate("() => app.extensionManager.setting.get('Comfy.Locale')")
