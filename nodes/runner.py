@@ -183,8 +183,7 @@ def enable_plan(device: str, dispatcher: Any = None) -> dict[str, str]:
     d = dispatcher or AttentionDispatcher()
     disable = "sageattention off: PyTorch attention"
     if dev.type != "cuda":
-        return {"enable": f"{dev.type.upper()}: PyTorch attention (Sage kernels need a CUDA GPU)",
-                "disable": disable, "sage": "none"}
+        return {"enable": f"{dev.type.upper()}: PyTorch attention", "disable": disable, "sage": "none"}
     d.capability(dev)  # remembered, so the speed rule below knows this GPU
     sage = d.sage
     int8 = d.uses_int8(SageAttention.ENABLE.value, dev) and probe_triton().available

@@ -175,7 +175,7 @@ def test_a_failed_mode_switch_frees_the_pipeline_instead_of_keeping_it_half_swit
 def test_badge_says_enable_runs_pytorch_attention_on_the_cpu():
     from comfyui_flashvsr.nodes.runner import enable_plan
     plan = enable_plan("cpu")
-    assert plan["enable"] == "CPU: PyTorch attention (Sage kernels need a CUDA GPU)" and plan["sage"] == "none"
+    assert plan["enable"] == "CPU: PyTorch attention" and plan["sage"] == "none"
     assert plan["disable"] == "sageattention off: PyTorch attention"
 
 
