@@ -31,15 +31,15 @@ from .gathered import (GATHER_BUDGET_BYTES, gathered_attention, paged_attention,
                        varlen_refusal)
 from .probe import SageProbe, probe_sage, probe_triton
 from .report import RunReport
-from .sage import DenseCall, run_sage, sage_refusal
+from ..flashvsr.config import SAGE_CHOICES, SageAttention
+from .sage import HALF_DTYPES, DenseCall, run_sage, sage_refusal
 
 LOG = logging.getLogger(__name__)
-MODES = ("enable", "disable")
+MODES = SAGE_CHOICES  # the sageattention choices, defined once in flashvsr/config.py
 # "gather-varlen" and "gather" are one path with two kernels: a build without the flash varlen kernel
 # (it raises) then still gets the gathered path, not the reference.
 SPARSE_BACKENDS = ("fa4", "triton", "flex", "paged", "gather-varlen", "gather", "reference")
 PORTABLE_BACKENDS = ("gather", "reference")          # the ones that run on any device
-HALF_DTYPES = (torch.float16, torch.bfloat16)
 SLOWER_HERE = "SageAttention 1.x is slower than SDPA on Hopper GPUs (H100: 0.38x), so SDPA runs the dense calls"
 
 
@@ -115,7 +115,7 @@ class AttentionSession:
     def report(self) -> dict:
         out = self._report.as_dict()
         out["mode"] = self.mode
-        if self.mode == "enable":
+        if self.mode == SageAttention.ENABLE:
             out["sage"] = self.dispatcher.sage.describe()
         return out
 
@@ -145,7 +145,7 @@ class AttentionDispatcher:
             "gather": (lambda q, k, v, mode: None, self._run_gather),
         }
 
-    def session(self, mode: str = "enable") -> AttentionSession:
+    def session(self, mode: str = SageAttention.ENABLE.value) -> AttentionSession:
         return AttentionSession(self, mode)
 
     @property
@@ -199,7 +199,7 @@ class AttentionDispatcher:
         if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[-1] != k.shape[-1]:
             raise ValueError(f"dense attention needs q (B, H, Lq, D) and k, v (B, H, Lk, D); got "
                              f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-        if mode == "enable":
+        if mode == SageAttention.ENABLE:
             why = self._try_sage_reason(q, k, v)
             if why is None:
                 try:
@@ -341,7 +341,7 @@ class AttentionDispatcher:
         """Whether the Triton block-sparse backend runs its INT8-QK kernel for this mode and device
         (and ``dtype``, when given: by default only fp16/bf16 runs take it, as the Triton kernels
         refuse float32 and an int8 key cache would only add rounding there)."""
-        if mode != "enable":
+        if mode != SageAttention.ENABLE:
             return False
         if self.config.sparse_int8_with_sage is not None:
             return self.config.sparse_int8_with_sage

@@ -1,4 +1,7 @@
-"""Run and load options, as small frozen dataclasses passed explicitly."""
+"""Run and load options, as small frozen dataclasses passed explicitly, and every allowed value.
+
+This module imports nothing from the project, so every layer (attention, weights, engine, CLI,
+nodes) may read its tuples and rules."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,9 +9,9 @@ from enum import Enum
 
 
 class Mode(str, Enum):
-    FULL = "full"            # Wan 2.1 VAE decoder: best quality, slowest decode
     TINY = "tiny"            # TCDecoder
     TINY_LONG = "tiny-long"  # TCDecoder, every output chunk leaves the GPU at once: flat VRAM
+    FULL = "full"            # Wan 2.1 VAE decoder: best quality, slowest decode
 
     @classmethod
     def parse(cls, value: "str | Mode") -> "Mode":
@@ -30,8 +33,36 @@ class Version(str, Enum):
             raise ValueError(f"unknown weights version {value!r}: use 'v1' or 'v1.1'") from None
 
 
+class SageAttention(str, Enum):
+    ENABLE = "enable"    # Sage-style quantised attention where it is faster (the dispatcher decides per call)
+    DISABLE = "disable"  # bf16/fp16 attention only
+
+
+# Every allowed value is written here once; the nodes, the command line, bench and the weights
+# table read these tuples.
+MODES = tuple(m.value for m in Mode)
+VERSIONS = tuple(v.value for v in Version)
+SAGE_CHOICES = tuple(s.value for s in SageAttention)
 COLOR_FIXES = ("adain", "wavelet", "none")
 PREPROCESS_MODES = ("exact", "official")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+TILE_STEP = 128       # DiT tiles are whole 128-pixel blocks of the output
+TILE_MIN = 2 * TILE_STEP
+
+
+def tile_problems(tile_size: int, tile_overlap: int | None) -> dict[str, str]:
+    """The spatial tiling rules, by the field each broken rule is about (empty when they hold).
+
+    ``tile_overlap`` may be None (not known yet, e.g. a linked node input)."""
+    if not tile_size:
+        return {}
+    if tile_size < TILE_MIN or tile_size % TILE_STEP:
+        return {"tile_size": f"tile_size is {tile_size}; use 0 (off) or a multiple of {TILE_STEP} of at "
+                             f"least {TILE_MIN}, e.g. 512"}
+    if tile_overlap is not None and not 0 <= tile_overlap < tile_size // 2:
+        return {"tile_overlap": f"tile_overlap is {tile_overlap}; it must be less than half of tile_size "
+                                f"({tile_size}), i.e. at most {tile_size // 2 - 1}"}
+    return {}
 
 
 @dataclass(frozen=True)
@@ -47,7 +78,7 @@ class UpscaleConfig:
     local_range: int = 11
     color_fix: str = "adain"
     seed: int = 0
-    sageattention: str = "enable"
+    sageattention: str = SageAttention.ENABLE.value
     preprocess: str = "exact"     # "exact": N frames in, N out, exact size; "official": the drivers' crop/trim
     tile_size: int = 0            # spatial DiT tiling in output pixels (0 = off); multiple of 128
     tile_overlap: int = 128
@@ -59,21 +90,26 @@ class UpscaleConfig:
     overlap_decode: bool = True   # CUDA, Tiny/Full: projector and decoder on a second stream, beside the DiT
 
     def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ValueError("; ".join(problems.values()))
+
+    def problems(self) -> dict[str, str]:
+        """Every broken rule, keyed by the field it is about, so a caller (the Advanced node) can
+        show each message on its own input."""
+        out: dict[str, str] = {}
         if not 1.0 <= float(self.scale) <= 4.0:
-            raise ValueError(f"scale must be between 1 and 4, got {self.scale}")
+            out["scale"] = f"scale must be between 1 and 4, got {self.scale}"
         if self.sparse_ratio <= 0:
-            raise ValueError(f"sparse_ratio must be > 0, got {self.sparse_ratio}")
+            out["sparse_ratio"] = f"sparse_ratio must be > 0, got {self.sparse_ratio}"
         if self.kv_ratio < 1:
-            raise ValueError(f"kv_ratio must be >= 1 (cached groups of 2 latent frames), got {self.kv_ratio}")
+            out["kv_ratio"] = f"kv_ratio must be >= 1 (cached groups of 2 latent frames), got {self.kv_ratio}"
         if self.local_range < 1:
-            raise ValueError(f"local_range must be >= 1 block, got {self.local_range}")
+            out["local_range"] = f"local_range must be >= 1 block, got {self.local_range}"
         if self.color_fix not in COLOR_FIXES:
-            raise ValueError(f"color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}")
-        if self.sageattention not in ("enable", "disable"):
-            raise ValueError(f"sageattention must be 'enable' or 'disable', got {self.sageattention!r}")
+            out["color_fix"] = f"color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}"
+        if self.sageattention not in SAGE_CHOICES:
+            out["sageattention"] = f"sageattention must be one of {SAGE_CHOICES}, got {self.sageattention!r}"
         if self.preprocess not in PREPROCESS_MODES:
-            raise ValueError(f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}")
-        if self.tile_size and (self.tile_size < 256 or self.tile_size % 128):
-            raise ValueError(f"tile_size must be 0 (off) or a multiple of 128 that is >= 256, got {self.tile_size}")
-        if self.tile_size and not 0 <= self.tile_overlap < self.tile_size // 2:
-            raise ValueError(f"tile_overlap must be >= 0 and < tile_size/2, got {self.tile_overlap}")
+            out["preprocess"] = f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}"
+        return out | tile_problems(self.tile_size, self.tile_overlap)

@@ -18,6 +18,7 @@ import torch
 
 from ..attention import AttentionDispatcher
 from .config import Mode, UpscaleConfig, Version
+from .devices import resolve_device
 from .engine.stream import EngineModels, Tile, check_finite, run_stream, steady_period_ms
 from .engine.frames import FrameSource
 from .engine.host_copy import DeferredDownload
@@ -121,6 +122,32 @@ class FlashVSR:
         mode, device = Mode.parse(mode), _default_device(device)
         dit, projector, decoder, prompt = random_networks(mode, version, device, dtype, size, seed)
         return cls(dit, projector, decoder, prompt, mode, version, device, dtype)
+
+    def switch_mode(self, mode, roots: "str | pathlib.Path | Sequence" = (), download: bool = True) -> bool:
+        """Run ``mode`` from now on, keeping the DiT, projector and prompt; True if a decoder was loaded.
+
+        Modes differ only in the decoder: Tiny and Tiny-Long share the TCDecoder, so only a switch to
+        or from Full loads the other decoder (from ``roots``, like ``from_pretrained``) and drops this one.
+        """
+        from .engine.loader import build_tcdecoder, build_vae
+        from .weights.store import COMMON_PREFIXES, ensure_weights, read_state_dict
+        mode = Mode.parse(mode)
+        if (mode is Mode.FULL) == (self.mode is Mode.FULL):
+            self.mode = mode
+            return False
+        roots = [pathlib.Path(roots)] if isinstance(roots, (str, pathlib.Path)) else [pathlib.Path(r) for r in roots]
+        files = ensure_weights(roots, self.version.value, mode.value, download=download)
+        self.decoder, self._tc_layers = None, None          # free the old decoder before loading the new one
+        self._release()
+        if mode is Mode.FULL:
+            decoder = build_vae(read_state_dict(files.vae, role="vae"), self.device, self.dtype, str(files.vae))
+            if self.device.type == "cuda":
+                decoder.to_channels_last()
+        else:
+            sd = read_state_dict(files.tcdecoder, role="tcdecoder", strip_prefixes=COMMON_PREFIXES)
+            decoder = build_tcdecoder(sd, self.device, self.dtype, str(files.tcdecoder))
+        self.mode, self.decoder = mode, decoder
+        return True
 
     # ---- running ------------------------------------------------------------------------
     def _decoder_for(self, cfg: UpscaleConfig):
@@ -362,9 +389,8 @@ def _tuned(chunks: Iterator) -> Iterator:
 
 
 def _default_device(device) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    """``flashvsr.devices``' rule: auto is CUDA, else MPS, else CPU; a missing device is refused."""
+    return device if isinstance(device, torch.device) else torch.device(resolve_device(device, flag="device"))
 
 
 def _tiles(model_h: int, model_w: int, cfg: UpscaleConfig) -> list[Tile]:

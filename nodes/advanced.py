@@ -7,8 +7,8 @@ import torch
 from comfy_api.latest import io
 
 from . import comfy_glue
-from .options import (ADVANCED_INPUTS, CATEGORY, DISPLAY_ADVANCED, NODE_ID_ADVANCED, advanced_settings,
-                      problems_with)
+from .options import (CATEGORY, DISPLAY_ADVANCED, NODE_ID_ADVANCED, advanced_inputs, advanced_settings,
+                      cross_field_problems)
 from .schema import schema
 
 
@@ -16,23 +16,19 @@ class FlashVSRBoltAdvanced(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return schema(io, node_id=NODE_ID_ADVANCED, display_name=DISPLAY_ADVANCED, category=CATEGORY,
-                      inputs=ADVANCED_INPUTS, description=(
+                      inputs=advanced_inputs(), description=(
                           "FlashVSR video super-resolution with every option: weights version, "
                           "mode, SageAttention on/off, colour fix, sparse attention, spatial and VAE "
                           "tiling, precision, device, keeping the model loaded."))
 
     @classmethod
-    def validate_inputs(cls, scale=None, sparse_ratio=None, kv_ratio=None, local_range=None,
-                        tile_size=None, tile_overlap=None, vae_tile_height=None, vae_tile_width=None,
-                        vae_stride_height=None, vae_stride_width=None, seed=None) -> bool | str:
-        # Declaring these replaces ComfyUI's own min/max check for them with ours, which also
-        # checks the combinations; dropdowns keep ComfyUI's check (HTTP 400 value_not_in_list).
-        problems = problems_with(ADVANCED_INPUTS, {
-            "scale": scale, "sparse_ratio": sparse_ratio, "kv_ratio": kv_ratio,
-            "local_range": local_range, "tile_size": tile_size, "tile_overlap": tile_overlap,
-            "vae_tile_height": vae_tile_height, "vae_tile_width": vae_tile_width,
-            "vae_stride_height": vae_stride_height, "vae_stride_width": vae_stride_width, "seed": seed})
-        return "; ".join(problems) if problems else True
+    def validate_inputs(cls, tile_size=None, tile_overlap=None) -> bool | str:
+        # ComfyUI shows the returned text on every input named here, and checks every input not
+        # named here itself (min, max, dropdown choices), each on its own input. So only the two
+        # inputs of the one rule it cannot check are named; the VAE tile rules (multiples of 8,
+        # stride <= tile) are checked when the node runs, with a message naming the input.
+        problems = cross_field_problems({"tile_size": tile_size, "tile_overlap": tile_overlap})
+        return "; ".join(problems.values()) if problems else True
 
     @classmethod
     def execute(cls, frames: torch.Tensor, **values: Any) -> io.NodeOutput:

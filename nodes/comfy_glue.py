@@ -18,7 +18,7 @@ import folder_paths
 import torch
 
 from .options import MODELS_FOLDER, NodeSettings
-from .runner import PipelineCache, run_upscale
+from .runner import PipelineCache, enable_plan, run_upscale
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,36 @@ log = logging.getLogger(__name__)
 PIPELINES = PipelineCache()
 
 _CHAINED_MARK = "_flashvsr_releases_pipeline"
+
+
+SAMPLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "sample.mp4")
+SAMPLE_NAME = "flashvsr_sample.mp4"  # what the example workflows' Load Video nodes open
+
+
+def place_sample(input_dir: str | None = None, sample: str = SAMPLE) -> bool:
+    """Put the bundled sample clip into ComfyUI's input folder, so the example workflows run as
+    shipped; True if it was placed. A file of that name that is already there (the user's, or ours
+    from an earlier start) is never touched."""
+    target = os.path.join(input_dir or folder_paths.get_input_directory(), SAMPLE_NAME)
+    if os.path.exists(target):
+        return False
+    with open(sample, "rb") as src:
+        data = src.read()
+    try:
+        with open(target, "xb") as dst:  # exclusive: never replaces a file created meanwhile
+            try:
+                dst.write(data)
+            except BaseException:
+                dst.close()
+                os.remove(target)
+                raise
+    except FileExistsError:
+        return False
+    except OSError as err:  # a read-only input folder must not stop the pack from loading
+        log.warning("[FlashVSR] could not place the example clip %s: %s", target, err)
+        return False
+    log.info("[FlashVSR] placed the example workflows' clip at %s", target)
+    return True
 
 
 def register_models_folder() -> None:
@@ -112,7 +142,7 @@ def upscale(frames: torch.Tensor, settings: NodeSettings) -> tuple[torch.Tensor,
                               on_download=download_progress_and_cancel())
     finally:
         mm.soft_empty_cache()
-    for line in outcome.lines:
+    for line in outcome.lines[1:]:  # the first line (the run summary) the engine has logged already
         log.info("[FlashVSR] %s", line)
     out = outcome.frames.to(device=mm.intermediate_device(), dtype=mm.intermediate_dtype())
     return out, outcome.lines
@@ -133,8 +163,15 @@ def register_routes() -> None:
             status = {"installed": None, "version": None, "flavour": None,
                       "reason": f"probe failed: {type(err).__name__}: {err}"}
         loaded = PIPELINES.key
+        try:
+            badge = await asyncio.to_thread(enable_plan, str(mm.get_torch_device()))
+        except Exception as err:  # as above: the badge says it could not tell, the route stays up
+            log.warning("[FlashVSR] attention plan failed: %s", err)
+            badge = {"enable": "attention: unknown (see the server log)", "disable": "sageattention off",
+                     "sage": "none"}
         return web.json_response({
             "sageattention": status,
+            "badge": badge,
             "loaded": None if loaded is None else {
                 "version": loaded.version, "mode": loaded.mode,
                 "device": loaded.device, "dtype": loaded.dtype},

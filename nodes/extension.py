@@ -11,6 +11,7 @@ from .basic import FlashVSRBolt
 class FlashVSRExtension(ComfyExtension):
     async def on_load(self) -> None:
         comfy_glue.register_models_folder()
+        comfy_glue.place_sample()
         comfy_glue.release_with_comfy_unload()
         comfy_glue.register_routes()
 

@@ -8,10 +8,11 @@ appended, never reordered, renamed or removed.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from ..flashvsr.config import COLOR_FIXES, PREPROCESS_MODES, UpscaleConfig
+from ..flashvsr.config import (COLOR_FIXES, MODES, PRECISIONS, PREPROCESS_MODES, SAGE_CHOICES, TILE_STEP,
+                               VERSIONS, SageAttention, UpscaleConfig, tile_problems)
 
 NODE_ID_BASIC = "FlashVSRBolt"
 NODE_ID_ADVANCED = "FlashVSRBoltAdvanced"
@@ -19,15 +20,14 @@ DISPLAY_BASIC = "FlashVSR ⚡"
 DISPLAY_ADVANCED = "FlashVSR ⚡ Advanced"
 CATEGORY = "FlashVSR"
 MODELS_FOLDER = "FlashVSR"  # the folder_paths key and the folder name under ComfyUI/models
+# example_workflows/<title>.json: the front end titles a pack's templates by their file name.
+EXAMPLE_WORKFLOWS = {"basic": "FlashVSR upscale a video (Tiny, 4x)",
+                     "advanced": "FlashVSR Advanced, every option (Tiny-Long)"}
 
-VERSIONS = ("v1.1", "v1")
-MODES = ("tiny", "tiny-long", "full")
 PRESETS = {"Tiny": "tiny", "Tiny-Long": "tiny-long", "Full": "full"}
-SAGE_CHOICES = ("enable", "disable")
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-# A fixed list keeps workflows portable between machines: a device missing here is reported at run
-# time with the devices that do exist, instead of a workflow that fails validation on load.
-DEVICES = ("auto", "cpu", "mps") + tuple(f"cuda:{i}" for i in range(8))
+# The device dropdown lists what exists on the server (``device_choices``, asked when ComfyUI builds
+# the node list); these are the entries every machine has.
+BASE_DEVICES = ("auto", "cpu")
 SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF
 VAE_PIXELS_PER_LATENT = 8
 
@@ -49,6 +49,7 @@ class Widget:
     label_on: str | None = None
     label_off: str | None = None
     control_after_generate: str | None = None  # INT only: the front end's fixed/randomize switch
+    machine_options: bool = False  # COMBO whose options depend on the server (checked at run time)
 
 
 def _frames() -> Widget:
@@ -82,16 +83,16 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
     _frames(),
     Widget("COMBO", "version", "Weights: v1.1 (Nov 2025, more stable, fewer artifacts) or the "
            "original v1. Each version is its own download into models/FlashVSR/<version>/.",
-           default="v1.1", options=VERSIONS),
+           default="v1.1", options=tuple(reversed(VERSIONS))),
     Widget("COMBO", "mode", "tiny: TCDecoder, fast. tiny-long: same output as tiny, flat VRAM for "
-           "long videos. full: Wan 2.1 VAE decoder, best quality, slowest, most VRAM.",
-           default="tiny", options=MODES),
+           "long videos. full: Wan 2.1 VAE decoder, best quality, slowest, most VRAM. Switching only "
+           "the mode keeps the DiT loaded.", default="tiny", options=MODES),
     _scale(0.1),
     Widget("COMBO", "sageattention", "enable: Sage-style quantised attention where it is faster: our "
            "INT8 block-sparse kernel on Hopper GPUs, SageAttention for the dense calls where it is "
            "installed, eligible and not slower than PyTorch (the node reports what ran and why). "
-           "disable: bf16 attention only. The badge on the node says whether the server has SageAttention.",
-           default="enable", options=SAGE_CHOICES),
+           "disable: bf16 attention only. The badge above the node says what enable runs on this server.",
+           default=SageAttention.ENABLE.value, options=SAGE_CHOICES),
     Widget("COMBO", "color_fix", "Match each output frame's colours to the input frame. adain: "
            "official (per-channel mean and std). wavelet: keeps the input's low frequencies; try it "
            "when colours shift. none: raw model output.", default=_DEFAULTS.color_fix,
@@ -99,20 +100,21 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
     Widget("FLOAT", "sparse_ratio", "Sparse-attention budget: about sparse_ratio x 60 key blocks per "
            "query block. 2.0 official and most stable; 1.5 faster; higher is denser and slower.",
            default=_DEFAULTS.sparse_ratio, min=0.5, max=8.0, step=0.1),
-    Widget("FLOAT", "kv_ratio", "How many past 2-latent-frame groups the attention cache keeps "
-           "(integer part is used). 3 official; fewer = less VRAM, less temporal stability.",
-           default=_DEFAULTS.kv_ratio, min=1.0, max=8.0, step=1.0),
+    # An INT since only whole groups count; workflows saved with the former FLOAT (3.0) still load.
+    Widget("INT", "kv_ratio", "How many past 2-latent-frame groups the attention cache keeps. "
+           "3 official; fewer = less VRAM, less temporal stability.",
+           default=int(_DEFAULTS.kv_ratio), min=1, max=8, step=1),
     Widget("INT", "local_range", "Side of the local attention window in 128-token blocks. 11 "
            "official (more stable), 9 sharper details.", default=_DEFAULTS.local_range,
            min=1, max=63, step=2),
     Widget("INT", "tile_size", "Spatial tiling of the DiT in output pixels, 0 = off (best quality). "
            "Otherwise a multiple of 128, at least 256: lowers VRAM for very large outputs; tiles are "
-           "blended, seams are possible.", default=_DEFAULTS.tile_size, min=0, max=8192, step=128),
+           "blended, seams are possible.", default=_DEFAULTS.tile_size, min=0, max=8192, step=TILE_STEP),
     Widget("INT", "tile_overlap", "Overlap of neighbouring spatial tiles in output pixels; must be "
-           "less than half of tile_size. Ignored when tile_size is 0.",
+           "less than half of tile_size. Hidden while tile_size is 0.",
            default=_DEFAULTS.tile_overlap, min=0, max=4096, step=8),
     Widget("BOOLEAN", "vae_tiling", "full mode only: decode with the Wan VAE in overlapping tiles to "
-           "cut decoder VRAM (the official runs decode untiled). Ignored by tiny and tiny-long.",
+           "cut decoder VRAM (the official runs decode untiled). Hidden in tiny and tiny-long.",
            default=_DEFAULTS.vae_tiling, label_on="tiled", label_off="untiled"),
     Widget("INT", "vae_tile_height", "VAE tile height in output pixels (multiple of 8).",
            default=_DEFAULTS.vae_tile[0] * VAE_PIXELS_PER_LATENT, min=64, max=8192, step=8),
@@ -125,10 +127,9 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
            "the tile width.", default=_DEFAULTS.vae_stride[1] * VAE_PIXELS_PER_LATENT,
            min=8, max=8192, step=8),
     Widget("COMBO", "precision", "Compute dtype. auto: bf16 on GPUs that support it, else fp16; "
-           "fp32 on CPU. The official weights run in bf16.", default="auto", options=PRECISIONS),
-    Widget("COMBO", "device", "auto: ComfyUI's device (honours --cpu, --cuda-device). Or pick a "
-           "GPU; the run fails with the list of devices that exist if it is missing.",
-           default="auto", options=DEVICES),
+           "fp16 on MPS, fp32 on CPU. The official weights run in bf16.", default="auto", options=PRECISIONS),
+    Widget("COMBO", "device", "auto: ComfyUI's device (honours --cpu, --cuda-device). Or pick one "
+           "of the devices this server has.", default="auto", options=BASE_DEVICES, machine_options=True),
     Widget("BOOLEAN", "keep_model_loaded", "Keep the weights on the device for the next run "
            "(fast re-runs) or free them when this run ends. ComfyUI's 'Unload models' and "
            "'Free model and node cache' also free them.", default=True,
@@ -152,10 +153,10 @@ class NodeSettings:
     version: str = "v1.1"
     mode: str = "tiny"
     scale: float = _DEFAULTS.scale
-    sageattention: str = "enable"
+    sageattention: str = _DEFAULTS.sageattention
     color_fix: str = _DEFAULTS.color_fix
     sparse_ratio: float = _DEFAULTS.sparse_ratio
-    kv_ratio: float = _DEFAULTS.kv_ratio
+    kv_ratio: int = int(_DEFAULTS.kv_ratio)
     local_range: int = _DEFAULTS.local_range
     tile_size: int = _DEFAULTS.tile_size
     tile_overlap: int = _DEFAULTS.tile_overlap
@@ -180,7 +181,7 @@ class NodeSettings:
         px = VAE_PIXELS_PER_LATENT
         return UpscaleConfig(
             scale=float(self.scale), sparse_ratio=float(self.sparse_ratio),
-            kv_ratio=float(self.kv_ratio), local_range=int(self.local_range),
+            kv_ratio=float(int(self.kv_ratio)), local_range=int(self.local_range),
             color_fix=self.color_fix, seed=int(self.seed), sageattention=self.sageattention,
             preprocess=self.preprocess, compile=bool(self.compile), tile_size=int(self.tile_size),
             tile_overlap=int(self.tile_overlap), vae_tiling=bool(self.vae_tiling),
@@ -203,6 +204,34 @@ def advanced_settings(**values: Any) -> NodeSettings:
     return NodeSettings(**values)
 
 
+def advanced_inputs() -> tuple[Widget, ...]:
+    """``ADVANCED_INPUTS`` with the server's own devices in the ``device`` dropdown."""
+    return tuple(replace(w, options=device_choices()) if w.machine_options else w for w in ADVANCED_INPUTS)
+
+
+def device_choices() -> tuple[str, ...]:
+    from ..flashvsr.devices import existing_devices
+
+    return BASE_DEVICES + tuple(d for d in existing_devices() if d not in BASE_DEVICES)
+
+
+def cross_field_problems(values: Mapping[str, Any]) -> dict[str, str]:
+    """The rules that relate inputs, by the input each broken rule is about; None = linked, not known."""
+    problems = {}
+    tile = values.get("tile_size")
+    if tile is not None:
+        problems |= tile_problems(tile, values.get("tile_overlap"))
+    for axis in ("height", "width"):
+        size, stride = values.get(f"vae_tile_{axis}"), values.get(f"vae_stride_{axis}")
+        for name, v in ((f"vae_tile_{axis}", size), (f"vae_stride_{axis}", stride)):
+            if v is not None and v % VAE_PIXELS_PER_LATENT:
+                problems[name] = f"{name} is {v}; use a multiple of {VAE_PIXELS_PER_LATENT}"
+        if size is not None and stride is not None and stride > size and f"vae_stride_{axis}" not in problems:
+            problems[f"vae_stride_{axis}"] = (f"vae_stride_{axis} ({stride}) is larger than vae_tile_{axis} "
+                                              f"({size}), which would leave gaps; use a stride of at most the tile")
+    return problems
+
+
 def problems_with(spec: tuple[Widget, ...], values: Mapping[str, Any]) -> list[str]:
     """Every range, choice and cross-field problem in ``values``; None means "linked, not known yet".
 
@@ -212,34 +241,13 @@ def problems_with(spec: tuple[Widget, ...], values: Mapping[str, Any]) -> list[s
     problems = []
     for w in spec:
         value = values.get(w.id)
-        if value is None or w.kind == "IMAGE":
-            continue
+        if value is None or w.kind == "IMAGE" or w.machine_options:
+            continue  # the device is resolved (and a missing one named) when the node runs
         if w.kind == "COMBO" and value not in w.options:
             problems.append(f"{w.id} is {value!r}; choose one of {list(w.options)}")
         elif w.kind in ("INT", "FLOAT") and not w.min <= value <= w.max:
             problems.append(f"{w.id} is {value}; it must be between {_num(w.min)} and {_num(w.max)}")
-    return problems + _cross_field_problems(values)
-
-
-def _cross_field_problems(values: Mapping[str, Any]) -> list[str]:
-    problems = []
-    tile, overlap = values.get("tile_size"), values.get("tile_overlap")
-    if tile:
-        if tile < 256 or tile % 128:
-            problems.append(f"tile_size is {tile}; use 0 (no tiling) or a multiple of 128 of at "
-                            "least 256, e.g. 512")
-        elif overlap is not None and overlap >= tile // 2:
-            problems.append(f"tile_overlap is {overlap}; it must be less than half of tile_size "
-                            f"({tile}), i.e. at most {tile // 2 - 1}")
-    for axis in ("height", "width"):
-        size, stride = values.get(f"vae_tile_{axis}"), values.get(f"vae_stride_{axis}")
-        for name, v in ((f"vae_tile_{axis}", size), (f"vae_stride_{axis}", stride)):
-            if v is not None and v % VAE_PIXELS_PER_LATENT:
-                problems.append(f"{name} is {v}; use a multiple of {VAE_PIXELS_PER_LATENT}")
-        if size is not None and stride is not None and stride > size:
-            problems.append(f"vae_stride_{axis} ({stride}) is larger than vae_tile_{axis} ({size}), "
-                            "which would leave gaps; use a stride of at most the tile")
-    return problems
+    return problems + list(cross_field_problems(values).values())
 
 
 def _num(x: float) -> str:

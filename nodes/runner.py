@@ -9,16 +9,18 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
 import torch
 
+from ..flashvsr.devices import resolve_device as _resolve_device
+from ..flashvsr.devices import resolve_precision, torch_dtype
+from ..flashvsr.config import SageAttention
 from .options import NodeSettings
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 Progress = Callable[[int, int], None]
 # Gets a weights.download.DownloadStatus several times a second while weights download; may raise
 # to cancel (the download then leaves nothing behind and nothing stays loaded).
@@ -41,8 +43,13 @@ def load_pipeline(key: LoadKey, on_download: DownloadProgress | None = None) -> 
     from ..flashvsr.pipeline import FlashVSR  # the engine pulls in the networks: only on first use
 
     return FlashVSR.from_pretrained(list(key.roots), mode=key.mode, version=key.version,
-                                    device=key.device, dtype=DTYPES[key.dtype], download=True,
+                                    device=key.device, dtype=torch_dtype(key.dtype, key.device), download=True,
                                     progress=on_download)
+
+
+def switch_mode(pipe: Any, key: LoadKey) -> None:
+    """Point a loaded pipeline at ``key.mode``: only the decoder differs between modes."""
+    pipe.switch_mode(key.mode, list(key.roots), download=True)
 
 
 class PipelineCache:
@@ -52,8 +59,9 @@ class PipelineCache:
     "free memory" path, which other packs may trigger from elsewhere, hence the lock.
     """
 
-    def __init__(self, load: Callable[[LoadKey, DownloadProgress | None], Any] = load_pipeline) -> None:
-        self._load = load
+    def __init__(self, load: Callable[[LoadKey, DownloadProgress | None], Any] = load_pipeline,
+                 switch: Callable[[Any, LoadKey], None] = switch_mode) -> None:
+        self._load, self._switch = load, switch
         self._lock = threading.RLock()
         self._key: LoadKey | None = None
         self._pipe: Any = None
@@ -67,6 +75,16 @@ class PipelineCache:
         cancelled download) leaves nothing loaded."""
         with self._lock:
             if self._key == key:
+                return self._pipe, True
+            if self._key is not None and replace(self._key, mode=key.mode) == key:
+                log.info("[FlashVSR] switching the loaded %s from %s to %s (DiT and projector kept)",
+                         key.version, self._key.mode, key.mode)
+                try:
+                    self._switch(self._pipe, key)
+                except BaseException:
+                    self.release("switching the mode failed")   # nothing half-switched stays cached
+                    raise
+                self._key = key
                 return self._pipe, True
             self.release("different weights, device or precision requested")
             log.info("[FlashVSR] loading %s %s on %s (%s)", key.version, key.mode, key.device, key.dtype)
@@ -88,39 +106,10 @@ class PipelineCache:
 
 def resolve_device(choice: str, auto_device: str) -> str:
     """``auto`` means ComfyUI's device; an explicit device must exist on this machine."""
-    if choice == "auto":
-        return auto_device
-    if choice == "cpu":
-        return "cpu"
-    if choice == "mps":
-        if not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
-            raise ValueError(f"FlashVSR ⚡: device 'mps' is not available here; {_existing_devices()}")
-        return "mps"
-    index = int(choice.split(":", 1)[1])
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if index >= count:
-        raise ValueError(f"FlashVSR ⚡: device {choice!r} does not exist; {_existing_devices()}")
-    return choice
-
-
-def _existing_devices() -> str:
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    found = ["cpu"] + [f"cuda:{i}" for i in range(count)]
-    if hasattr(torch.backends, "mps") and torch.backends.mps.is_available():
-        found.append("mps")
-    return f"devices on this machine: {', '.join(found)} (or choose 'auto')"
-
-
-def resolve_precision(choice: str, device: str) -> str:
-    """``auto``: bf16 (the official dtype) where the GPU has it, fp16 on older GPUs and MPS, fp32 on CPU."""
-    if choice != "auto":
-        return choice
-    if device.startswith("cuda"):
-        index = int(device.split(":", 1)[1]) if ":" in device else torch.cuda.current_device()
-        return "bf16" if torch.cuda.get_device_capability(index)[0] >= 8 else "fp16"
-    if device.startswith("mps"):
-        return "fp16"
-    return "fp32"
+    try:
+        return _resolve_device(choice, auto=auto_device, flag="device")
+    except ValueError as err:
+        raise ValueError(f"FlashVSR ⚡: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -180,7 +169,7 @@ def run_upscale(frames: torch.Tensor, settings: NodeSettings, *, cache: Pipeline
 def sage_not_used_reason(requested: str, attention_line: str,
                          sage_status: Callable[[], dict]) -> str | None:
     """Why SageAttention did not run although it was requested; None when it ran or was not asked."""
-    if requested != "enable" or "sage" in attention_line.lower():
+    if requested != SageAttention.ENABLE or "sage" in attention_line.lower():
         return None
     status = sage_status()
     if not status.get("installed"):
@@ -190,3 +179,35 @@ def sage_not_used_reason(requested: str, attention_line: str,
             f"({status.get('version') or 'unknown version'}) but no attention call here was eligible "
             "(it needs a CUDA GPU and fp16/bf16); see the server log")
 
+
+
+def enable_plan(device: str, dispatcher: Any = None) -> dict[str, str]:
+    """What ``sageattention`` will run on ``device`` (a resolved device), as the badge says it.
+
+    ``enable`` is more than the SageAttention package: on Hopper it also runs our INT8 block-sparse
+    Triton kernel, which needs only triton. The dispatcher answers, so the badge and the run agree.
+    """
+    from ..attention import AttentionDispatcher
+    from ..attention.probe import probe_triton
+
+    dev = torch.device(device)
+    d = dispatcher or AttentionDispatcher()
+    disable = "sageattention off: PyTorch attention"
+    if dev.type != "cuda":
+        return {"enable": f"{dev.type.upper()}: PyTorch attention", "disable": disable, "sage": "none"}
+    d.capability(dev)  # remembered, so the speed rule below knows this GPU
+    sage = d.sage
+    int8 = d.uses_int8(SageAttention.ENABLE.value, dev) and probe_triton().available
+    dense = sage.available and (d.sage_slower_than_sdpa() is None or d.config.dense_sage_where_slower)
+    name = f"SageAttention {sage.version or sage.flavour}" if sage.available else ""
+    if int8 and dense:
+        text = f"⚡ INT8 sparse kernel + {name}"
+    elif int8:
+        text = "⚡ INT8 sparse kernel; dense: PyTorch" + ("" if sage.available else " (SageAttention not installed)")
+    elif dense:
+        text = f"⚡ {name} for dense attention; sparse: PyTorch"
+    else:
+        text = "PyTorch attention: " + ("SageAttention not installed" if not sage.available
+                                        else "no Sage kernel is faster on this GPU")
+    return {"enable": text, "disable": disable, "sage": "full" if int8 and dense else
+            "partial" if int8 or dense else "none"}

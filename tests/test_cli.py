@@ -170,7 +170,7 @@ def test_weight_errors_are_reported_without_traceback(tmp_path, monkeypatch, cap
 
 def test_invalid_tiling_is_rejected_with_the_config_message(tmp_path, fake_loader, caplog):
     assert cli.main(["upscale", str(SAMPLE), str(tmp_path / "o.mp4"), "--tile-size", "100"]) == 2
-    assert "tile_size must be 0 (off) or a multiple of 128" in caplog.text
+    assert "tile_size is 100; use 0 (off) or a multiple of 128" in caplog.text
     assert fake_loader == []
 
 

@@ -167,3 +167,23 @@ def test_a_first_use_download_moves_the_bar_per_file_logs_and_stops_on_cancel(gl
     assert glue.module.PIPELINES.key is None   # nothing half-loaded
     logged = [r.getMessage() for r in caplog.records if "downloading" in r.getMessage()]
     assert logged == ["[FlashVSR] downloading dit.safetensors (1/2): 0 B of 31.46 MB (0%), 0 B/s"]
+
+
+def test_sample_clip_is_placed_for_the_example_workflows_and_a_users_file_is_never_replaced(glue, tmp_path):
+    inputs = tmp_path / "input"
+    inputs.mkdir()
+    assert glue.module.place_sample(str(inputs))
+    placed = inputs / glue.module.SAMPLE_NAME
+    assert placed.read_bytes() == open(glue.module.SAMPLE, "rb").read()
+    placed.write_bytes(b"the user's own clip")
+    assert not glue.module.place_sample(str(inputs))
+    assert placed.read_bytes() == b"the user's own clip"
+
+
+def test_the_run_summary_is_logged_once_per_run(glue, caplog):
+    import logging
+    caplog.set_level(logging.INFO)
+    glue.module.upscale(torch.rand(2, 8, 8, 3), NodeSettings(scale=2.0))
+    ours = [r.getMessage() for r in caplog.records if r.name.endswith("comfy_glue")]
+    assert not any("frames in" in m for m in ours)  # the engine logs the summary; the glue logs the rest
+    assert any("x2: 2x8x8 -> 2x16x16 frames" in m for m in ours)

@@ -1,5 +1,6 @@
 """The node inputs as data: ids, order, tooltips, defaults, ranges and validation messages."""
 import dataclasses
+import pathlib
 
 import pytest
 
@@ -90,7 +91,7 @@ def test_linked_inputs_are_left_to_run_time():
 def test_tile_size_must_be_off_or_a_multiple_of_128_from_256():
     assert o.problems_with(o.ADVANCED_INPUTS, {"tile_size": 512, "tile_overlap": 64}) == []
     [msg] = o.problems_with(o.ADVANCED_INPUTS, {"tile_size": 300, "tile_overlap": 32})
-    assert msg.startswith("tile_size is 300; use 0 (no tiling) or a multiple of 128")
+    assert msg.startswith("tile_size is 300; use 0 (off) or a multiple of 128")
 
 
 def test_tile_overlap_must_be_less_than_half_the_tile():
@@ -122,3 +123,57 @@ def test_invalid_settings_raise_every_problem_at_once():
 def test_advanced_settings_rejects_inputs_it_does_not_know():
     with pytest.raises(TypeError, match=r"unknown inputs \['turbo'\]"):
         o.advanced_settings(turbo=True)
+
+
+def test_each_cross_field_problem_is_keyed_by_the_input_it_is_about():
+    assert o.cross_field_problems({"tile_size": 512, "tile_overlap": 300}) == {
+        "tile_overlap": "tile_overlap is 300; it must be less than half of tile_size (512), i.e. at most 255"}
+    assert list(o.cross_field_problems({"tile_size": 300, "tile_overlap": 32})) == ["tile_size"]
+    assert list(o.cross_field_problems({"vae_tile_width": 480, "vae_stride_width": 520})) == ["vae_stride_width"]
+    assert list(o.cross_field_problems({"vae_tile_height": 484})) == ["vae_tile_height"]
+
+
+def test_node_and_engine_share_one_tile_rule():
+    from comfyui_flashvsr.flashvsr.config import tile_problems
+    for size, overlap in ((512, 300), (300, 32), (512, 64), (0, 999)):
+        assert o.cross_field_problems({"tile_size": size, "tile_overlap": overlap}) == tile_problems(size, overlap)
+    assert UpscaleConfig(tile_size=512, tile_overlap=64).problems() == {}
+    with pytest.raises(ValueError, match=r"^tile_overlap is 300; it must be less than half of tile_size \(512\)"):
+        UpscaleConfig(tile_size=512, tile_overlap=300)
+
+
+def test_the_advanced_validator_names_only_the_tile_inputs():
+    # ComfyUI shows the validator's text on every input in its signature and checks the others itself.
+    import ast
+    tree = ast.parse((pathlib.Path(o.__file__).parent / "advanced.py").read_text())
+    (fn,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "validate_inputs"]
+    assert [a.arg for a in fn.args.args] == ["cls", "tile_size", "tile_overlap"] and fn.args.kwarg is None
+
+
+def test_allowed_values_come_from_the_config_module():
+    from comfyui_flashvsr.flashvsr import config
+    widgets = {w.id: w for w in o.ADVANCED_INPUTS}
+    assert set(widgets["mode"].options) == set(config.MODES)
+    assert set(widgets["version"].options) == set(config.VERSIONS)
+    assert widgets["sageattention"].options == config.SAGE_CHOICES
+    assert widgets["precision"].options == config.PRECISIONS
+    assert widgets["tile_size"].step == config.TILE_STEP
+
+
+def test_kv_ratio_is_a_whole_number_and_a_saved_float_still_loads():
+    (kv,) = [w for w in o.ADVANCED_INPUTS if w.id == "kv_ratio"]
+    assert (kv.kind, kv.default, kv.step) == ("INT", 3, 1)
+    assert o.NodeSettings(kv_ratio=3.0).upscale_config().kv_ratio == 3.0  # a workflow saved before
+
+
+def test_device_dropdown_lists_only_devices_this_machine_has(monkeypatch):
+    from comfyui_flashvsr.flashvsr import devices
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(devices, "_mps_available", lambda: False)
+    (dev,) = [w for w in o.advanced_inputs() if w.id == "device"]
+    assert dev.options == ("auto", "cpu")
+    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)
+    (dev,) = [w for w in o.advanced_inputs() if w.id == "device"]
+    assert dev.options == ("auto", "cpu", "cuda:0", "cuda:1")
+    # the widget order saved workflows rely on is unchanged
+    assert [w.id for w in o.advanced_inputs()] == ADVANCED_ORDER

@@ -58,7 +58,7 @@ def test_web_extension_handles_both_nodes_and_asks_the_info_route():
 
 
 def _workflow(name):
-    return json.loads((ROOT / "example_workflows" / f"{name}.json").read_text())
+    return json.loads((ROOT / "example_workflows" / f"{o.EXAMPLE_WORKFLOWS[name]}.json").read_text())
 
 
 def _flashvsr_values(spec, widgets_values):
@@ -100,5 +100,35 @@ def test_example_workflow_is_core_video_nodes_around_flashvsr(name, node_id, spe
 
 @pytest.mark.parametrize("name", ["basic", "advanced"])
 def test_example_workflow_has_a_jpeg_thumbnail_of_the_same_name(name):
-    data = (ROOT / "example_workflows" / f"{name}.jpg").read_bytes()
+    data = (ROOT / "example_workflows" / f"{o.EXAMPLE_WORKFLOWS[name]}.jpg").read_bytes()
     assert data[:3] == b"\xff\xd8\xff" and len(data) > 10_000
+
+
+def _locale(lang):
+    return json.loads((ROOT / "locales" / lang / "nodeDefs.json").read_text(encoding="utf-8"))
+
+
+def test_english_locale_is_the_nodes_own_names_and_tooltips():
+    en = _locale("en")
+    for node_id, display, spec in ((o.NODE_ID_BASIC, o.DISPLAY_BASIC, o.BASIC_INPUTS),
+                                   (o.NODE_ID_ADVANCED, o.DISPLAY_ADVANCED, o.ADVANCED_INPUTS)):
+        assert en[node_id]["display_name"] == display
+        assert en[node_id]["inputs"] == {w.id: {"name": w.id, "tooltip": w.tooltip} for w in spec}
+
+
+def test_chinese_locale_translates_every_node_input_and_output():
+    zh, en = _locale("zh"), _locale("en")
+    assert set(zh) == set(en)
+    for node_id, node in zh.items():
+        assert node["display_name"] != en[node_id]["display_name"] and node["description"]
+        assert list(node["inputs"]) == list(en[node_id]["inputs"])
+        for name, entry in node["inputs"].items():
+            assert entry["name"] and entry["tooltip"] != en[node_id]["inputs"][name]["tooltip"], name
+            assert any("\u4e00" <= ch <= "\u9fff" for ch in entry["tooltip"]), name
+        assert node["outputs"]["0"]["name"]
+
+
+def test_readme_links_the_chinese_guide_with_quickstart_and_sageattention():
+    zh = (ROOT / "README.zh.md").read_text(encoding="utf-8")
+    assert "(README.zh.md)" in (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "## 快速开始" in zh and "## SageAttention（可选）" in zh and "scripts/quickstart.sh" in zh

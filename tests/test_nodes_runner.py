@@ -105,7 +105,8 @@ def test_auto_device_is_comfyuis_and_a_missing_gpu_is_named_with_the_alternative
     assert resolve_device("auto", "cuda:0") == "cuda:0"
     assert resolve_device("cpu", "cuda:0") == "cpu"
     if not torch.cuda.is_available():
-        with pytest.raises(ValueError, match=r"device 'cuda:1' does not exist; devices on this machine: cpu"):
+        with pytest.raises(ValueError, match=r"FlashVSR ⚡: device cuda:1: no CUDA GPU is visible \(.*\); "
+                                             r"use device cpu"):
             resolve_device("cuda:1", "cpu")
 
 
@@ -141,3 +142,51 @@ def test_frames_that_are_not_an_image_batch_are_refused_before_loading(models, c
     with pytest.raises(ValueError, match=r"needs video frames as an IMAGE batch .* got \(8, 8, 3\)"):
         _run(torch.rand(8, 8, 3), NodeSettings(scale=2.0), cache, models)
     assert loads == []
+
+
+def test_switching_only_the_mode_keeps_the_dit_and_projector(models, counting_cache):
+    cache, loads = counting_cache
+    frames = torch.rand(3, 16, 16, 3)
+    _run(frames, basic_settings("Tiny", 2.0, 0), cache, models)
+    pipe, _ = cache.get(cache.key)
+    dit, projector, tc = pipe.dit, pipe.projector, pipe.decoder
+    long_run = _run(frames, basic_settings("Tiny-Long", 2.0, 0), cache, models)
+    assert pipe.decoder is tc and pipe.mode.value == "tiny-long"          # same TCDecoder
+    assert "weights: already loaded" in long_run.lines
+    full = _run(frames, basic_settings("Full", 2.0, 0), cache, models)
+    assert len(loads) == 1 and cache.key.mode == "full"                    # no second full load
+    assert pipe.dit is dit and pipe.projector is projector and pipe.decoder is not tc
+    assert full.frames.shape == (3, 32, 32, 3)
+    assert _run(frames, basic_settings("Tiny", 2.0, 0), cache, models).frames.shape == (3, 32, 32, 3)
+    assert len(loads) == 1 and pipe.dit is dit
+
+
+def test_a_failed_mode_switch_frees_the_pipeline_instead_of_keeping_it_half_switched():
+    def broken_switch(pipe, key):
+        raise RuntimeError("disk full")
+
+    cache = PipelineCache(Loaded, broken_switch)
+    first, _ = cache.get(LoadKey(("m",), "v1.1", "tiny", "cpu", "fp32"))
+    with pytest.raises(RuntimeError, match="disk full"):
+        cache.get(LoadKey(("m",), "v1.1", "full", "cpu", "fp32"))
+    assert first.unloaded and cache.key is None
+
+
+def test_badge_says_enable_runs_pytorch_attention_on_the_cpu():
+    from comfyui_flashvsr.nodes.runner import enable_plan
+    plan = enable_plan("cpu")
+    assert plan["enable"] == "CPU: PyTorch attention" and plan["sage"] == "none"
+    assert plan["disable"] == "sageattention off: PyTorch attention"
+
+
+def test_badge_says_our_int8_kernel_runs_on_hopper_without_the_sageattention_package(monkeypatch):
+    from comfyui_flashvsr.attention import AttentionDispatcher, probe
+    from comfyui_flashvsr.nodes.runner import enable_plan
+    missing = probe.SageProbe(available=False, flavour=None, version=None, reason="No module named 'sageattention'")
+    d = AttentionDispatcher(sage=missing)
+    monkeypatch.setattr(d, "capability", lambda device: (9, 0))
+    monkeypatch.setattr(probe, "probe_triton", lambda: probe.TritonProbe(True, "3.5", None))
+    plan = enable_plan("cuda:0", dispatcher=d)
+    assert plan["enable"] == "⚡ INT8 sparse kernel; dense: PyTorch (SageAttention not installed)"
+    monkeypatch.setattr(d, "capability", lambda device: (8, 9))
+    assert enable_plan("cuda:0", dispatcher=d)["enable"] == "PyTorch attention: SageAttention not installed"

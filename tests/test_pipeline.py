@@ -137,7 +137,7 @@ def test_bad_frames_get_a_clear_error(tiny, bad, message):
 def test_bad_options_get_a_clear_error():
     with pytest.raises(ValueError, match="scale must be between 1 and 4"):
         UpscaleConfig(scale=5)
-    with pytest.raises(ValueError, match="tile_size must be 0"):
+    with pytest.raises(ValueError, match="tile_size is 200; use 0 .off. or a multiple of 128"):
         UpscaleConfig(tile_size=200)
     with pytest.raises(ValueError, match="color_fix"):
         UpscaleConfig(color_fix="lab")

@@ -1,8 +1,12 @@
 // FlashVSR ⚡ front-end extension (served at /extensions/<pack folder>/flashvsr.js).
-// 1. A badge above both FlashVSR nodes says whether the server has SageAttention
-//    (GET /api/flashvsr/info), so the `sageattention` dropdown is chosen knowingly.
+// 1. A badge above both FlashVSR nodes says what `sageattention` will run on the server's GPU
+//    (GET /api/flashvsr/info: our INT8 kernel, SageAttention, or PyTorch attention).
 // 2. After a run, the node shows the report its execute() returned as ui.text: attention
-//    backends that ran (and why sage did not), frames, time, fps, peak VRAM.
+//    backends that ran (and why sage did not), frames, time, fps, peak VRAM. The report is kept
+//    in the node's properties, so a run that ComfyUI serves from its cache still shows it.
+// 3. The Advanced node shows only the widgets that apply: the VAE tiling widgets in `full` mode
+//    (their sizes only with vae_tiling on), tile_overlap only while tile_size is not 0. Hidden
+//    widgets keep their values, so saved workflows keep every value in its place.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -12,33 +16,71 @@ const FONT = "12px sans-serif";
 const PAD = 6;
 
 let sageInfo = null; // {installed, version, flavour, reason} once the route answered
+let plan = null; // {enable, disable, sage}: what each sageattention choice runs on this server
 
 async function loadInfo() {
   try {
     const res = await api.fetchApi("/flashvsr/info");
     if (!res.ok) throw new Error(`HTTP ${res.status}`);
-    sageInfo = (await res.json()).sageattention;
+    const info = await res.json();
+    sageInfo = info.sageattention;
+    plan = info.badge ?? null;
   } catch (err) {
     sageInfo = { installed: null, reason: `could not ask the server: ${err}` };
   }
   window.__flashvsrSage = sageInfo; // read by the integration test
+  window.__flashvsrPlan = plan;
   app.graph?.setDirtyCanvas(true, true);
 }
 
 function badge(node) {
   const sage = node.widgets?.find((w) => w.name === "sageattention");
   const wanted = sage ? sage.value === "enable" : true; // the basic node always asks for sage
-  if (!sageInfo) return { text: "SageAttention: checking…", color: "#555" };
-  if (sageInfo.installed === null) return { text: "SageAttention: unknown", color: "#555" };
-  if (sageInfo.installed) {
-    const v = sageInfo.version ? ` ${sageInfo.version}` : "";
-    return wanted
-      ? { text: `⚡ SageAttention${v} installed`, color: "#2e7d32" }
-      : { text: `SageAttention${v} installed, off here`, color: "#555" };
+  if (!sageInfo) return { text: "attention: checking…", color: "#555" };
+  if (!plan) return { text: "attention: unknown", color: "#555" };
+  if (!wanted) return { text: plan.disable, color: "#555" };
+  const color = { full: "#2e7d32", partial: "#2e7d32", none: "#9a6700" }[plan.sage] ?? "#555";
+  return { text: plan.enable, color };
+}
+
+// Which Advanced widgets apply to the current choices (the others are hidden, not removed).
+const VAE_SIZES = ["vae_tile_height", "vae_tile_width", "vae_stride_height", "vae_stride_width"];
+
+function applies(node, name) {
+  const value = (n) => node.widgets?.find((w) => w.name === n)?.value;
+  if (name === "vae_tiling") return value("mode") === "full";
+  if (VAE_SIZES.includes(name)) return value("mode") === "full" && !!value("vae_tiling");
+  if (name === "tile_overlap") return Number(value("tile_size")) !== 0;
+  return true;
+}
+
+function showWhatApplies(node) {
+  let changed = false;
+  for (const w of node.widgets ?? []) {
+    const hidden = !applies(node, w.name);
+    if (!!w.hidden !== hidden) {
+      w.hidden = hidden;
+      changed = true;
+    }
   }
-  return wanted
-    ? { text: "SageAttention not installed: PyTorch attention", color: "#9a6700" }
-    : { text: "SageAttention not installed", color: "#555" };
+  if (changed) {
+    node.setSize([node.size[0], node.computeSize()[1]]);
+    node.setDirtyCanvas?.(true, true);
+  }
+}
+
+function watchWidgets(node) {
+  for (const name of ["mode", "vae_tiling", "tile_size"]) {
+    const w = node.widgets?.find((x) => x.name === name);
+    if (!w) continue;
+    const callback = w.callback;
+    w.callback = function () {
+      const r = callback?.apply(this, arguments);
+      showWhatApplies(node);
+      return r;
+    };
+  }
+  showWhatApplies(node);
 }
 
 // The front end draws its own badges (pack name, node id) in the same row above the title,
@@ -114,6 +156,17 @@ function drawReport(node, ctx) {
 app.registerExtension({
   name: "flashvsr.bolt",
   async setup() {
+    // A fully cached run sends no "executed" for our node: show the report the node already
+    // keeps (from the run whose result ComfyUI reuses), marked as such.
+    api.addEventListener("execution_cached", ({ detail }) => {
+      for (const id of detail?.nodes ?? []) {
+        const node = app.graph?.getNodeById(id);
+        const kept = node?.properties?.flashvsr_report;
+        if (!NODE_IDS.has(node?.comfyClass ?? node?.type) || !kept?.length) continue;
+        node.flashvsrReport = [...kept, "(result reused from ComfyUI's cache)"];
+        node.setDirtyCanvas(true, true);
+      }
+    });
     await loadInfo();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
@@ -131,7 +184,26 @@ app.registerExtension({
     nodeType.prototype.onExecuted = function (message) {
       onExecuted?.apply(this, arguments);
       this.flashvsrReport = message?.text ?? [];
+      this.properties = this.properties ?? {};
+      this.properties.flashvsr_report = this.flashvsrReport;
       this.setDirtyCanvas(true, true);
     };
+
+    const onConfigure = nodeType.prototype.onConfigure;
+    nodeType.prototype.onConfigure = function () {
+      const r = onConfigure?.apply(this, arguments);
+      if (this.properties?.flashvsr_report?.length) this.flashvsrReport = this.properties.flashvsr_report;
+      if (nodeData.name === "FlashVSRBoltAdvanced") showWhatApplies(this);
+      return r;
+    };
+
+    if (nodeData.name === "FlashVSRBoltAdvanced") {
+      const onNodeCreated = nodeType.prototype.onNodeCreated;
+      nodeType.prototype.onNodeCreated = function () {
+        const r = onNodeCreated?.apply(this, arguments);
+        watchWidgets(this);
+        return r;
+      };
+    }
   },
 });

@@ -306,9 +306,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="speed/memory benchmark on random weights",
                        description="Time every mode x sageattention setting on randomly initialised "
                                    f"networks ({LABEL_RANDOM}). Prints a table; --json writes one.")
-    modes = tuple(m.value for m in config.Mode)
+    modes = config.MODES
     p.add_argument("--modes", type=csv_choices(modes), default=modes, help="comma list (default: all)")
-    p.add_argument("--sage", type=csv_choices(("enable", "disable")), default=("enable", "disable"),
+    p.add_argument("--sage", type=csv_choices(config.SAGE_CHOICES), default=config.SAGE_CHOICES,
                    help="sageattention settings to compare (default: enable,disable)")
     p.add_argument("--size", type=pixels, default=(768, 1408), help="OUTPUT size HxW (768x1408)")
     p.add_argument("--scale", type=float, default=4.0,
@@ -326,9 +326,10 @@ def add_parser(sub) -> None:
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
     add_weights_argument(p)
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cuda, "
+                                                     "cuda:1, mps, cpu")
+    p.add_argument("--precision", default="auto", choices=config.PRECISIONS,
+                   help="auto: bf16 on GPUs that support it, fp16 on older GPUs and MPS, fp32 on CPU")
     p.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write JSON here")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.set_defaults(func=command)

@@ -12,8 +12,6 @@ from .. import config
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
-
 
 def default_models_roots() -> list[Path]:
     """``$FLASHVSR_MODELS`` if set, else ``~/.cache/flashvsr/models``."""
@@ -22,24 +20,19 @@ def default_models_roots() -> list[Path]:
 
 
 def resolve_device(name: str) -> str:
-    import torch
-    if name != "auto":
-        return name
-    if torch.cuda.is_available():
-        return "cuda"
-    log.warning("no CUDA GPU found: running on the CPU, which is far too slow for real videos "
-                "(run `flashvsr doctor` to see why CUDA is unavailable)")
-    return "cpu"
+    """``--device`` -> a torch device string (see ``flashvsr.devices``); warns when auto means the CPU."""
+    from ..devices import resolve_device as resolve
+    device = resolve(name, flag="--device")
+    if name == "auto" and device == "cpu":
+        log.warning("no CUDA GPU found: running on the CPU, which is far too slow for real videos "
+                    "(run `flashvsr doctor` to see why CUDA is unavailable)")
+    return device
 
 
 def torch_dtype(precision: str, device: str):
-    """``auto``: bf16 (the official setting) on GPUs that have it, fp16 on older GPUs, fp32 on CPU."""
-    import torch
-    if precision == "auto":
-        if not device.startswith("cuda"):
-            return torch.float32
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+    """``--precision`` for ``device``: one rule for the CLI, the nodes and the pipeline."""
+    from ..devices import torch_dtype as dtype_for
+    return dtype_for(precision, device)
 
 
 def pixels(text: str) -> tuple[int, int]:
@@ -82,14 +75,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``upscale`` and ``bench``: which engine, on what."""
     d = config.UpscaleConfig()
     add_weights_argument(p)
-    p.add_argument("--sageattention", default=d.sageattention, choices=("enable", "disable"),
+    p.add_argument("--sageattention", default=d.sageattention, choices=config.SAGE_CHOICES,
                    help="enable: Sage-style quantised attention where it is faster (our INT8 block-sparse "
                         "kernel on Hopper; SageAttention for dense calls where installed, eligible and not "
                         "slower than SDPA); disable: bf16 attention only")
-    p.add_argument("--device", default="auto", help="auto (CUDA if available), cuda, cuda:1, cpu")
-    p.add_argument("--precision", default="auto", choices=PRECISIONS,
+    p.add_argument("--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cuda, "
+                                                     "cuda:1, mps, cpu")
+    p.add_argument("--precision", default="auto", choices=config.PRECISIONS,
                    help="compute dtype; auto: bf16 (the official setting) on GPUs that support it, "
-                        "fp16 on older GPUs, fp32 on CPU")
+                        "fp16 on older GPUs and MPS, fp32 on CPU")
     p.add_argument("--models", action="append", default=[], metavar="DIR",
                    help="models folder (repeatable; default $FLASHVSR_MODELS or "
                         "~/.cache/flashvsr/models; a ComfyUI models/FlashVSR folder works)")

@@ -19,6 +19,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
+from .. import config
+
 log = logging.getLogger(__name__)
 
 OK, WARN, FAIL, INFO = "OK", "WARN", "FAIL", "INFO"
@@ -208,7 +210,7 @@ def attention_checks(device: str) -> list[Check]:
     if dev.type != "cuda":
         out.append(Check("attention", "block-sparse: fa4, triton, flex", INFO,
                          "used on CUDA only; on this device the sparse calls take the gathered path"))
-    for mode in ("enable", "disable"):
+    for mode in config.SAGE_CHOICES:
         session = dispatcher.session(mode=mode)
         try:
             session.dense(q, k, v)

@@ -272,7 +272,7 @@ def _add_upscale_parser(sub) -> None:
                        epilog=UPSCALE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("input", help="video file or folder of images")
     p.add_argument("output", help="output video (.mp4 .mov .mkv .webm) or folder for PNG frames")
-    p.add_argument("--mode", default="tiny", choices=[m.value for m in config.Mode],
+    p.add_argument("--mode", default="tiny", choices=config.MODES,
                    help="tiny (default: fast TCDecoder), tiny-long (same output, flat VRAM for long "
                         "clips), full (Wan VAE decoder: slower, more memory)")
     add_engine_arguments(p)

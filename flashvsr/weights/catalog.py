@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-VERSIONS = ("v1", "v1.1")
-MODES = ("full", "tiny", "tiny-long")
+from ..config import MODES, VERSIONS
+
 ROLES = ("dit", "lq_proj", "prompt", "tcdecoder", "vae")
 SHARED_ROLES = frozenset({"prompt", "tcdecoder", "vae"})  # byte-identical in v1 and v1.1
 ROLE_TITLES = {

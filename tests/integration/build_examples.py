@@ -13,6 +13,7 @@ SaveVideo, with audio and fps wired from GetVideoComponents into CreateVideo.
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import pathlib
@@ -22,6 +23,18 @@ from playwright.sync_api import sync_playwright
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SAMPLE_VIDEO = "flashvsr_sample.mp4"  # the integration test writes a clip of this name
+
+
+def _example_titles() -> dict[str, str]:
+    """``nodes/options.py``'s EXAMPLE_WORKFLOWS, read without importing the pack (this runs in the
+    browser venv)."""
+    tree = ast.parse((ROOT / "nodes" / "options.py").read_text())
+    (value,) = [n.value for n in tree.body if isinstance(n, ast.Assign)
+                and any(getattr(t, "id", None) == "EXAMPLE_WORKFLOWS" for t in n.targets)]
+    return ast.literal_eval(value)
+
+
+EXAMPLE_WORKFLOWS = _example_titles()
 
 # name -> (node id, {widget: value}); values not listed keep the node's defaults
 EXAMPLES = {
@@ -92,18 +105,18 @@ def build(url: str, out_dir: pathlib.Path, chromium: str) -> None:
             types = page.evaluate(BUILD_JS, [node_type, widgets, SAMPLE_VIDEO, f"video/FlashVSR_{name}"])
             print(f"{name}: {types}", flush=True)
             workflow = page.evaluate("() => app.graph.serialize()")
-            (out_dir / f"{name}.json").write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
+            (out_dir / f"{EXAMPLE_WORKFLOWS[name]}.json").write_text(json.dumps(workflow, indent=2, ensure_ascii=False) + "\n")
             page.evaluate("() => app.canvas.deselectAll?.()")
             clip = page.evaluate(CENTER_JS, [node_type, THUMB["width"], THUMB["height"]])
             page.wait_for_timeout(1500)  # the Load Video preview loads asynchronously
-            page.screenshot(path=str(out_dir / f"{name}.jpg"), type="jpeg", quality=85, clip=clip)
+            page.screenshot(path=str(out_dir / f"{EXAMPLE_WORKFLOWS[name]}.jpg"), type="jpeg", quality=85, clip=clip)
         browser.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--url", default="http://127.0.0.1:8188")
-    p.add_argument("--out", type=pathlib.Path, default=ROOT / "example_workflows")
+    p.add_argument("--out", type=pathlib.Path, default=ROOT / "example_workflows")  # files named by EXAMPLE_WORKFLOWS
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     a = p.parse_args(argv)
     a.out.mkdir(exist_ok=True)

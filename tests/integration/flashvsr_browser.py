@@ -90,7 +90,87 @@ def scenario(run, page) -> dict:
     page.wait_for_timeout(500)
     run.shot(page, "flashvsr_04_after_run.png")
     node_shot(run, page, node, "flashvsr_05_node_report.png")
+    # The same graph again: ComfyUI serves every node from its cache; the report must stay.
+    page.evaluate("(id) => { app.graph.getNodeById(id).flashvsrReport = []; }", node)
+    before = set(run.http_json("/history").keys())
+    page.get_by_role("button", name="Run", exact=True).first.click()
+    run.wait_history(before, run.a.timeout)
+    page.wait_for_timeout(1500)
+    result["report_after_cached_run"] = page.evaluate(
+        "(id) => app.graph.getNodeById(id).flashvsrReport ?? null", node)
+    node_shot(run, page, node, "flashvsr_06_node_report_cached.png")
     result["screenshots"] = run.shots
+    return result
+
+
+def template_run(run, page) -> dict:
+    """Templates browser -> the pack -> the example's title -> Run, with no edit."""
+    result = {"fallbacks": []}
+    run.close_dialogs(page)
+    page.get_by_role("button", name="Templates").first.click()
+    page.wait_for_timeout(2500)
+    page.get_by_text(run.a.pack, exact=False).first.click()
+    page.wait_for_timeout(1500)
+    run.shot(page, f"template_{run.a.tag}_01_listed.png")
+    page.get_by_text(run.a.title, exact=True).first.click()
+    page.wait_for_timeout(2500)
+    run.close_dialogs(page)
+    result["node_types"] = sorted({n["type"] for n in run.node_list(page)})
+    result["load_video"] = page.evaluate(
+        "() => app.graph.nodes.filter(n => n.type === 'LoadVideo').map(n => n.widgets[0].value)")
+    before = set(run.http_json("/history").keys())
+    page.get_by_role("button", name="Run", exact=True).first.click()
+    pid, hist = run.wait_history(before, run.a.timeout)
+    result["prompt_id"] = pid
+    result["status"] = (hist or {}).get("status", {}).get("status_str")
+    result["messages"] = [m[0] for m in (hist or {}).get("status", {}).get("messages", [])]
+    page.wait_for_timeout(1000)
+    result["error_dialog"] = page.locator(".p-dialog").count()
+    run.shot(page, f"template_{run.a.tag}_02_after_run.png")
+    return result
+
+
+LOCALE_JS = "async (lang) => { await app.extensionManager.setting.set('Comfy.Locale', lang); }"
+
+
+def chinese_names(run, page) -> dict:
+    """Front end in Chinese: a newly added Advanced node shows its Chinese name, inputs and widgets."""
+    result = {"fallbacks": []}
+    run.close_dialogs(page)
+    page.evaluate(LOCALE_JS, "zh")   # a server-side user setting: put back below for the other tests
+    try:
+        return _chinese_names(run, page, result)
+    finally:
+        page.evaluate(LOCALE_JS, "en")
+
+
+def _chinese_names(run, page, result: dict) -> dict:
+    page.reload(wait_until="domcontentloaded")
+    page.wait_for_function("() => window.app && app.graph && window.LiteGraph", timeout=run.a.timeout * 1000)
+    page.wait_for_timeout(2500)
+    run.close_dialogs(page)
+    node = page.evaluate("""() => { const n = LiteGraph.createNode('FlashVSRBoltAdvanced'); n.pos = [-800, 100];
+        app.graph.add(n); app.canvas.ds.offset = [860, 60]; app.canvas.ds.scale = 1; app.canvas.setDirty(true, true);
+        return n.id; }""")
+    page.wait_for_timeout(800)
+    result["locale"] = page.evaluate("() => app.extensionManager.setting.get('Comfy.Locale')")
+    result["title"] = page.evaluate("(id) => app.graph.getNodeById(id).title", node)
+    result["widget_labels"] = page.evaluate(
+        "(id) => Object.fromEntries(app.graph.getNodeById(id).widgets.map(w => [w.name, w.label ?? null]))", node)
+    result["input_labels"] = page.evaluate(
+        "(id) => app.graph.getNodeById(id).inputs.map(i => i.localized_name ?? i.label ?? null)", node)
+    run.shot(page, "zh_01_advanced_node.png")
+    node_shot(run, page, node, "zh_02_node.png")
+    # What applies: the fresh node is tiny with tile_size 0; then full, then VAE tiling on, then tiles.
+    hidden = "(id) => app.graph.getNodeById(id).widgets.filter(w => w.hidden).map(w => w.name)"
+    pick = """([id, name, v]) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === name);
+        w.value = v; w.callback?.(v); }"""
+    result["hidden"] = {"fresh": page.evaluate(hidden, node)}
+    for name, value in (("mode", "full"), ("vae_tiling", True), ("tile_size", 512)):
+        page.evaluate(pick, [node, name, value])
+        result["hidden"][f"{name}={value}"] = page.evaluate(hidden, node)
+    result["height"] = page.evaluate("(id) => app.graph.getNodeById(id).size[1]", node)
+    node_shot(run, page, node, "zh_03_node_full_tiled.png")
     return result
 
 
@@ -101,24 +181,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out-dir", default="/tmp/flashvsr-browser")
     p.add_argument("--chromium", default=os.environ.get("CHROMIUM", "/usr/bin/chromium"))
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--scenario", choices=("advanced", "template", "zh"), default="advanced")
+    p.add_argument("--pack", default="ComfyUI-FlashVSR", help="template: the pack's folder name")
+    p.add_argument("--title", help="template: the example's title in the Templates browser")
+    p.add_argument("--tag", default="example", help="template: screenshot name part")
     a = p.parse_args(argv)
     sys.path.insert(0, str(a.harness))
     import comfy_browser as cb
     from playwright.sync_api import sync_playwright
 
     opts = argparse.Namespace(url=a.url.rstrip("/"), out_dir=a.out_dir, chromium=a.chromium,
-                              width=1600, height=1000, timeout=a.timeout)
+                              width=1600, height=1000, timeout=a.timeout, pack=a.pack, title=a.title,
+                              tag=a.tag)
     run = cb.Run(opts)
+    steps = {"advanced": scenario, "template": template_run, "zh": chinese_names}
     with sync_playwright() as pw:
         try:
             page = run.open(pw)
-            result = scenario(run, page)
+            result = steps[a.scenario](run, page)
         finally:
             if hasattr(run, "browser"):
                 run.browser.close()
     result["console_errors"] = run.errors()
-    print(json.dumps(result))
-    ok = (result["status"] == "success" and not result["fallbacks"] and result["report_on_node"])
+    result["screenshots"] = run.shots
+    print(json.dumps(result, ensure_ascii=False))
+    if a.scenario == "advanced":
+        ok = result["status"] == "success" and not result["fallbacks"] and result["report_on_node"]
+    elif a.scenario == "template":
+        ok = result["status"] == "success"
+    else:
+        ok = result["title"] != "FlashVSR ⚡ Advanced"
     return 0 if ok else 1
 
 
