@@ -263,11 +263,11 @@ class FlashVSR:
         self.last_stats = self._stats(start, count, attn, done, [starts])
 
     def _models(self, cfg: UpscaleConfig) -> EngineModels:
-        ops = None
+        steps = None
         if self._compiling(cfg):
-            from ..models.dit_ops import compiled_ops
-            ops = compiled_ops()
-        return EngineModels(self.dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype, ops)
+            from ..models.dit_ops import compiled_steps
+            steps = compiled_steps()
+        return EngineModels(self.dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype, steps)
 
     def _start_timing(self) -> float:
         if self.device.type == "cuda":
