@@ -125,7 +125,7 @@ class FlashVSR:
             return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride,
                                compiled_norms=self._compiling(cfg) and _fused_vae_norms_supported())
         # One latent per body pass and one output frame per tail pass: the same frames and speed as
-        # bigger passes, 4.3 GiB less peak VRAM at 768x1408 on the H100 (docs/performance.md).
+        # bigger passes, at a much lower peak VRAM (docs/performance.md, "One latent per body pass").
         body, tail = self._compiled_tc() if self._compiling(cfg) else (None, None)
         return TinyDecoder(self.decoder, TCDecoderPasses(latents=1, tail_frames=1, body=body, tail=tail))
 

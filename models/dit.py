@@ -234,7 +234,7 @@ class KVRing:
         pairs = ((self.v, v_w), (self.pooled, pooled)) if self.key_rows else ((self.k, k_w), (self.v, v_w), (self.pooled, pooled))
         if new == list(range(new[0], new[0] + len(new))):
             # adjacent slots (always so for one new group): a plain copy runs at full bandwidth,
-            # an index_copy_ of the same 2 x 26 MB at 768x1408 takes 2.5x as long
+            # index_copy_ well below it (docs/performance.md, "KV ring by plain copy")
             rows = slice(new[0] * s1, (new[-1] + 1) * s1)
             for dst, src in pairs:
                 dst[rows].copy_(src)
