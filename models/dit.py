@@ -8,6 +8,11 @@ inside), RoPE (float64) and the sparse-attention draft softmax (float32).
 Streaming (spec §1.3, §5): chunk 0 carries 6 latent frames and sees only itself; every later chunk
 carries 2 and also sees the post-RoPE keys/values of the last ``int(kv_ratio)`` groups of 2 frames.
 Temporal RoPE positions are absolute: 0..5, then 4+2k, 5+2k.
+
+Reading order: :meth:`WanDiT.forward_chunk` embeds a chunk and builds its :class:`ChunkPass`
+(what all blocks of the chunk share, and their sparse self-attention over the KV cache and
+cross-attention to the prompt); each :class:`DiTBlock` then runs Wan's block on the chunk, with the
+work between its attention calls in ``dit_ops`` steps (eager, or compiled on CUDA).
 """
 from __future__ import annotations
 
