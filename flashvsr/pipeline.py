@@ -157,7 +157,7 @@ class FlashVSR:
             return FullDecoder(self.decoder, cfg.vae_tiling, cfg.vae_tile, cfg.vae_stride,
                                compiled_norms=self._compiling(cfg) and _fused_vae_norms_supported())
         # One latent per body pass and one output frame per tail pass: the same frames and speed as
-        # bigger passes, 4.3 GiB less peak VRAM at 768x1408 on the H100 (docs/performance.md).
+        # bigger passes, at a much lower peak VRAM (docs/performance.md, "One latent per body pass").
         body, tail = self._compiled_tc() if self._compiling(cfg) else (None, None)
         return TinyDecoder(self.decoder, TCDecoderPasses(latents=1, tail_frames=1, body=body, tail=tail))
 
@@ -304,11 +304,11 @@ class FlashVSR:
     def engine_models(self, cfg: UpscaleConfig) -> EngineModels:
         """The model set ``upscale`` hands to ``run_stream`` for ``cfg`` (on CUDA: the compiled passes),
         for tools that drive the engine directly, such as the golden-fixture check."""
-        ops = None
+        steps = None
         if self._compiling(cfg):
-            from ..models.dit_ops import compiled_ops
-            ops = compiled_ops()
-        return EngineModels(self.dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype, ops)
+            from ..models.dit_ops import compiled_steps
+            steps = compiled_steps()
+        return EngineModels(self.dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype, steps)
 
     def _start_timing(self) -> float:
         if self.device.type == "cuda":

@@ -8,6 +8,11 @@ inside), RoPE (float64) and the sparse-attention draft softmax (float32).
 Streaming (docs/model.md §4, §7): chunk 0 carries 6 latent frames and sees only itself; every later chunk
 carries 2 and also sees the post-RoPE keys/values of the last ``int(kv_ratio)`` groups of 2 frames.
 Temporal RoPE positions are absolute: 0..5, then 4+2k, 5+2k.
+
+Reading order: :meth:`WanDiT.forward_chunk` embeds a chunk and builds its :class:`ChunkPass`
+(what all blocks of the chunk share, and their sparse self-attention over the KV cache and
+cross-attention to the prompt); each :class:`DiTBlock` then runs Wan's block on the chunk, with the
+work between its attention calls in ``dit_ops`` steps (eager, or compiled on CUDA).
 """
 from __future__ import annotations
 
@@ -19,8 +24,8 @@ import torch.nn as nn
 
 from ..attention.block_sparse import QuantizedKeys
 from . import dit_ops
-from .dit_ops import heads_view
-from .lcsa import BLOCK_TOKENS, WINDOW, draft_block_mask, local_bias, local_block_mask, topk_count
+from .dit_ops import QKV, BlockSteps, Rope, affine, heads_view, merge_heads
+from .lcsa import WINDOW, draft_block_mask, local_bias, local_block_mask, topk_count
 
 HEAD_DIM = 128   # Wan2.1 uses 128-wide heads; head count is not recorded in the checkpoint
 
@@ -69,8 +74,10 @@ class RMSNorm(nn.Module):
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
 
 
-class _Attention(nn.Module):
-    """q/k/v/o projections with RMS-normalised q and k (names as in the checkpoint)."""
+class Attention(nn.Module):
+    """q/k/v/o projections with RMS-normalised q and k (names as in the checkpoint). The attention
+    itself runs in :class:`ChunkPass` (self-attention: sparse, over the KV cache) and on the
+    prompt's keys and values from :meth:`context_kv` (cross-attention)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -78,19 +85,44 @@ class _Attention(nn.Module):
         self.norm_q = RMSNorm(dim, eps)
         self.norm_k = RMSNorm(dim, eps)
 
+    def qkv(self) -> QKV:
+        return QKV(affine(self.q), affine(self.k), affine(self.v), self.norm_q.weight, self.norm_k.weight)
+
+    def context_kv(self, context: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the (fixed) prompt, (1, heads, L_ctx, d) each."""
+        return heads_view(self.norm_k(self.k(context)), heads), heads_view(self.v(context), heads)
+
 
 class DiTBlock(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
         d = cfg.dim
-        self.self_attn = _Attention(d, cfg.eps)
-        self.cross_attn = _Attention(d, cfg.eps)
+        self.self_attn = Attention(d, cfg.eps)
+        self.cross_attn = Attention(d, cfg.eps)
         self.norm1 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
         self.norm2 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=False)
         self.norm3 = nn.LayerNorm(d, eps=cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"),
                                  nn.Linear(cfg.ffn_dim, d))
         self.modulation = nn.Parameter(torch.zeros(1, 6, d))
+
+    def forward(self, x: torch.Tensor, chunk: "ChunkPass", layer: int) -> torch.Tensor:
+        """Wan's block on one chunk's window-ordered tokens (1, L, dim): modulated self-attention
+        with a gated residual, cross-attention to the prompt, modulated FFN with a gated residual.
+
+        The work between the attention calls runs in ``chunk.steps`` (eager or compiled, see
+        dit_ops); norm1 and norm2 carry no weights and are applied there.
+        """
+        steps, heads = chunk.steps, chunk.heads
+        sa, ca = self.self_attn, self.cross_attn
+        q, k, v, pooled_q, pooled_k, mods = steps.pre_attention(x, self.modulation, chunk.t_mod, sa.qkv(),
+                                                                chunk.rope, heads)
+        gate_msa, ffn_mod = mods[2], mods[3:]
+        o = chunk.self_attention(layer, q, k, v, pooled_q, pooled_k)
+        x, q = steps.post_self_attention(x, o, affine(sa.o), gate_msa, affine(self.norm3), affine(ca.q),
+                                         ca.norm_q.weight)
+        o = chunk.cross_attention(layer, q)
+        return steps.post_cross_attention(x, o, affine(ca.o), ffn_mod, affine(self.ffn[0]), affine(self.ffn[2]))
 
 
 class Head(nn.Module):
@@ -99,6 +131,10 @@ class Head(nn.Module):
         self.norm = nn.LayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
         self.head = nn.Linear(cfg.dim, cfg.out_dim * math.prod(cfg.patch_size))
         self.modulation = nn.Parameter(torch.zeros(1, 2, cfg.dim))
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation + t.unsqueeze(1)).chunk(2, dim=1)
+        return self.head(self.norm(x) * (1 + scale) + shift)
 
 
 def sinusoidal_embedding(dim: int, position: torch.Tensor) -> torch.Tensor:
@@ -203,7 +239,7 @@ class KVRing:
         pairs = ((self.v, v_w), (self.pooled, pooled)) if self.key_rows else ((self.k, k_w), (self.v, v_w), (self.pooled, pooled))
         if new == list(range(new[0], new[0] + len(new))):
             # adjacent slots (always so for one new group): a plain copy runs at full bandwidth,
-            # an index_copy_ of the same 2 x 26 MB at 768x1408 takes 2.5x as long
+            # index_copy_ well below it (docs/performance.md, "KV ring by plain copy")
             rows = slice(new[0] * s1, (new[-1] + 1) * s1)
             for dst, src in pairs:
                 dst[rows].copy_(src)
@@ -282,6 +318,56 @@ class SparseParams:
     local_range: int
 
 
+@dataclass
+class ChunkPass:
+    """What the 30 blocks of one chunk share, and the two attention calls of a block.
+
+    Built by :meth:`WanDiT.forward_chunk` once per chunk; the blocks call :meth:`self_attention`
+    (sparse, over the chunk's new keys and the cached ones of the last groups) and
+    :meth:`cross_attention` (dense, over the prompt) with their layer index.
+    """
+    t_mod: torch.Tensor          # (1, 6, dim)
+    rope: Rope                   # per window-ordered token
+    heads: int
+    query_groups: int            # groups of 2 latent frames in this chunk (3 for chunk 0, then 1)
+    windows_per_group: int       # s1: 128-token windows per group
+    topk: int                    # lcsa.topk_count
+    kv_groups: int
+    state: DiTStreamState
+    consts: DiTConstants
+    attn: object                 # the attention session (attention.AttentionSession)
+    steps: BlockSteps
+
+    def self_attention(self, layer: int, q_w, k_w, v_w, pooled_q, pooled_k) -> torch.Tensor:
+        """LCSA (flashvsr-spec.md §4, §5): the new keys and values enter this layer's KV ring, the
+        draft mask picks the key windows each query window attends to, and the oldest group
+        leaves the ring. Inputs are (windows, 128, C) and window means (windows, C); returns (1, L, C)."""
+        state, attn, heads, s1 = self.state, self.attn, self.heads, self.windows_per_group
+        ring = state.kv[layer]
+        if ring is None:
+            ring = state.kv[layer] = KVRing.allocate(k_w, pooled_k, s1, self.kv_groups, heads, attn.key_rows(k_w))
+        groups = ring.add(k_w, v_w, pooled_k, s1, heads, attn.quantize_keys)   # logical order, oldest first
+        pooled_k = ring.pooled.index_select(0, ring.columns(groups, s1))
+        mask = draft_block_mask(pooled_q, pooled_k, heads, self.query_groups, state.local_mask, self.topk,
+                                bias=state.draft_bias(self.query_groups, len(groups)), select=attn.select_blocks)
+        if state.observe is not None:
+            state.observe(layer, "block_mask", mask)
+            if layer == 0:
+                state.observe(layer, "pooled_q", pooled_q)
+                state.observe(layer, "pooled_k", pooled_k)
+        # No key mean to pass: the INT8 kernel runs only where the ring holds int8 keys, which carry
+        # their own shift (session.key_rows is set exactly when the session uses that kernel).
+        o = attn.block_sparse(heads_view(q_w, heads), ring.keys(heads), heads_view(ring.v, heads),
+                              ring.physical_mask(mask, groups, s1))
+        ring.evict(groups, self.kv_groups)
+        return merge_heads(o)
+
+    def cross_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+        """Dense attention of the (1, L, C) queries to the prompt's keys and values of ``layer``."""
+        k, v = self.consts.cross_kv[layer]
+        return merge_heads(self.attn.dense(heads_view(q, self.heads), k, v))
+
+
 class WanDiT(nn.Module):
     def __init__(self, cfg: DiTConfig):
         super().__init__()
@@ -305,28 +391,19 @@ class WanDiT(nn.Module):
         t = self.time_embedding(sinusoidal_embedding(self.cfg.freq_dim, ts))
         t_mod = self.time_projection(t).unflatten(1, (6, self.cfg.dim))
         ctx = self.text_embedding(context.to(device=dev, dtype=dtype))
-        heads = self.cfg.num_heads
-        cross = []
-        for blk in self.blocks:
-            k = blk.cross_attn.norm_k(blk.cross_attn.k(ctx))
-            v = blk.cross_attn.v(ctx)
-            cross.append((heads_view(k, heads), heads_view(v, heads)))
+        cross = [blk.cross_attn.context_kv(ctx, self.cfg.num_heads) for blk in self.blocks]
         return DiTConstants(t=t, t_mod=t_mod, cross_kv=cross)
-
-    @staticmethod
-    def _merge(x: torch.Tensor) -> torch.Tensor:
-        b, h, length, d = x.shape
-        return x.transpose(1, 2).reshape(b, length, h * d)
 
     # ---- one streaming chunk ---------------------------------------------------------------
     @torch.no_grad()
     def forward_chunk(self, latents: torch.Tensor, lq_tokens: torch.Tensor | None, consts: DiTConstants,
-                      state: DiTStreamState, sparse: SparseParams, attn, ops: dict | None = None) -> torch.Tensor:
+                      state: DiTStreamState, sparse: SparseParams, attn,
+                      steps: BlockSteps | None = None) -> torch.Tensor:
         """Denoise one chunk in one step: returns ``latents - velocity`` (flow matching, sigma 1).
 
-        latents: (1, 16, f, H/8, W/8) noise slice; lq_tokens: (1, f*h*w, dim) projector tokens.
+        latents: (1, 16, f, H/8, W/8) noise slice; lq_tokens: (1, f*h*w, dim) projector tokens;
+        steps: the blocks' step functions (default: the eager reference, ``dit_ops.EAGER``).
         """
-        cfg = self.cfg
         x = self.patch_embedding(latents)
         f, h, w = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
@@ -334,59 +411,34 @@ class WanDiT(nn.Module):
             x = x + lq_tokens
         order, inverse = state.token_order(f, h, w, x.device)
         x = x[:, order]                                    # window order until the head
+        chunk = self._chunk_pass(f, h, w, order, consts, state, sparse, attn, steps or dit_ops.EAGER)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, chunk, layer)
+        out = self._unpatchify(self.head(x, consts.t)[:, inverse], f, h, w)
+        state.chunk_index += 1
+        return latents - out
+
+    def _chunk_pass(self, f, h, w, order, consts, state: DiTStreamState, sparse: SparseParams, attn,
+                    steps: BlockSteps) -> ChunkPass:
+        """RoPE angles at the chunk's absolute temporal positions (0..5, then 4+2k, 5+2k), the local
+        mask for this grid, and the KV rings' list on the first chunk."""
+        cfg = self.cfg
         start = 0 if state.chunk_index == 0 else 4 + 2 * state.chunk_index
-        t_pos = torch.arange(start, start + f, device=x.device)
+        t_pos = torch.arange(start, start + f, device=order.device)
         angles = rope_angles(cfg.dim // cfg.num_heads, t_pos, h, w)[order]
-        rot = (angles.real.contiguous(), angles.imag.contiguous())
-        ops = ops or dit_ops.EAGER
-        s1 = (h // WINDOW[1]) * (w // WINDOW[2])
-        key = (h // WINDOW[1], w // WINDOW[2], sparse.local_range)
+        rows, cols = h // WINDOW[1], w // WINDOW[2]
+        key = (rows, cols, sparse.local_range)
         if state.local_key != key:
-            state.local_mask = local_block_mask(key[0], key[1], key[2], device=x.device)
+            state.local_mask = local_block_mask(rows, cols, sparse.local_range, device=order.device)
             state.local_key = key
             state.biases = {}
         if not state.kv:
             state.kv = [None] * len(self.blocks)
-        topk = topk_count(s1, sparse.topk_ratio)
-        for i, blk in enumerate(self.blocks):
-            x = self._block(i, blk, x, consts, rot, f // WINDOW[0], state, topk, sparse.kv_groups, s1, attn, ops)
-        shift, scale = (self.head.modulation + consts.t.unsqueeze(1)).chunk(2, dim=1)
-        out = self.head.head(self.head.norm(x) * (1 + scale) + shift)[:, inverse]
-        out = self._unpatchify(out, f, h, w)
-        state.chunk_index += 1
-        return latents - out
-
-    def _block(self, i, blk: DiTBlock, x, consts, rot, query_groups, state, topk, kv_groups, s1, attn, ops):
-        heads = self.cfg.num_heads
-        sa, ca, ffn = blk.self_attn, blk.cross_attn, blk.ffn
-        q_w, k_w, v_w, pooled_q, pooled_k, mods = ops["pre"](
-            x, blk.modulation, consts.t_mod, sa.q.weight, sa.q.bias, sa.k.weight, sa.k.bias, sa.v.weight, sa.v.bias,
-            sa.norm_q.weight, sa.norm_k.weight, rot[0], rot[1], heads)
-        ring = state.kv[i]
-        if ring is None:
-            ring = state.kv[i] = KVRing.allocate(k_w, pooled_k, s1, kv_groups, heads, attn.key_rows(k_w))
-        groups = ring.add(k_w, v_w, pooled_k, s1, heads, attn.quantize_keys)   # logical order, oldest first
-        cols = ring.columns(groups, s1)
-        pooled_k = ring.pooled.index_select(0, cols)
-        mask = draft_block_mask(pooled_q, pooled_k, heads, query_groups, state.local_mask, topk,
-                                bias=state.draft_bias(query_groups, len(groups)), select=attn.select_blocks)
-        if state.observe is not None:
-            state.observe(i, "block_mask", mask)
-            if i == 0:
-                state.observe(i, "pooled_q", pooled_q)
-                state.observe(i, "pooled_k", pooled_k)
-        # No key mean to pass: the INT8 kernel runs only where the ring holds int8 keys, which carry
-        # their own shift (session.key_rows is set exactly when the session uses that kernel).
-        o = attn.block_sparse(heads_view(q_w, heads), ring.keys(heads), heads_view(ring.v, heads),
-                              ring.physical_mask(mask, groups, s1))
-        o = self._merge(o)
-        ring.evict(groups, kv_groups)
-        x, q = ops["post_self"](x, o, sa.o.weight, sa.o.bias, mods[2], blk.norm3.weight, blk.norm3.bias,
-                                ca.q.weight, ca.q.bias, ca.norm_q.weight)
-        k, v = consts.cross_kv[i]
-        o = self._merge(attn.dense(heads_view(q, heads), k, v))
-        return ops["post_cross"](x, o, ca.o.weight, ca.o.bias, mods[3], mods[4], mods[5],
-                                 ffn[0].weight, ffn[0].bias, ffn[2].weight, ffn[2].bias)
+        s1 = rows * cols
+        return ChunkPass(t_mod=consts.t_mod, rope=Rope(angles.real.contiguous(), angles.imag.contiguous()),
+                         heads=cfg.num_heads, query_groups=f // WINDOW[0], windows_per_group=s1,
+                         topk=topk_count(s1, sparse.topk_ratio), kv_groups=sparse.kv_groups, state=state,
+                         consts=consts, attn=attn, steps=steps)
 
     def _unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
         pt, ph, pw = self.cfg.patch_size

@@ -60,9 +60,10 @@ def select_above_kth(flat: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch
 
     ``t`` is upstream's ``topk(kept+1).values[..., -1]``: an order statistic, so every exact selection
     algorithm returns the same value, ties included (NaN counts as the largest value, as in
-    ``torch.sort``). On CUDA this is the full sort (99 us on an H100 at the real shape; torch's
-    ``kthvalue`` there runs one thread block per row, pytorch/pytorch#75599), and the attention
-    session's Triton kernel replaces it; on the CPU quickselect (``kthvalue``) beats the sort.
+    ``torch.sort``). On CUDA this is the full sort (faster than ``topk``, and torch's ``kthvalue``
+    there runs one thread block per row; docs/performance.md, "Top-k threshold by sort on CUDA"),
+    and the attention session's Triton kernel replaces it; on the CPU quickselect (``kthvalue``)
+    beats the sort.
     """
     n = flat.shape[1]
     if not 0 <= kept < n:

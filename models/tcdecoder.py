@@ -195,8 +195,8 @@ class TCDecoder(nn.Module):
     def run_tail_subpixel(self, x: torch.Tensor, weights) -> torch.Tensor:
         """:meth:`run_tail` with the upsampling and the first convolution as one 2x2 convolution on the
         low-resolution frames (16 instead of 36 multiply-adds per output channel and input pixel, no
-        upsampled tensor), in channels-last memory (cuDNN's NHWC kernels: on the H100 at 768x1408 the
-        three convolutions take 0.23 / 0.45 / 0.38 ms per frame against 0.59 / 1.00 / 0.71 ms in NCHW).
+        upsampled tensor), in channels-last memory (cuDNN's NHWC kernels are about twice as fast
+        here as its NCHW ones; docs/performance.md, "Tail in channels-last").
         ``weights`` from :meth:`fast_tail_weights`. Differs from run_tail by the rounding of the merged
         weights (bf16 noise); pure, so it can be compiled. (:meth:`subpixel_weight` checks that the
         tail can be folded.)"""

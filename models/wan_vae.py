@@ -19,28 +19,23 @@ RMS norms with their two bf16 roundings; nearest x2 (exact in any dtype); zero-p
 whose history is the last two input frames; the first latent gives one frame (temporal upsamplers
 skip it), the second latent's time convs see zero history; clamp. Where the official loop feeds one
 latent at a time, we feed all latents of a chunk through each layer at once; ``per_latent=True``
-keeps the official loop as the reference. Checked against the official module with random weights:
-on an H100 (bf16, full size, 16 latents of 96x176) the contiguous path is bit-identical; on the CPU
-(base width 8 and 16) bf16 is bit-identical and fp32 within 2e-6. Channels-last (the CUDA default)
-picks other cuDNN kernels: 52 dB PSNR against the official output on the H100 (max 0.047), within
-3e-6 (fp32) / 0.02 (bf16) on the CPU.
+keeps the official loop as the reference. Checked against the official module with random weights
+(docs/performance.md, "Parity with the official module"): the contiguous path is bit-identical in
+bf16; channels-last (the CUDA default) picks other cuDNN kernels, so it differs by rounding only.
 
 Cost at 768x1408 (latent 96x176), counted from the layer shapes: about 4.5 TMAC (9 TFLOP) per output
 frame: ~40 % in the 96-wide full-resolution stage, ~40 % in the 192-wide half-resolution stage, the
 rest below. So the decode is bound by the convolutions at the two highest resolutions plus the
 elementwise norm/SiLU passes over them (each pass over a 96-channel bf16 frame is 207 MB). For speed:
-channels-last-3d on CUDA (cuDNN's NDHWC kernels ran 3x faster than NCDHW here, and every per-frame
+channels-last-3d on CUDA (cuDNN's NDHWC kernels are much faster than NCDHW here, and every per-frame
 reshape becomes a view); each chunk through each layer in one call (split in time only above
 ``max_pass_elements``); the norm writes straight into the causal conv's input buffer (the official
 copies twice: cat, then F.pad); in-place SiLU and residual adds; nearest x2 as a broadcast copy; no
 host syncs. Optional ``compiled_norms`` fuses each RMS norm + SiLU into one kernel.
 
-Measured on one H100 (torch 2.11, bf16, 61 frames at 768x1408, random full-size weights, streamed
-6, 2, 2, ... latents): official ``decode`` 3.74 s, peak 11.5 GiB; ours 2.67 s, peak 16.3 GiB; with
-``compiled_norms`` 2.11 s (53 dB against the official output); contiguous layout 3.28 s. Tiled
-(60x104 / 30x52, 9 tiles) 5.25 s with ``compiled_norms``. cudnn.benchmark changed nothing. Memory: the
-causal histories hold 2 frames per conv (5.1 GB in bf16 at 768x1408, as in the official code) plus one
-pass's activations (``max_pass_elements``).
+Timings and peaks against the official ``decode`` are in docs/performance.md, "Wan VAE decoder".
+Memory: the causal histories hold 2 frames per conv (5.1 GB in bf16 at 768x1408, as in the official
+code) plus one pass's activations (``max_pass_elements``).
 """
 from __future__ import annotations
 
@@ -70,9 +65,8 @@ WAN_VAE_DECODER_PARAMS = 73_295_603
 
 SPATIAL_UPSCALE = 8
 # One pass of a layer is split in time above this many activation elements: 4 frames (one latent) of
-# the 96-channel stage at 768x1408, 0.8 GB in bf16. Measured on an H100 streaming 61 frames (decoder
-# alone on the GPU): budget 4 frames 2.81 s / 14.0 GiB peak, 8 frames 2.78 s / 17.7 GiB, 2 frames
-# 2.88 s / 14.5 GiB.
+# the 96-channel stage at 768x1408, 0.8 GB in bf16: as fast as bigger passes at a lower peak, and
+# faster than smaller ones (docs/performance.md, "Pass budget").
 DEFAULT_MAX_PASS_ELEMENTS = 4 * 96 * 768 * 1408
 
 _ENCODER_ONLY = re.compile(r"^(encoder\.|conv1\.)")

@@ -60,10 +60,9 @@ def compiled_norm_silu() -> Callable[[torch.Tensor, torch.Tensor, float, torch.T
     """RMS norm + SiLU as one generated kernel that rounds where eager rounds.
 
     Eager spends four memory passes on this (divide, two products, SiLU) after the norm's own read;
-    fused it is one. Measured on an H100 (torch 2.11, bf16): 4.5 -> 1.8 ms for 4 frames of
-    96x768x1408, with 751 of 415M values one bf16 step apart (reduction order); a 61-frame decode
-    at 768x1408 went from 2.67 to 2.11 s. Needs Triton and inductor's ``emulate_precision_casts``
-    (present in torch 2.11); the first call compiles for a few seconds.
+    fused it is one; a rare value lands one bf16 step apart (reduction order). Timings in
+    docs/performance.md, "Fused RMS norm + SiLU". Needs Triton and inductor's
+    ``emulate_precision_casts`` (present in torch 2.11); the first call compiles for a few seconds.
     """
     import torch._inductor.config as inductor_config
 
@@ -81,8 +80,8 @@ def compiled_norm_silu() -> Callable[[torch.Tensor, torch.Tensor, float, torch.T
 def upsample_nearest2x(x: torch.Tensor, fmt2d: torch.memory_format) -> torch.Tensor:
     """(N, C, H, W) -> (N, C, 2H, 2W), each pixel repeated 2x2: what 'nearest-exact' does at scale 2.
 
-    A broadcast copy: bit-identical to F.interpolate, in any dtype, and twice as fast on an H100
-    for channels-last bf16 (4.5 vs 9.7 ms for 4 frames of 96x768x1408).
+    A broadcast copy: bit-identical to F.interpolate, in any dtype, and faster for channels-last
+    (docs/performance.md, "Nearest 2× as a broadcast copy").
     """
     n, c, h, w = x.shape
     out = torch.empty((n, c, 2 * h, 2 * w), dtype=x.dtype, device=x.device, memory_format=fmt2d)

@@ -97,11 +97,13 @@ def test_fast_dit_step_keeps_the_tanh_gelu_off_cuda():
 
     g = torch.Generator().manual_seed(0)
     dim, ffn = 16, 40
-    args = [torch.randn(s, generator=g) for s in ((1, 8, dim), (1, 8, dim), (dim, dim), (dim,), (1, 1, dim),
-                                                  (1, 1, dim), (1, 1, dim), (ffn, dim), (ffn,), (dim, ffn), (dim,))]
-    assert torch.equal(dit_ops.FAST["post_cross"](*args), dit_ops.post_cross_attention(*args))
-    erf = torch._addmm_activation(args[8], args[1].view(-1, dim), args[7].t(), use_gelu=True)
-    tanh = torch.nn.functional.gelu(torch.nn.functional.linear(args[1].view(-1, dim), args[7], args[8]), approximate="tanh")
+    x, o, ow, ob, shift, scale, gate, f0w, f0b, f2w, f2b = (
+        torch.randn(s, generator=g) for s in ((1, 8, dim), (1, 8, dim), (dim, dim), (dim,), (1, 1, dim),
+                                              (1, 1, dim), (1, 1, dim), (ffn, dim), (ffn,), (dim, ffn), (dim,)))
+    args = (x, o, dit_ops.Affine(ow, ob), (shift, scale, gate), dit_ops.Affine(f0w, f0b), dit_ops.Affine(f2w, f2b))
+    assert torch.equal(dit_ops.FAST.post_cross_attention(*args), dit_ops.post_cross_attention(*args))
+    erf = torch._addmm_activation(f0b, o.view(-1, dim), f0w.t(), use_gelu=True)
+    tanh = torch.nn.functional.gelu(torch.nn.functional.linear(o.view(-1, dim), f0w, f0b), approximate="tanh")
     assert not torch.allclose(erf, tanh, atol=1e-6)            # the trap is real on this torch
 
 
@@ -139,7 +141,7 @@ def test_float32_rope_of_the_fast_step_differs_from_float64_by_rare_single_bf16_
     # one bf16 step at the value, or float32's error on the unit-size inputs where the sum cancels
     bound = (exact.float().abs() * 2 ** -7).clamp_min(1e-6)
     assert bool(((exact.float() - fast.float()).abs() <= bound)[differ].all())
-    assert dit_ops.FAST["pre"] is dit_ops.pre_attention_fp32_rope
+    assert dit_ops.FAST.pre_attention is dit_ops.pre_attention_fp32_rope
 
 
 def test_output_conversion_equals_the_plain_formula_bit_for_bit():

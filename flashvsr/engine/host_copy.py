@@ -1,9 +1,9 @@
 """Moving frames between host and GPU without making the host wait for the GPU queue.
 
 A blocking copy to the GPU, or a copy to the host that the host then waits for, drains the GPU's
-queue: the GPU idles while Python enqueues the next layers (on the H100 a steady DiT chunk took
-135-160 ms of GPU time for 113 ms of kernels). Uploads therefore never block, and downloads are
-handed back one chunk late, when the GPU finished them long ago.
+queue: the GPU idles while Python enqueues the next layers (docs/performance.md, "Host copies").
+Uploads therefore never block, and downloads are handed back one chunk late, when the GPU finished
+them long ago.
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ def upload(x: torch.Tensor, device: torch.device, dtype: torch.dtype | None = No
     """``x.to(device, dtype)`` that does not wait for the GPU queue to drain.
 
     A blocking host-to-device copy synchronises the stream; a non-blocking one from pageable memory
-    is staged by the driver and returns at once. (Pinning each frame first was measured slower on
-    the H100: page-locking costs milliseconds per call.) The cast runs on the device.
+    is staged by the driver and returns at once. (Pinning each frame first is slower: page-locking
+    costs more than it saves; docs/performance.md, "Host copies".) The cast runs on the device.
     """
     x = x.to(device, non_blocking=True)
     return x.to(dtype) if dtype is not None else x

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ...models.dit import DiTStreamState, SparseParams, WanDiT, DiTConstants
+from ...models.dit_ops import BlockSteps
 from ...models.lcsa import topk_ratio_for
 from ...models.lq_projector import LQProjector, ProjectorState
 from .color import color_fix
@@ -35,7 +36,7 @@ class EngineModels:
     consts: DiTConstants
     device: torch.device
     dtype: torch.dtype
-    dit_ops: dict | None = None     # compiled DiT glue (CUDA) or None for eager
+    dit_steps: BlockSteps | None = None     # compiled DiT block steps (CUDA) or None for eager
 
 
 @dataclass
@@ -138,7 +139,7 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
         if observer is not None:
             observer("lq_latents", k, tokens)
         dit_start = _timing_event(dev)
-        latents = models.dit.forward_chunk(x, tokens, models.consts, dit_state, sparse, attn, models.dit_ops)
+        latents = models.dit.forward_chunk(x, tokens, models.consts, dit_state, sparse, attn, models.dit_steps)
         del tokens, x          # not needed while decoding (chunk 0: ~80 MB at 768x1408)
         # The next chunk's projector goes on the side stream before this chunk's decoding, which
         # must wait for the DiT: it then runs beside this DiT instead of after the decoder.

@@ -28,12 +28,16 @@ def test_fast_post_cross_attention_matches_eager_within_bf16_rounding():
     def r(*shape, s=1.0):
         return (torch.randn(*shape, device="cuda", generator=g) * s).to(torch.bfloat16)
 
-    args = (r(1, length, dim), r(1, length, dim), r(dim, dim, s=dim ** -0.5), r(dim, s=0.1),
-            r(1, 1, dim, s=0.1), r(1, 1, dim, s=0.1), r(1, 1, dim, s=0.5),
-            r(ffn, dim, s=dim ** -0.5), r(ffn, s=0.1), r(dim, ffn, s=ffn ** -0.5), r(dim, s=0.1))
-    eager = dit_ops.post_cross_attention(*args)
-    fast = dit_ops.FAST["post_cross"](*args)
-    ref = dit_ops.post_cross_attention(*(a.double() for a in args))
+    def args(cast=lambda t: t):
+        return (cast(x), cast(o), dit_ops.Affine(cast(ow), cast(ob)), tuple(cast(m) for m in ffn_mod),
+                dit_ops.Affine(cast(f0w), cast(f0b)), dit_ops.Affine(cast(f2w), cast(f2b)))
+
+    x, o, ow, ob = r(1, length, dim), r(1, length, dim), r(dim, dim, s=dim ** -0.5), r(dim, s=0.1)
+    ffn_mod = (r(1, 1, dim, s=0.1), r(1, 1, dim, s=0.1), r(1, 1, dim, s=0.5))      # shift, scale, gate
+    f0w, f0b, f2w, f2b = r(ffn, dim, s=dim ** -0.5), r(ffn, s=0.1), r(dim, ffn, s=ffn ** -0.5), r(dim, s=0.1)
+    eager = dit_ops.post_cross_attention(*args())
+    fast = dit_ops.FAST.post_cross_attention(*args())
+    ref = dit_ops.post_cross_attention(*args(torch.Tensor.double))
     err_fast = float((fast.double() - ref).norm() / ref.norm())
     err_eager = float((eager.double() - ref).norm() / ref.norm())
     assert err_fast <= 1e-2 and err_fast <= 1.5 * err_eager          # no worse than the official rounding
