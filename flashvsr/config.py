@@ -1,6 +1,7 @@
 """Run and load options, as small frozen dataclasses passed explicitly."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -57,6 +58,7 @@ class UpscaleConfig:
     color_fix_float32: bool = True
     compile: bool = True          # CUDA only: torch.compile the DiT's elementwise glue (falls back to eager)
     overlap_decode: bool = True   # CUDA, Tiny/Full: projector and decoder on a second stream, beside the DiT
+    vram_budget: "str | float" = "auto"   # CUDA: GiB the run may use, or "auto" (free memory); picks the tiling
 
     def __post_init__(self) -> None:
         if not 1.0 <= float(self.scale) <= 4.0:
@@ -77,3 +79,18 @@ class UpscaleConfig:
             raise ValueError(f"tile_size must be 0 (off) or a multiple of 128 that is >= 256, got {self.tile_size}")
         if self.tile_size and not 0 <= self.tile_overlap < self.tile_size // 2:
             raise ValueError(f"tile_overlap must be >= 0 and < tile_size/2, got {self.tile_overlap}")
+        budget_gib(self.vram_budget)
+
+
+def budget_gib(value: "str | float") -> float | None:
+    """``"auto"`` -> None; a number of GiB (or its text) -> that float, which must be > 0."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"vram_budget must be 'auto' or a number of GiB such as 12, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"vram_budget must be 'auto' or a positive number of GiB, got {value!r}")
+    return float(value)
