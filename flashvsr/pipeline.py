@@ -180,8 +180,7 @@ class FlashVSR:
         cfg = config or UpscaleConfig()
         frames = _rgb(frames)
         geom = plan_geometry(frames.shape[1], frames.shape[2], cfg.scale, cfg.preprocess == "official")
-        budget = self._budget(cfg)
-        plan = self._plan(geom, cfg, budget)
+        plan = self._plan(geom, cfg, self._budget(cfg))
         log.info("[FlashVSR] %dx%d -> %dx%d (%s): %s", geom.in_w, geom.in_h, geom.out_w, geom.out_h,
                  self.mode.value, plan.describe())
         replans: list[str] = []
@@ -194,7 +193,7 @@ class FlashVSR:
             if failure is None:
                 break
             self._release(collect=True)     # outside the handler: its traceback no longer holds tensors
-            smaller = self._plan(geom, replace(cfg, tile_size=0), memory.shrink_budget(plan, budget, self._total()))
+            smaller = self._plan(geom, replace(cfg, tile_size=0), memory.shrink_budget(plan))
             if len(replans) >= MAX_REPLANS or smaller.predicted_peak >= plan.predicted_peak:
                 raise RuntimeError(f"FlashVSR ran out of GPU memory at {geom.model_w}x{geom.model_h} ({self.mode.value}, "
                                    f"{plan.describe()}{'; after re-planning ' + str(len(replans)) + ' time(s)' if replans else ''}): "
@@ -203,7 +202,7 @@ class FlashVSR:
             note = f"out of GPU memory with {plan.describe()}; re-planned: {smaller.describe()}"
             log.warning("[FlashVSR] %s", note)
             replans.append(note)
-            plan, budget = smaller, smaller.budget
+            plan = smaller
         stats.plan, stats.predicted_peak_bytes, stats.replans = plan.describe(), plan.predicted_peak, tuple(replans)
         log.info("[FlashVSR] %s", stats.summary())
         return UpscaleResult(out, stats)
@@ -241,9 +240,6 @@ class FlashVSR:
         free, _ = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         return free + cached + self._weight_bytes()
-
-    def _total(self) -> int | None:
-        return torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else None
 
     def _run(self, frames: torch.Tensor, geom, cfg: UpscaleConfig, plan: memory.Plan, on_progress, noise):
         """One run with ``plan``'s tiling: (frames, stats)."""

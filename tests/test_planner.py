@@ -8,6 +8,7 @@ import torch
 from comfyui_flashvsr.flashvsr import pipeline as pipeline_module
 from comfyui_flashvsr.flashvsr.config import Mode, UpscaleConfig, budget_gib
 from comfyui_flashvsr.flashvsr.engine import memory
+from comfyui_flashvsr.flashvsr.engine.preprocess import plan_geometry
 from comfyui_flashvsr.flashvsr.engine.memory import GiB, MemoryInputs, TileShape, plan_run, predict_peak
 from comfyui_flashvsr.flashvsr.pipeline import FlashVSR, _tiles
 from comfyui_flashvsr.models.dit import KVRing
@@ -73,10 +74,11 @@ def test_a_budget_too_small_for_untiled_picks_the_cheapest_tiles_that_fit():
             assert n * min(tile.height, 2176) * min(tile.width, 3840) >= cost
 
 
-def test_an_8_gib_card_runs_768x1408_in_full_height_tiles():
-    plan = plan_run(inputs(), 768, 1408, 8 * GiB, 128)
+@pytest.mark.parametrize("gib, strips", [(8, 3), (12, 2)])
+def test_small_cards_run_768x1408_in_full_height_strips(gib, strips):
+    plan = plan_run(inputs(), 768, 1408, gib * GiB, 128)
     assert plan.fits and plan.tiles is not None
-    assert plan.tiles.height == 768 and plan.tile_count == 2          # two strips, not a grid of squares
+    assert plan.tiles.height == 768 and plan.tile_count == strips     # strips, not a grid of squares
 
 
 def test_smaller_budgets_never_give_larger_tiles():
@@ -95,11 +97,13 @@ def test_a_budget_nothing_fits_gives_the_smallest_tiles_and_says_so():
     assert "does NOT fit" in plan.describe()
 
 
-def test_shrunk_budget_is_below_the_failed_plans_prediction():
+def test_after_an_out_of_memory_error_the_next_plan_is_strictly_smaller():
     plan = plan_run(inputs(), 2176, 3840, 80 * GiB, 128)
-    smaller = memory.shrink_budget(plan, 80 * GiB, 80 * GiB)
-    assert smaller < plan.predicted_peak
-    assert plan_run(inputs(), 2176, 3840, smaller, 128).predicted_peak < plan.predicted_peak
+    while plan.fits:
+        smaller = plan_run(inputs(), 2176, 3840, memory.shrink_budget(plan), 128)
+        assert smaller.predicted_peak <= memory.RETRY_SHARE * plan.predicted_peak
+        plan = smaller
+    assert plan.tiles == TileShape(256, 256, 128) or plan.tiles.height * plan.tiles.width <= 384 * 384
 
 
 @pytest.mark.parametrize("total, size, overlap", [(384, 256, 64), (1408, 512, 128), (2176, 1024, 128), (768, 768, 0)])
@@ -151,14 +155,20 @@ def test_the_weights_the_planner_counts_are_the_loaded_networks(micro):
 
 def test_out_of_memory_mid_run_replans_and_gives_the_frames_of_that_plan(micro, monkeypatch):
     cfg = UpscaleConfig(tile_overlap=64)
-    frames = clip(30)
-    expected = micro.upscale(frames, UpscaleConfig(tile_size=256, tile_overlap=64)).frames
+    frames = clip(30)                              # 3 chunks; the error comes after the first
+    geom = plan_geometry(72, 72, cfg.scale, False)
+    first = micro._plan(geom, cfg, 80 * GiB)
+    retry = micro._plan(geom, cfg, memory.shrink_budget(first))
+    assert first.tiles is None and retry.tiles is not None and retry.predicted_peak < first.predicted_peak
+    with monkeypatch.context() as m:
+        m.setattr(FlashVSR, "_plan", lambda self, geom, cfg, budget: retry)
+        expected = micro.upscale(frames, cfg).frames
     monkeypatch.setattr(FlashVSR, "_budget", lambda self, cfg: 80 * GiB)
     monkeypatch.setattr(pipeline_module, "run_stream", oom_after(chunks=1))
     result = micro.upscale(frames, cfg)
     assert torch.equal(result.frames, expected)
     assert len(result.stats.replans) == 1 and "re-planned" in result.stats.replans[0]
-    assert "256x256 tiles" in result.stats.plan and "re-planned 1x" in result.stats.summary()
+    assert result.stats.plan == retry.describe() and "re-planned 1x" in result.stats.summary()
 
 
 def test_out_of_memory_that_no_smaller_plan_avoids_ends_with_one_clear_error(micro, monkeypatch):

@@ -35,9 +35,11 @@ WORKING_PER_PIXEL = {Mode.TINY: 1.81 * GiB / 1e6, Mode.TINY_LONG: 1.75 * GiB / 1
 FULL_FRAME_UPSAMPLE_BYTES_PER_PIXEL = 24   # tiled runs: a whole frame in float32, twice, plus its cast
 
 
-def margin_bytes(budget: int) -> int:
-    """Head room kept free under a budget: allocator fragmentation and CUDA's own work buffers."""
-    return max(GiB // 2, budget // 20)
+# The caching allocator reserves more than it hands out (split blocks, per-stream pools, cuDNN and
+# compile work buffers), and a card runs out when its *reserved* memory reaches the budget: plans
+# keep their predicted allocated peak to this share of the budget (docs/benchmarks.md, "VRAM planner").
+USABLE_SHARE = 0.8
+RETRY_SHARE = 0.85     # after an out-of-memory error: the next plan predicts at most this share of the failed one
 
 
 @dataclass(frozen=True)
@@ -149,7 +151,7 @@ def plan_run(inputs: MemoryInputs, model_h: int, model_w: int, budget: int | Non
 
 
 def usable(budget: int) -> int:
-    return budget - margin_bytes(budget)
+    return int(budget * USABLE_SHARE)
 
 
 def candidate_tiles(model_h: int, model_w: int, overlap: int) -> list[TileShape]:
@@ -162,11 +164,11 @@ def candidate_tiles(model_h: int, model_w: int, overlap: int) -> list[TileShape]
             if (h, w) != (model_h, model_w)]
 
 
-def shrink_budget(plan: Plan, budget: int | None, total_memory: int | None) -> int:
-    """The budget for the retry after an out-of-memory error: below what the failed plan predicted
-    and below the budget it had, so the next plan is strictly smaller."""
-    known = [b for b in (plan.predicted_peak, budget, total_memory) if b]
-    return int(min(known) * 0.8)
+def shrink_budget(plan: Plan) -> int:
+    """The budget for the retry after an out-of-memory error: one whose usable share is below what
+    the failed plan predicted, so any plan that fits it is strictly smaller."""
+    wanted = int(plan.predicted_peak * RETRY_SHARE / USABLE_SHARE)
+    return min(wanted, plan.budget) if plan.budget else wanted
 
 
 def describe_bytes(n: int | None) -> str:
