@@ -252,3 +252,21 @@ def test_a_signal_from_outside_leaves_no_partial_file(tmp_path, sig):
     _, err = child.communicate(timeout=60)
     assert child.returncode == 130, err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_plan_that_needs_tiles_runs_the_whole_clip_with_the_users_budget(tmp_path, fake_loader):
+    class Planned(FakePipe):
+        def plan(self, height, width, cfg):
+            self.planned = (height, width, cfg.vram_budget)
+            return SimpleNamespace(tiles=object(), describe=lambda: "2 tiles")
+
+        def upscale_stream(self, *args, **kwargs):
+            raise AssertionError("a tiled plan must not stream")
+
+    pipe = Planned()
+    info = probe(SAMPLE)
+    job = cli.job_from_args(cli.build_parser().parse_args(
+        ["upscale", str(SAMPLE), str(tmp_path / "planned.mp4"), "--scale", "2", "--vram-budget", "6"]))
+    assert cli.run_upscale(job, pipe, info, cli.Progress(info.frames, io.StringIO())) == info.frames
+    assert pipe.planned == (info.height, info.width, "6")
+    assert [c.vram_budget for c in pipe.configs] == ["6"]

@@ -112,3 +112,29 @@ def test_size_and_list_arguments_are_validated():
         bench.pixels("768 by 1408")
     with pytest.raises(argparse.ArgumentTypeError, match="tiny, tiny-long, full"):
         bench._csv(("tiny", "tiny-long", "full"))("tiny,huge")
+
+
+def test_vram_budget_reaches_the_config_and_the_table_shows_predicted_next_to_measured():
+    class Planned(FakePipe):
+        def upscale(self, frames, cfg):
+            self.budget = cfg.vram_budget
+            result = super().upscale(frames, cfg)
+            result.stats.predicted_peak_bytes = 6 * 2**30
+            result.stats.plan = "3 640x768 tiles (overlap 128), predicted peak 6.0 GiB of a 8.0 GiB budget"
+            return result
+
+    pipes = []
+    params = _params(modes=("tiny",), sage=("enable",), vram_budget=8.0)
+    data = bench.report(params, bench.run(params, lambda mode: pipes.append(Planned(mode)) or pipes[-1]),
+                        bench.environment("cpu"))
+    assert pipes[0].budget == 8.0
+    text = bench.table(data)
+    assert "predicted VRAM" in text and "6.00 GiB" in text and "3 640x768 tiles (overlap 128)" in text
+    assert "VRAM budget 8 GiB" in text
+
+
+@pytest.mark.parametrize("value", ["auto", "0", "lots"])
+def test_bench_vram_budget_takes_a_positive_number_of_gib(value, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--vram-budget", value])
+    assert "--vram-budget" in capsys.readouterr().err
