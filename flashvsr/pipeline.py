@@ -195,10 +195,10 @@ class FlashVSR:
             self._release(collect=True)     # outside the handler: its traceback no longer holds tensors
             smaller = self._plan(geom, replace(cfg, tile_size=0), memory.shrink_budget(plan))
             if len(replans) >= MAX_REPLANS or smaller.predicted_peak >= plan.predicted_peak:
+                after = f"; after {len(replans)} re-plan(s)" if replans else ""
                 raise RuntimeError(f"FlashVSR ran out of GPU memory at {geom.model_w}x{geom.model_h} ({self.mode.value}, "
-                                   f"{plan.describe()}{'; after re-planning ' + str(len(replans)) + ' time(s)' if replans else ''}): "
-                                   "use mode 'tiny-long', a smaller vram_budget or tile_size, a smaller scale, or "
-                                   f"free other models first. ({failure})") from None
+                                   f"{plan.describe()}{after}): use mode 'tiny-long', a smaller vram_budget or "
+                                   f"tile_size, a smaller scale, or free other models first. ({failure})") from None
             note = f"out of GPU memory with {plan.describe()}; re-planned: {smaller.describe()}"
             log.warning("[FlashVSR] %s", note)
             replans.append(note)
