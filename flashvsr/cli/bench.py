@@ -268,7 +268,9 @@ def table(data: dict, markdown: bool = False) -> str:
                 f"{p['precision']}, weights {p['version']}, "
                 f"compile {'on' if p['compile'] and p['device'].startswith('cuda') else 'off'}, "
                 + (f"tiles {p['tile_size']} px (overlap {p['tile_overlap']}), " if p.get("tile_size") else "")
-                + (f"VRAM budget {p['vram_budget']:g} GiB (allocator capped), " if p.get("vram_budget") else "")
+                + (f"VRAM budget {p['vram_budget']:g} GiB"
+                   + (" (allocator capped), " if p["device"].startswith("cuda") else " (no effect off CUDA), ")
+                   if p.get("vram_budget") else "")
                 + f"median of {p['repeat']} run(s)")
     cols = ["mode", "sageattention", "e2e fps", "steady fps", "s/frame", "peak VRAM", "predicted VRAM", "peak RAM",
             "attention ran", "plan"]
