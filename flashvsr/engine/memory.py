@@ -169,7 +169,3 @@ def shrink_budget(plan: Plan) -> int:
     the failed plan predicted, so any plan that fits it is strictly smaller."""
     wanted = int(plan.predicted_peak * RETRY_SHARE / USABLE_SHARE)
     return min(wanted, plan.budget) if plan.budget else wanted
-
-
-def describe_bytes(n: int | None) -> str:
-    return "unknown" if n is None else f"{n / GiB:.1f} GiB"
