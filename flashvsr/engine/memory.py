@@ -27,8 +27,8 @@ TOKEN_PIXELS = 16              # one DiT token = 16x16 output pixels (VAE 8x, pa
 WINDOW_TOKENS = 128            # (2, 8, 8) tokens per attention window (models/lcsa.py)
 
 # Working set per stream: bytes = BASE + PER_PIXEL * model pixels at 2-byte compute precision
-# (float32 doubles it). Fitted on the H100 to Tiny 768x1408 (11.21 / 9.76 GiB) and 2176x3840
-# untiled (52.2 GiB), Full 768x1408 (19.75 / 18.30 GiB); Tiny-Long measured within 1 % of Tiny.
+# (float32 doubles it). Fitted to the H100 peaks of Tiny, Tiny-Long and Full at 768x1408 and Tiny at
+# 2176x3840 (docs/benchmarks.md, "VRAM planner"; tests/test_planner.py pins them within 10 %).
 WORKING_BASE = {Mode.TINY: 0.09 * GiB, Mode.TINY_LONG: 0.09 * GiB, Mode.FULL: 0.09 * GiB}
 WORKING_PER_PIXEL = {Mode.TINY: 1.81 * GiB / 1e6, Mode.TINY_LONG: 1.75 * GiB / 1e6,
                      Mode.FULL: 9.67 * GiB / 1e6}
