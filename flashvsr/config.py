@@ -4,6 +4,7 @@ This module imports nothing from the project, so every layer (attention, weights
 nodes) may read its tuples and rules."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from enum import Enum
 
@@ -88,6 +89,7 @@ class UpscaleConfig:
     color_fix_float32: bool = True
     compile: bool = True          # CUDA only: torch.compile the DiT's elementwise glue (falls back to eager)
     overlap_decode: bool = True   # CUDA, Tiny/Full: projector and decoder on a second stream, beside the DiT
+    vram_budget: "str | float" = "auto"   # CUDA: GiB the run may use, or "auto" (free memory); picks the tiling
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -112,4 +114,22 @@ class UpscaleConfig:
             out["sageattention"] = f"sageattention must be one of {SAGE_CHOICES}, got {self.sageattention!r}"
         if self.preprocess not in PREPROCESS_MODES:
             out["preprocess"] = f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}"
+        try:
+            budget_gib(self.vram_budget)
+        except ValueError as err:
+            out["vram_budget"] = str(err)
         return out | tile_problems(self.tile_size, self.tile_overlap)
+
+
+def budget_gib(value: "str | float") -> float | None:
+    """``"auto"`` -> None; a number of GiB (or its text) -> that float, which must be > 0."""
+    if isinstance(value, str):
+        if value.strip().lower() == "auto":
+            return None
+        try:
+            value = float(value)
+        except ValueError:
+            raise ValueError(f"vram_budget must be 'auto' or a number of GiB such as 12, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"vram_budget must be 'auto' or a positive number of GiB, got {value!r}")
+    return float(value)

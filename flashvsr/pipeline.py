@@ -7,27 +7,30 @@
 """
 from __future__ import annotations
 
+import gc
 import logging
 import pathlib
 import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..attention import AttentionDispatcher
-from .config import Mode, UpscaleConfig, Version
+from .config import Mode, UpscaleConfig, Version, budget_gib
 from .devices import resolve_device
+from .engine import memory
 from .engine.stream import EngineModels, Tile, check_finite, run_stream, steady_period_ms
 from .engine.frames import FrameSource
 from .engine.host_copy import DeferredDownload
-from .engine.preprocess import MULTIPLE, plan_geometry
+from .engine.preprocess import plan_geometry
 from .engine.schedule import STEADY_CHUNK_FRAMES, plan_frames, total_chunks
 
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
+MAX_REPLANS = 3      # out-of-memory retries of one run, each under a smaller budget
 
 
 @dataclass
@@ -40,6 +43,9 @@ class RunStats:
     mode: str
     device: str
     steady_fps: float | None = None   # CUDA, >= 4 chunks: output frames per second of the GPU's steady period
+    plan: str = ""                    # the tiling that ran and its predicted peak (memory.Plan.describe)
+    predicted_peak_bytes: int = 0
+    replans: tuple[str, ...] = ()     # one line per out-of-memory re-plan
 
     @property
     def fps(self) -> float:
@@ -48,7 +54,12 @@ class RunStats:
     def summary(self) -> str:
         vram = f"peak VRAM {self.peak_vram_bytes / 2**30:.1f} GiB" if self.peak_vram_bytes else f"device {self.device}"
         steady = f", steady {self.steady_fps:.1f} fps" if self.steady_fps else ""
-        return f"{self.attention} | {self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} fps{steady}) | {vram}"
+        text = f"{self.attention} | {self.frames} frames in {self.seconds:.1f} s ({self.fps:.1f} fps{steady}) | {vram}"
+        if self.plan:
+            text += f" | plan: {self.plan}"
+        if self.replans:
+            text += f" | re-planned {len(self.replans)}x after out-of-memory errors"
+        return text
 
 
 @dataclass
@@ -197,12 +208,78 @@ class FlashVSR:
 
         Raises ``BadFrames`` (a ValueError naming the frame) for NaN/Inf pixels, other dtypes or layouts,
         and ``NonFiniteOutput`` when the networks produce NaN (broken weights) instead of returning it.
-        """
+
+        The run's tiling comes from ``plan()`` (``config.vram_budget``, or the user's ``tile_size``).
+        An out-of-memory error frees the run, re-plans under a smaller budget and starts again, up to
+        ``MAX_REPLANS`` times: the frames are those the final plan gives from the start."""
         cfg = config or UpscaleConfig()
         src = FrameSource(frames)        # checked here once; a tensor source is shared by the tiles
         n, (h, w) = src.count, src.first().shape[:2]
         geom = plan_geometry(h, w, cfg.scale, cfg.preprocess == "official")
-        tiles = _tiles(geom.model_h, geom.model_w, cfg) if cfg.tile_size else [None]
+        plan = self._plan(geom, cfg, self._budget(cfg))
+        log.info("[FlashVSR] %dx%d -> %dx%d (%s): %s", geom.in_w, geom.in_h, geom.out_w, geom.out_h,
+                 self.mode.value, plan.describe())
+        replans: list[str] = []
+        while True:
+            failure = None
+            try:
+                out, stats = self._run(src, n, geom, cfg, plan, on_progress, noise)
+            except torch.cuda.OutOfMemoryError as err:
+                failure = str(err).split("\n")[0]
+            if failure is None:
+                break
+            self._release(collect=True)     # outside the handler: its traceback no longer holds tensors
+            smaller = self._plan(geom, replace(cfg, tile_size=0), memory.shrink_budget(plan))
+            if len(replans) >= MAX_REPLANS or smaller.predicted_peak >= plan.predicted_peak:
+                after = f"; after {len(replans)} re-plan(s)" if replans else ""
+                raise RuntimeError(f"FlashVSR ran out of GPU memory at {geom.model_w}x{geom.model_h} ({self.mode.value}, "
+                                   f"{plan.describe()}{after}): use mode 'tiny-long', a smaller vram_budget or "
+                                   f"tile_size, a smaller scale, or free other models first. ({failure})") from None
+            note = f"out of GPU memory with {plan.describe()}; re-planned: {smaller.describe()}"
+            log.warning("[FlashVSR] %s", note)
+            replans.append(note)
+            plan = smaller
+        stats.plan, stats.predicted_peak_bytes, stats.replans = plan.describe(), plan.predicted_peak, tuple(replans)
+        log.info("[FlashVSR] %s", stats.summary())
+        return UpscaleResult(out, stats)
+
+    def plan(self, height: int, width: int, config: UpscaleConfig | None = None) -> memory.Plan:
+        """The tiling and predicted peak VRAM of a run on (height x width) input frames."""
+        cfg = config or UpscaleConfig()
+        geom = plan_geometry(height, width, cfg.scale, cfg.preprocess == "official")
+        return self._plan(geom, cfg, self._budget(cfg))
+
+    def _plan(self, geom, cfg: UpscaleConfig, budget: int | None) -> memory.Plan:
+        return memory.plan_run(self._memory_inputs(cfg), geom.model_h, geom.model_w, budget,
+                               cfg.tile_overlap, cfg.tile_size)
+
+    def _memory_inputs(self, cfg: UpscaleConfig) -> memory.MemoryInputs:
+        probe = torch.empty(0, device=self.device, dtype=self.dtype)
+        int8 = self.device.type == "cuda" and self.attention.key_rows(cfg.sageattention, probe) is not None
+        return memory.MemoryInputs(self._weight_bytes(), self.mode, torch.finfo(self.dtype).bits // 8, int8,
+                                   int(cfg.kv_ratio), self.dit.cfg.dim, self.dit.cfg.num_layers)
+
+    def _weight_bytes(self) -> int:
+        tensors = [t for net in (self.dit, self.projector, self.decoder)
+                   for t in (*net.parameters(), *net.buffers())]
+        tensors += [t for pair in self.consts.cross_kv for t in pair] + [self.consts.t, self.consts.t_mod]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _budget(self, cfg: UpscaleConfig) -> int | None:
+        """Bytes the run may reach (``max_memory_allocated``); None without CUDA (no planning).
+        auto: the device's free memory plus what this process holds unused or in these weights."""
+        if self.device.type != "cuda":
+            return None
+        gib = budget_gib(cfg.vram_budget)
+        if gib is not None:
+            return int(gib * memory.GiB)
+        free, _ = torch.cuda.mem_get_info(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        return free + cached + self._weight_bytes()
+
+    def _run(self, src: FrameSource, n: int, geom, cfg: UpscaleConfig, plan: memory.Plan, on_progress, noise):
+        """One run of the ``n`` frames of ``src`` with ``plan``'s tiling: (frames, stats)."""
+        tiles = _tiles(geom.model_h, geom.model_w, plan.tiles) if plan.tiles else [None]
         total = total_chunks(n, geom.official) * len(tiles)
         n_out = plan_frames(n, geom.official).output_frames      # refuses a clip too short for official mode
         cuda = self.device.type == "cuda"
@@ -211,6 +288,7 @@ class FlashVSR:
         pin_all = cuda and len(tiles) == 1 and self.mode is not Mode.TINY_LONG
         out = torch.zeros((n_out, geom.out_h, geom.out_w, 3), dtype=torch.float32, pin_memory=pin_all)
         weight = torch.zeros((1, geom.out_h, geom.out_w, 1), dtype=torch.float32) if len(tiles) > 1 else None
+        overlap = plan.tiles.overlap if plan.tiles else 0
         attn = self.attention.session(cfg.sageattention)
         done = 0
         downloads = DeferredDownload()
@@ -231,7 +309,7 @@ class FlashVSR:
         start = self._start_timing()
         try:
             for tile in tiles:
-                ramp = _ramp(tile, geom, cfg.tile_overlap) if weight is not None else None
+                ramp = _ramp(tile, geom, overlap) if weight is not None else None
                 starts.append([])
                 for chunk_out in _tuned(run_stream(self.engine_models(cfg), src, geom, cfg, attn, noise=noise, tile=tile,
                                                    decode_stream=self.decode_stream_for(cfg))):
@@ -251,26 +329,26 @@ class FlashVSR:
             _check_outputs(checks)
             if weight is not None:
                 out /= weight
-        except torch.cuda.OutOfMemoryError as err:
-            self._release()
-            raise RuntimeError(f"FlashVSR ran out of GPU memory at {geom.model_w}x{geom.model_h} ({self.mode.value}): "
-                               "use mode 'tiny-long', spatial tiling (tile_size 512 or 768), a smaller scale, or "
-                               f"free other models first. ({err})") from None
         finally:
             self._release()
-        stats = self._stats(start, n_out, attn, done, starts)
-        log.info("[FlashVSR] %s", stats.summary())
-        return UpscaleResult(out, stats)
+        return out, self._stats(start, n_out, attn, done, starts)
 
     def upscale_stream(self, frames: Iterable, config: UpscaleConfig | None = None, n_frames: int | None = None,
                        on_progress: Progress | None = None) -> Iterator[torch.Tensor]:
-        """Stream frames through: yields (t, H', W', 3) uint8 CPU tensors in order, one per input frame."""
+        """Stream frames through: yields (t, H', W', 3) uint8 CPU tensors in order, one per input frame.
+        Untiled only: check ``plan()`` first; a run that needs tiles to fit its budget goes to upscale()."""
         cfg = config or UpscaleConfig()
         if cfg.tile_size:
             raise ValueError("spatial tiling needs the whole clip; use upscale() or tile_size=0 when streaming")
         src = FrameSource(frames)
         first = src.first()
         geom = plan_geometry(first.shape[0], first.shape[1], cfg.scale, cfg.preprocess == "official")
+        plan = self._plan(geom, cfg, self._budget(cfg))
+        if plan.tiles is not None:
+            raise ValueError(f"this run needs spatial tiles to fit its VRAM budget ({plan.describe()}), and tiles "
+                             "need the whole clip; use upscale() or a larger vram_budget when streaming")
+        log.info("[FlashVSR] %dx%d -> %dx%d (%s): %s", geom.in_w, geom.in_h, geom.out_w, geom.out_h,
+                 self.mode.value, plan.describe())
         total = total_chunks(n_frames, geom.official) if n_frames else 0
         attn = self.attention.session(cfg.sageattention)
         self.last_stats = None
@@ -300,6 +378,7 @@ class FlashVSR:
         finally:
             self._release()
         self.last_stats = self._stats(start, count, attn, done, [starts])
+        self.last_stats.plan, self.last_stats.predicted_peak_bytes = plan.describe(), plan.predicted_peak
 
     def engine_models(self, cfg: UpscaleConfig) -> EngineModels:
         """The model set ``upscale`` hands to ``run_stream`` for ``cfg`` (on CUDA: the compiled passes),
@@ -326,8 +405,11 @@ class FlashVSR:
         return RunStats(frames, seconds, peak, attn.summary(), chunks, self.mode.value, str(self.device),
                         steady_fps(starts))
 
-    def _release(self) -> None:
-        """Drop what a finished or cancelled run left in the allocator; the weights stay loaded."""
+    def _release(self, collect: bool = False) -> None:
+        """Drop what a finished or cancelled run left in the allocator; the weights stay loaded.
+        ``collect``: first collect garbage (tensors held by the frames of a failed run)."""
+        if collect:
+            gc.collect()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -393,18 +475,11 @@ def _default_device(device) -> torch.device:
     return device if isinstance(device, torch.device) else torch.device(resolve_device(device, flag="device"))
 
 
-def _tiles(model_h: int, model_w: int, cfg: UpscaleConfig) -> list[Tile]:
+def _tiles(model_h: int, model_w: int, shape: memory.TileShape) -> list[Tile]:
     """Overlapping tiles (multiples of 128) covering the model frame; edge tiles are shifted inwards."""
-    size, step = cfg.tile_size, max(MULTIPLE, ((cfg.tile_size - cfg.tile_overlap) // MULTIPLE) * MULTIPLE)
-
-    def starts(total: int) -> list[int]:
-        if total <= size:
-            return [0]
-        s = list(range(0, total - size, step)) + [total - size]
-        return sorted(set(s))
-
-    th, tw = min(size, model_h), min(size, model_w)
-    return [Tile(y, x, th, tw) for y in starts(model_h) for x in starts(model_w)]
+    th, tw = min(shape.height, model_h), min(shape.width, model_w)
+    return [Tile(y, x, th, tw) for y in memory.tile_starts(model_h, shape.height, shape.overlap)
+            for x in memory.tile_starts(model_w, shape.width, shape.overlap)]
 
 
 def _ramp(tile: Tile, geom, overlap: int) -> torch.Tensor:

@@ -143,6 +143,10 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
            "cannot compile). Off: no compile warm-up.", default=_DEFAULTS.compile,
            label_on="compile", label_off="eager"),
     _seed(),
+    Widget("FLOAT", "vram_budget_gib", "GPU memory this run may use, in GiB; 0 = auto (the free memory). "
+           "The run is planned for it: untiled when it fits, else spatial tiles (tile_size > 0 wins); "
+           "the node's report gives the plan and its predicted peak.",
+           default=0.0, min=0.0, max=1024.0, step=0.5),
 )
 
 
@@ -171,6 +175,7 @@ class NodeSettings:
     seed: int = _DEFAULTS.seed
     preprocess: str = _DEFAULTS.preprocess
     compile: bool = _DEFAULTS.compile
+    vram_budget_gib: float = 0.0       # 0 = "auto"
 
     def __post_init__(self) -> None:
         problems = problems_with(ADVANCED_INPUTS, {f.name: getattr(self, f.name) for f in fields(self)})
@@ -186,7 +191,8 @@ class NodeSettings:
             preprocess=self.preprocess, compile=bool(self.compile), tile_size=int(self.tile_size),
             tile_overlap=int(self.tile_overlap), vae_tiling=bool(self.vae_tiling),
             vae_tile=(self.vae_tile_height // px, self.vae_tile_width // px),
-            vae_stride=(self.vae_stride_height // px, self.vae_stride_width // px))
+            vae_stride=(self.vae_stride_height // px, self.vae_stride_width // px),
+            vram_budget=float(self.vram_budget_gib) or "auto")
 
 
 def basic_settings(preset: str, scale: float, seed: int) -> NodeSettings:

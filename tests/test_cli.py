@@ -277,3 +277,21 @@ def test_progress_off_a_terminal_does_not_repeat_the_last_line():
     p.update(10)
     p.close()
     assert stream.getvalue().count("10/10 frames") == 1
+
+
+def test_a_plan_that_needs_tiles_runs_the_whole_clip_with_the_users_budget(tmp_path, fake_loader):
+    class Planned(FakePipe):
+        def plan(self, height, width, cfg):
+            self.planned = (height, width, cfg.vram_budget)
+            return SimpleNamespace(tiles=object(), describe=lambda: "2 tiles")
+
+        def upscale_stream(self, *args, **kwargs):
+            raise AssertionError("a tiled plan must not stream")
+
+    pipe = Planned()
+    info = probe(SAMPLE)
+    job = cli.job_from_args(cli.build_parser().parse_args(
+        ["upscale", str(SAMPLE), str(tmp_path / "planned.mp4"), "--scale", "2", "--vram-budget", "6"]))
+    assert cli.run_upscale(job, pipe, info, cli.Progress(info.frames, io.StringIO())).frames == info.frames
+    assert pipe.planned == (info.height, info.width, "6")
+    assert [c.vram_budget for c in pipe.configs] == ["6"]

@@ -142,3 +142,29 @@ def test_table_shows_the_median_and_the_range_of_the_runs():
     (single,) = bench.run(_params(modes=("tiny",), sage=("disable",), repeat=1), FakePipe)
     assert "| - | n/a | - |" in bench.table(bench.report(params, [single], bench.environment("cpu")),
                                             markdown=True)
+
+
+def test_vram_budget_reaches_the_config_and_the_table_shows_predicted_next_to_measured():
+    class Planned(FakePipe):
+        def upscale(self, frames, cfg):
+            self.budget = cfg.vram_budget
+            result = super().upscale(frames, cfg)
+            result.stats.predicted_peak_bytes = 6 * 2**30
+            result.stats.plan = "3 640x768 tiles (overlap 128), predicted peak 6.0 GiB of a 8.0 GiB budget"
+            return result
+
+    pipes = []
+    params = _params(modes=("tiny",), sage=("enable",), vram_budget=8.0)
+    data = bench.report(params, bench.run(params, lambda mode: pipes.append(Planned(mode)) or pipes[-1]),
+                        bench.environment("cpu"))
+    assert pipes[0].budget == 8.0
+    text = bench.table(data)
+    assert "predicted VRAM" in text and "6.00 GiB" in text and "3 640x768 tiles (overlap 128)" in text
+    assert "VRAM budget 8 GiB" in text
+
+
+@pytest.mark.parametrize("value", ["auto", "0", "lots"])
+def test_bench_vram_budget_takes_a_positive_number_of_gib(value, capsys):
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "--vram-budget", value])
+    assert "--vram-budget" in capsys.readouterr().err

@@ -19,7 +19,7 @@ ADVANCED_ORDER = [
     "frames", "version", "mode", "scale", "sageattention", "color_fix", "sparse_ratio", "kv_ratio",
     "local_range", "tile_size", "tile_overlap", "vae_tiling", "vae_tile_height", "vae_tile_width",
     "vae_stride_height", "vae_stride_width", "precision", "device", "keep_model_loaded", "preprocess",
-    "compile", "seed",
+    "compile", "seed", "vram_budget_gib",
 ]
 
 
@@ -56,8 +56,13 @@ def test_advanced_covers_every_engine_option():
     # overlap_decode only schedules the same kernels on two streams (identical frames, measured).
     engine_fields = {f.name for f in dataclasses.fields(UpscaleConfig)} - {"color_fix_float32", "overlap_decode"}
     widget_ids = {w.id for w in o.ADVANCED_INPUTS}
-    covered = widget_ids | {"vae_tile", "vae_stride"}
+    covered = widget_ids | {"vae_tile", "vae_stride", "vram_budget"}     # vram_budget from vram_budget_gib
     assert engine_fields <= covered
+
+
+def test_vram_budget_gib_zero_is_auto_and_a_number_is_that_budget():
+    assert o.NodeSettings().upscale_config().vram_budget == "auto"
+    assert o.NodeSettings(vram_budget_gib=12.0).upscale_config().vram_budget == 12.0
 
 
 def test_default_settings_give_the_engine_defaults():

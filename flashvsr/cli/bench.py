@@ -53,6 +53,7 @@ class BenchParams:
     seed: int = 0
     tile_size: int = 0     # UpscaleConfig.tile_size: spatial tiling in output pixels (0 = off)
     tile_overlap: int = config.UpscaleConfig.tile_overlap
+    vram_budget: float | None = None   # GiB: plan for a card of this size and cap the allocator there (CUDA)
 
     @property
     def in_h(self) -> int:
@@ -77,6 +78,8 @@ class BenchResult:
     runs: int = 1                     # measured runs; fps and steady_fps are their medians
     fps_range: tuple[float, float] | None = None          # (slowest, fastest) of the runs
     steady_fps_range: tuple[float, float] | None = None
+    predicted_vram_bytes: int | None = None   # the planner's prediction for the run (RunStats)
+    plan: str = ""
 
 
 def default_repeat(device: str) -> int:
@@ -152,13 +155,16 @@ def measure(pipe, frames, cfg: config.UpscaleConfig, device: str, mode: str) -> 
     attention = getattr(stats, "attention", "") or ""
     n = int(result.frames.shape[0])
     return BenchResult(mode, cfg.sageattention, n, seconds, n / seconds, vram, ram.peak_bytes,
-                       str(attention), getattr(stats, "steady_fps", None))
+                       str(attention), getattr(stats, "steady_fps", None),
+                       getattr(stats, "predicted_peak_bytes", None) or None, getattr(stats, "plan", ""))
 
 
 def run(params: BenchParams, build: Callable[[str], object] | None = None) -> list[BenchResult]:
     """Build one network per mode (``build(mode)``, default ``FlashVSR.random``) and time each case."""
     if build is None:
         build = _random_builder(params)
+    if params.vram_budget is not None:
+        emulate_card(params.vram_budget, params.device)
     frames = random_frames(params.frames, params.in_h, params.in_w, params.seed)
     warm = random_frames(params.warmup_frames, params.in_h, params.in_w, params.seed + 1)
     results = []
@@ -167,7 +173,8 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
         for sage in params.sage:
             cfg = config.UpscaleConfig(scale=params.scale, sageattention=sage, seed=params.seed,
                                        compile=params.compile, tile_size=params.tile_size,
-                                       tile_overlap=params.tile_overlap)
+                                       tile_overlap=params.tile_overlap,
+                                       vram_budget=params.vram_budget if params.vram_budget is not None else "auto")
             if params.warmup_frames:
                 pipe.upscale(warm, cfg)
             runs = sorted((measure(pipe, frames, cfg, params.device, mode)
@@ -183,6 +190,18 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
         del pipe
         _empty_cache(params.device)
     return results
+
+
+def emulate_card(gib: float, device: str) -> None:
+    """Cap this process's CUDA allocator at ``gib`` GiB, as on a card of that size (an allocation
+    beyond it raises the out-of-memory error a smaller card would)."""
+    if not device.startswith("cuda"):
+        return
+    import torch
+    total = torch.cuda.get_device_properties(device).total_memory
+    if gib * 2**30 > total:
+        raise ValueError(f"--vram-budget {gib:g} GiB is more than this GPU has ({total / 2**30:.1f} GiB)")
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
 
 
 def _max(values) -> int | None:
@@ -274,13 +293,16 @@ def table(data: dict, markdown: bool = False) -> str:
                 f"{p['precision']}, weights {p['version']}, "
                 f"compile {'on' if p['compile'] and p['device'].startswith('cuda') else 'off'}, "
                 + (f"tiles {p['tile_size']} px (overlap {p['tile_overlap']}), " if p.get("tile_size") else "")
+                + (f"VRAM budget {p['vram_budget']:g} GiB"
+                   + (" (allocator capped), " if p["device"].startswith("cuda") else " (no effect off CUDA), ")
+                   if p.get("vram_budget") else "")
                 + f"median of {p['repeat']} run(s), range = slowest-fastest")
     cols = ["mode", "sageattention", "e2e fps", "e2e range", "steady fps", "steady range", "s/frame",
-            "peak VRAM", "peak RAM", "attention ran"]
+            "peak VRAM", "predicted VRAM", "peak RAM", "attention ran", "plan"]
     rows = [[r["mode"], r["sageattention"], f"{r['fps']:.2f}", _spread(r, "fps_range"),
              _fps(r.get("steady_fps")), _spread(r, "steady_fps_range"),
-             f"{r['seconds'] / r['frames']:.3f}", _gib(r["peak_vram_bytes"]), _gib(r["peak_ram_bytes"]),
-             r["attention"] or "?"]
+             f"{r['seconds'] / r['frames']:.3f}", _gib(r["peak_vram_bytes"]), _gib(r.get("predicted_vram_bytes")),
+             _gib(r["peak_ram_bytes"]), r["attention"] or "?", _plan(r.get("plan"))]
             for r in data["results"]]
     if markdown:
         lines = [f"**{h}**  " if i < len(data["labels"]) else f"{h}  " for i, h in enumerate(head)]
@@ -292,6 +314,11 @@ def table(data: dict, markdown: bool = False) -> str:
     return "\n".join(head + ["", fmt.format(*cols)] + [fmt.format(*r) for r in rows])
 
 
+def _plan(text: str | None) -> str:
+    """The tiling part of a plan's description (the prediction has its own column)."""
+    return (text or "-").split(", predicted")[0]
+
+
 def csv_choices(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     def parse(text: str) -> tuple[str, ...]:
         items = tuple(v.strip() for v in text.split(",") if v.strip())
@@ -300,6 +327,16 @@ def csv_choices(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
             raise argparse.ArgumentTypeError(f"{text!r}: pick from {', '.join(choices)}")
         return items
     return parse
+
+
+def _gib_arg(text: str) -> float:
+    try:
+        value = config.budget_gib(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    if value is None:
+        raise argparse.ArgumentTypeError("--vram-budget takes a number of GiB (leave it out for auto)")
+    return value
 
 
 def add_parser(sub) -> None:
@@ -323,6 +360,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tile-size", type=int, default=config.UpscaleConfig.tile_size,
                    help="spatial tiling in output pixels, multiple of 128 (0 = off; e.g. 1024 for 4K output)")
     p.add_argument("--tile-overlap", type=int, default=config.UpscaleConfig.tile_overlap)
+    p.add_argument("--vram-budget", type=_gib_arg, default=None, metavar="GiB",
+                   help="emulate a card of this many GiB on a larger one: the planner plans for it and "
+                        "the allocator is capped there (torch.cuda.set_per_process_memory_fraction)")
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
     add_weights_argument(p)
@@ -348,7 +388,8 @@ def command(args: argparse.Namespace) -> int:
                          scale=args.scale, frames=args.frames, widths=args.widths,
                          version=args.weights, device=device, precision=precision,
                          warmup_frames=min(args.warmup_frames, args.frames), repeat=repeat,
-                         compile=args.compile, tile_size=args.tile_size, tile_overlap=args.tile_overlap)
+                         compile=args.compile, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
+                         vram_budget=args.vram_budget)
     for label in labels(params):
         log.warning(label)
     data = report(params, run(params), environment(device))

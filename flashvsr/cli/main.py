@@ -180,7 +180,8 @@ def run_upscale(job: UpscaleJob, pipe, info: VideoInfo, progress: Progress | Non
     stats = []
     source: Iterator = iter(frames) if frames is not None else iter_frames(job.input)
     audio_from = job.input if (job.audio and info.audio and not info.is_folder) else None
-    if job.upscale.tile_size:
+    tiled = _needs_tiles(job, pipe, info)
+    if tiled:
         chunks = _whole_clip(job, pipe, source, progress, stats)
     else:
         chunks = pipe.upscale_stream(source, job.upscale, n_frames=info.frames)
@@ -189,11 +190,23 @@ def run_upscale(job: UpscaleJob, pipe, info: VideoInfo, progress: Progress | Non
         for chunk in chunks:
             for frame in chunk:
                 writer.write(_to_u8(frame))
-            if not job.upscale.tile_size:       # the tiled run reports progress while it computes
+            if not tiled:                       # the tiled run reports progress while it computes
                 progress.update(writer.frames_written)
         written = writer.frames_written
     progress.close()
     return Written(written, stats[0] if stats else getattr(pipe, "last_stats", None))
+
+
+def _needs_tiles(job: UpscaleJob, pipe, info: VideoInfo) -> bool:
+    """Tiles forced by --tile-size, or planned because the run would not fit --vram-budget."""
+    if job.upscale.tile_size:
+        return True
+    plan = getattr(pipe, "plan", None)     # test doubles of the pipeline may have no planner
+    if plan is None:
+        return False
+    chosen = plan(info.height, info.width, job.upscale)
+    log.info("VRAM plan: %s", chosen.describe())
+    return chosen.tiles is not None
 
 
 def _whole_clip(job: UpscaleJob, pipe, source: Iterator, progress: Progress, stats: list) -> Iterator:
@@ -204,7 +217,7 @@ def _whole_clip(job: UpscaleJob, pipe, source: Iterator, progress: Progress, sta
     n = len(clip)
     h, w = clip[0].shape[:2] if clip else (0, 0)
     out_px = round(h * job.upscale.scale) * round(w * job.upscale.scale)
-    log.warning("--tile-size: spatial tiles need the whole clip at once, so this run holds all %d "
+    log.warning("spatial tiles need the whole clip at once, so this run holds all %d "
                 "frames in memory (about %.1f GB); without tiling frames stream with flat memory",
                 n, n * (h * w * 5 + out_px * 12) / 1e9)
     frames = torch.from_numpy(np.stack(clip)).float().div_(255.0)
@@ -251,7 +264,7 @@ def job_from_args(args: argparse.Namespace) -> UpscaleJob:
         scale=args.scale, sparse_ratio=args.sparse_ratio, kv_ratio=args.kv_ratio,
         local_range=args.local_range, color_fix=args.color_fix, seed=args.seed,
         sageattention=args.sageattention, preprocess=args.preprocess, tile_size=args.tile_size,
-        tile_overlap=args.tile_overlap, vae_tiling=args.vae_tiling,
+        tile_overlap=args.tile_overlap, vae_tiling=args.vae_tiling, vram_budget=args.vram_budget,
         vae_tile=latent_units(args.vae_tile, "--vae-tile"), vae_stride=latent_units(args.vae_stride, "--vae-stride"),
         compile=args.compile)
     return UpscaleJob(
@@ -293,6 +306,9 @@ def _add_upscale_parser(sub) -> None:
     p.add_argument("--tile-overlap", type=int, default=d.tile_overlap,
                    help=f"overlap of neighbouring tiles in output pixels, blended to hide seams "
                         f"(default {d.tile_overlap}; less than half of --tile-size)")
+    p.add_argument("--vram-budget", default=d.vram_budget, metavar="GiB|auto",
+                   help="GPU memory the run may use: auto (default: the free memory) or GiB; picks spatial "
+                        "tiles when the untiled run would not fit (--tile-size overrides)")
     p.add_argument("--vae-tiling", action="store_true", help="tile the Wan VAE decode (full mode)")
     p.add_argument("--vae-tile", type=pixels, default=(d.vae_tile[0] * 8, d.vae_tile[1] * 8),
                    metavar="HxW", help="VAE tile in output pixels (default 480x832)")

@@ -88,7 +88,9 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
     full_up = Upsampler(geom, dev, dtype)
     if tile is not None:
         geom = tile.geometry(geom)
-        up = lambda frame: full_up(frame)[:, tile.top:tile.top + tile.height, tile.left:tile.left + tile.width]
+        # a copy of the tile, not a view: a view would keep every cached full-size frame alive
+        # (1.3 GiB at 4K for chunk 0's 25 frames)
+        up = lambda frame: full_up(frame)[:, tile.top:tile.top + tile.height, tile.left:tile.left + tile.width].contiguous()
     else:
         up = full_up
     hr: dict[int, torch.Tensor] = {}

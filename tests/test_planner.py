@@ -1,0 +1,202 @@
+"""The VRAM model and the run planner (pure functions of sizes), and out-of-memory re-planning in the
+pipeline (CPU, micro networks, an injected out-of-memory error)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_flashvsr.flashvsr import pipeline as pipeline_module
+from comfyui_flashvsr.flashvsr.config import Mode, UpscaleConfig, budget_gib
+from comfyui_flashvsr.flashvsr.engine import memory
+from comfyui_flashvsr.flashvsr.engine.preprocess import plan_geometry
+from comfyui_flashvsr.flashvsr.engine.memory import GiB, MemoryInputs, TileShape, plan_run, predict_peak
+from comfyui_flashvsr.flashvsr.pipeline import FlashVSR, _tiles
+from comfyui_flashvsr.models.dit import KVRing
+
+# The full-size networks' bytes in bf16 (DiT 1.419e9 + projector 2.88e8 parameters, TCDecoder 4.5e7 or
+# Wan VAE decoder 7.3e7, cross-attention constants 9.4e7 bytes), counted from the modules on "meta".
+TINY_WEIGHTS = int(3.357 * GiB)
+FULL_WEIGHTS = int(3.409 * GiB)
+
+
+def inputs(mode=Mode.TINY, int8=True, weights=TINY_WEIGHTS, kv_groups=3):
+    return MemoryInputs(weights, mode, 2, int8, kv_groups)
+
+
+# Measured peaks on one H100 (docs/benchmarks.md): (mode, int8 keys, model h, w, GiB).
+MEASURED = [
+    (Mode.TINY, True, 768, 1408, 9.76),
+    (Mode.TINY, False, 768, 1408, 11.21),
+    (Mode.TINY_LONG, True, 768, 1408, 9.69),
+    (Mode.TINY_LONG, False, 768, 1408, 11.14),
+    (Mode.FULL, False, 768, 1408, 19.75),
+    (Mode.FULL, True, 768, 1408, 18.30),
+    (Mode.TINY, True, 2176, 3840, 52.2),
+]
+
+
+@pytest.mark.parametrize("mode, int8, h, w, gib", MEASURED)
+def test_predicted_peak_is_within_10_percent_of_the_measured_peak(mode, int8, h, w, gib):
+    weights = FULL_WEIGHTS if mode is Mode.FULL else TINY_WEIGHTS
+    predicted = predict_peak(inputs(mode, int8, weights), h, w) / GiB
+    assert abs(predicted - gib) <= 0.10 * gib, (predicted, gib)
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_kv_cache_bytes_equal_the_rings_the_dit_allocates(int8):
+    dim, heads, h, w = 256, 2, 384, 640            # 24 x 40 tokens: s1 = 3 * 5 windows per group
+    s1 = (h // 16 // 8) * (w // 16 // 8)
+    k_w = torch.zeros(s1, 128, dim, dtype=torch.bfloat16)
+    pooled = torch.zeros(s1, dim, dtype=torch.bfloat16)
+    ring = KVRing.allocate(k_w, pooled, s1, kv_groups=3, heads=heads, key_rows=64 if int8 else None)
+    held = sum(t.numel() * t.element_size() for t in (ring.k, ring.v, ring.pooled))
+    scales = ring.k_scales.numel() * 4 if int8 else 0
+    model = memory.kv_cache_bytes(MemoryInputs(0, Mode.TINY, 2, int8, 3, dim=dim, layers=1), h, w)
+    assert model == held
+    assert scales < 0.01 * held        # the int8 scales the model leaves out
+
+
+def test_no_budget_or_a_budget_that_fits_runs_untiled():
+    assert plan_run(inputs(), 768, 1408, None, 128).tiles is None
+    plan = plan_run(inputs(), 2176, 3840, 80 * GiB, 128)
+    assert plan.tiles is None and plan.fits and plan.tile_count == 1
+
+
+def test_a_budget_too_small_for_untiled_picks_the_cheapest_tiles_that_fit():
+    budget = 24 * GiB
+    plan = plan_run(inputs(), 2176, 3840, budget, 128)
+    assert plan.tiles is not None and plan.fits
+    assert plan.predicted_peak <= memory.usable(budget)
+    cost = plan.tile_count * plan.tiles.height * plan.tiles.width
+    for tile in memory.candidate_tiles(2176, 3840, 128):
+        if predict_peak(inputs(), 2176, 3840, tile) <= memory.usable(budget):
+            n = memory.tile_count(2176, 3840, tile)
+            assert n * min(tile.height, 2176) * min(tile.width, 3840) >= cost
+
+
+@pytest.mark.parametrize("gib, strips", [(8, 3), (12, 2)])
+def test_small_cards_run_768x1408_in_full_height_strips(gib, strips):
+    plan = plan_run(inputs(), 768, 1408, gib * GiB, 128)
+    assert plan.fits and plan.tiles is not None
+    assert plan.tiles.height == 768 and plan.tile_count == strips     # strips, not a grid of squares
+
+
+def test_smaller_budgets_never_give_larger_tiles():
+    peaks = [plan_run(inputs(int8=False), 1536, 2816, gib * GiB, 128).predicted_peak for gib in (48, 24, 16, 12, 8)]
+    assert peaks == sorted(peaks, reverse=True)
+
+
+def test_the_users_tile_size_wins_over_the_budget():
+    plan = plan_run(inputs(), 768, 1408, 80 * GiB, 64, forced_tile=512)
+    assert plan.forced and plan.tiles == TileShape(512, 512, 64) and "set by the user" in plan.describe()
+
+
+def test_a_budget_nothing_fits_gives_the_smallest_tiles_and_says_so():
+    plan = plan_run(inputs(), 768, 1408, 4 * GiB, 64)
+    assert not plan.fits and plan.tiles == TileShape(256, 256, 64)
+    assert "does NOT fit" in plan.describe()
+
+
+def test_after_an_out_of_memory_error_the_next_plan_is_strictly_smaller():
+    plan, retries = plan_run(inputs(), 2176, 3840, 80 * GiB, 128), 0
+    while True:
+        smaller = plan_run(inputs(), 2176, 3840, memory.shrink_budget(plan), 128)
+        if not smaller.fits:       # the smallest tiles (sides > 2 x overlap): the pipeline gives up here
+            assert smaller.tiles == TileShape(384, 384, 128)
+            break
+        assert smaller.predicted_peak <= memory.RETRY_SHARE * plan.predicted_peak
+        plan, retries = smaller, retries + 1
+    assert retries >= 5
+
+
+@pytest.mark.parametrize("total, size, overlap", [(384, 256, 64), (1408, 512, 128), (2176, 1024, 128), (768, 768, 0)])
+def test_tiles_cover_the_frame_with_the_requested_overlap(total, size, overlap):
+    starts = memory.tile_starts(total, size, overlap)
+    assert starts[0] == 0 and starts[-1] + min(size, total) == total
+    assert all(b - a <= size - overlap for a, b in zip(starts, starts[1:]))
+
+
+@pytest.mark.parametrize("value, gib", [("auto", None), ("12", 12.0), (8, 8.0), (" AUTO ", None), (7.5, 7.5)])
+def test_vram_budget_accepts_auto_or_gib(value, gib):
+    assert budget_gib(UpscaleConfig(vram_budget=value).vram_budget) == gib
+
+
+@pytest.mark.parametrize("value", ["big", 0, -3, float("nan"), True])
+def test_vram_budget_rejects_anything_else_with_one_clear_line(value):
+    with pytest.raises(ValueError, match="vram_budget must be 'auto' or a"):
+        UpscaleConfig(vram_budget=value)
+
+
+# ---- the pipeline: planning and out-of-memory recovery (CPU, micro networks) -------------------
+
+@pytest.fixture(scope="module")
+def micro():
+    return FlashVSR.random(mode="tiny", version="v1.1", device="cpu", dtype=torch.float32, size="micro", seed=2)
+
+
+def clip(n=5, h=72, w=72):
+    return torch.rand((n, h, w, 3), generator=torch.Generator().manual_seed(4))
+
+
+def oom_after(chunks: int, times: int = 1):
+    """A run_stream that raises CUDA's out-of-memory error after ``chunks`` chunks, ``times`` times."""
+    real, failures = pipeline_module.run_stream, [times]
+
+    def fake(*args, **kwargs):
+        for i, item in enumerate(real(*args, **kwargs)):
+            if i == chunks and failures[0] > 0:
+                failures[0] -= 1
+                raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+            yield item
+    return fake
+
+
+def test_the_weights_the_planner_counts_are_the_loaded_networks(micro):
+    nets = sum(p.numel() * 4 for n in (micro.dit, micro.projector, micro.decoder) for p in n.parameters())
+    assert nets < micro._weight_bytes() < nets * 1.1
+
+
+def test_out_of_memory_mid_run_replans_and_gives_the_frames_of_that_plan(micro, monkeypatch):
+    cfg = UpscaleConfig(tile_overlap=64)
+    frames = clip(30)                              # 3 chunks; the error comes after the first
+    geom = plan_geometry(72, 72, cfg.scale, False)
+    first = micro._plan(geom, cfg, 80 * GiB)
+    retry = micro._plan(geom, cfg, memory.shrink_budget(first))
+    assert first.tiles is None and retry.tiles is not None and retry.predicted_peak < first.predicted_peak
+    with monkeypatch.context() as m:
+        m.setattr(FlashVSR, "_plan", lambda self, geom, cfg, budget: retry)
+        expected = micro.upscale(frames, cfg).frames
+    monkeypatch.setattr(FlashVSR, "_budget", lambda self, cfg: 80 * GiB)
+    monkeypatch.setattr(pipeline_module, "run_stream", oom_after(chunks=1))
+    result = micro.upscale(frames, cfg)
+    assert torch.equal(result.frames, expected)
+    assert len(result.stats.replans) == 1 and "re-planned" in result.stats.replans[0]
+    assert result.stats.plan == retry.describe() and "re-planned 1x" in result.stats.summary()
+
+
+def test_out_of_memory_that_no_smaller_plan_avoids_ends_with_one_clear_error(micro, monkeypatch):
+    monkeypatch.setattr(FlashVSR, "_budget", lambda self, cfg: 80 * GiB)
+    monkeypatch.setattr(pipeline_module, "run_stream", oom_after(chunks=0, times=100))
+    with pytest.raises(RuntimeError, match="ran out of GPU memory .* use mode 'tiny-long', a smaller vram_budget"):
+        micro.upscale(clip(5), UpscaleConfig(tile_overlap=64))
+
+
+def test_a_planned_tiling_gives_the_frames_of_the_same_tiles_forced(micro, monkeypatch):
+    frames = clip(5)
+    plan = memory.Plan(TileShape(256, 256, 64), 4, 0, None, True)
+    monkeypatch.setattr(FlashVSR, "_plan", lambda self, geom, cfg, budget: plan)
+    planned = micro.upscale(frames, UpscaleConfig(tile_overlap=64))
+    monkeypatch.undo()
+    forced = micro.upscale(frames, UpscaleConfig(tile_size=256, tile_overlap=64))
+    assert torch.equal(planned.frames, forced.frames) and planned.stats.plan == plan.describe()
+
+
+def test_streaming_refuses_a_plan_that_needs_tiles(micro, monkeypatch):
+    monkeypatch.setattr(FlashVSR, "_budget", lambda self, cfg: 1 * GiB)
+    with pytest.raises(ValueError, match="needs spatial tiles to fit its VRAM budget"):
+        next(micro.upscale_stream(iter(clip(5, 200, 200))))
+
+
+def test_rectangular_tiles_cover_the_frame(micro):
+    tiles = _tiles(768, 1408, TileShape(768, 768, 128))
+    assert [(t.top, t.left, t.height, t.width) for t in tiles] == [(0, 0, 768, 768), (0, 640, 768, 768)]
