@@ -156,7 +156,8 @@ def measure(pipe, frames, cfg: config.UpscaleConfig, device: str, mode: str) -> 
     n = int(result.frames.shape[0])
     return BenchResult(mode, cfg.sageattention, n, seconds, n / seconds, vram, ram.peak_bytes,
                        str(attention), getattr(stats, "steady_fps", None),
-                       getattr(stats, "predicted_peak_bytes", None) or None, getattr(stats, "plan", ""))
+                       predicted_vram_bytes=getattr(stats, "predicted_peak_bytes", None) or None,
+                       plan=getattr(stats, "plan", ""))
 
 
 def run(params: BenchParams, build: Callable[[str], object] | None = None) -> list[BenchResult]:
