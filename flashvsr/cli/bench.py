@@ -199,10 +199,12 @@ def emulate_card(gib: float, device: str) -> None:
     if not device.startswith("cuda"):
         return
     import torch
-    total = torch.cuda.get_device_properties(device).total_memory
+    dev = torch.device(device)
+    index = dev.index if dev.index is not None else torch.cuda.current_device()   # the call needs an index
+    total = torch.cuda.get_device_properties(index).total_memory
     if gib * 2**30 > total:
         raise ValueError(f"--vram-budget {gib:g} GiB is more than this GPU has ({total / 2**30:.1f} GiB)")
-    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, device)
+    torch.cuda.set_per_process_memory_fraction(gib * 2**30 / total, index)
 
 
 def _max(values) -> int | None:
