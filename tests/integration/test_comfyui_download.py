@@ -19,8 +19,6 @@ import os
 import pathlib
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 import torch
@@ -29,6 +27,7 @@ from safetensors.torch import save as save_safetensors
 from flashvsr_tests_tiny_weights import write_tiny_weights
 from comfyui_flashvsr.flashvsr.weights.catalog import CATALOG
 from comfyui_flashvsr.nodes import options as o
+from flashvsr_tests_comfy_client import ComfyClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
@@ -42,30 +41,14 @@ DIT = "diffusion_pytorch_model_streaming_dmd.safetensors"
 SLOW_DIT_MIB = 24        # huggingface_hub reports bytes per 10 MiB read: the bar moves twice
 SLOW_RATE = 2 * 2**20    # bytes per second: 12 s for the DiT, so Cancel comes mid-file
 
-pytestmark = pytest.mark.skipif(not COMFY_GIT, reason="set FLASHVSR_COMFYUI_GIT to a ComfyUI git repository")
+pytestmark = pytest.mark.skipif(not COMFY_GIT or not HARNESS.is_dir(),
+                                reason="optional: set FLASHVSR_COMFYUI_GIT to a ComfyUI git repository and "
+                                       "FLASHVSR_HARNESS to the ComfyUI harness")
 fake_hub = importlib.import_module("flashvsr_tests_fake_hub")
 
 
-def http(path: str, body: dict | None = None, timeout: float = 60):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            return r.status, json.loads(r.read() or b"null")
-    except urllib.error.HTTPError as e:
-        return e.code, e.read().decode("utf-8", "replace")
-
-
-def run_prompt(prompt: dict, timeout: float = 600) -> dict:
-    status, body = http("/prompt", {"prompt": prompt})
-    assert status == 200, body
-    pid, t_end = body["prompt_id"], time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        _, hist = http(f"/history/{pid}")
-        if pid in hist and hist[pid]["status"].get("status_str") in ("success", "error"):
-            return hist[pid]
-        time.sleep(0.5)
-    raise AssertionError(f"prompt {pid} did not finish in {timeout} s")
+_client = ComfyClient(URL)
+http, run_prompt = _client.http, _client.run_prompt
 
 
 def basic_prompt(seed: int) -> dict:

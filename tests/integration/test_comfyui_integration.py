@@ -18,13 +18,12 @@ import os
 import pathlib
 import subprocess
 import time
-import urllib.error
-import urllib.request
 
 import pytest
 
 from flashvsr_tests_tiny_weights import write_tiny_weights
 from comfyui_flashvsr.nodes import options as o
+from flashvsr_tests_comfy_client import ComfyClient
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
@@ -42,30 +41,8 @@ pytestmark = pytest.mark.skipif(not COMFY_GIT or not HARNESS.is_dir(),
                                        "FLASHVSR_HARNESS to the ComfyUI harness")
 
 
-def http(path: str, body: dict | None = None, timeout: float = 60):
-    data = None if body is None else json.dumps(body).encode()
-    req = urllib.request.Request(URL + path, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as r:
-            status, raw = r.status, r.read()
-    except urllib.error.HTTPError as e:
-        status, raw = e.code, e.read()
-    try:
-        return status, json.loads(raw or b"null")
-    except json.JSONDecodeError:
-        return status, raw.decode("utf-8", "replace")
-
-
-def run_prompt(prompt: dict, timeout: float = 600) -> dict:
-    status, body = http("/prompt", {"prompt": prompt})
-    assert status == 200, body
-    pid, t_end = body["prompt_id"], time.monotonic() + timeout
-    while time.monotonic() < t_end:
-        _, hist = http(f"/history/{pid}")
-        if pid in hist and hist[pid]["status"].get("status_str") in ("success", "error"):
-            return hist[pid]
-        time.sleep(0.5)
-    raise AssertionError(f"prompt {pid} did not finish in {timeout} s")
+_client = ComfyClient(URL)
+http, run_prompt = _client.http, _client.run_prompt
 
 
 def node_text(history: dict, class_type: str, prompt: dict) -> list[str]:
