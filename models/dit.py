@@ -339,7 +339,7 @@ class ChunkPass:
     steps: BlockSteps
 
     def self_attention(self, layer: int, q_w, k_w, v_w, pooled_q, pooled_k) -> torch.Tensor:
-        """LCSA (flashvsr-spec.md §4, §5): the new keys and values enter this layer's KV ring, the
+        """LCSA (docs/model.md §7, §8): the new keys and values enter this layer's KV ring, the
         draft mask picks the key windows each query window attends to, and the oldest group
         leaves the ring. Inputs are (windows, 128, C) and window means (windows, C); returns (1, L, C)."""
         state, attn, heads, s1 = self.state, self.attn, self.heads, self.windows_per_group
