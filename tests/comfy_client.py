@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import time
+from dataclasses import dataclass
 import urllib.error
 import urllib.request
 
@@ -36,3 +39,28 @@ class ComfyClient:
                 return hist[pid]
             time.sleep(0.5)
         raise AssertionError(f"prompt {pid} did not finish in {timeout} s")
+
+
+@dataclass(frozen=True)
+class HarnessSettings:
+    """Where the optional real-ComfyUI tests find ComfyUI and the harness, from the environment."""
+    comfy_git: str | None
+    harness: pathlib.Path
+    workdir: pathlib.Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def usable(self) -> bool:
+        return bool(self.comfy_git) and self.harness.is_dir()
+
+    @classmethod
+    def from_env(cls, repo_root: pathlib.Path) -> "HarnessSettings":
+        env = os.environ
+        return cls(env.get("FLASHVSR_COMFYUI_GIT"),
+                   pathlib.Path(env.get("FLASHVSR_HARNESS", repo_root.parent / "shared" / "tools" / "comfyui-harness")),
+                   pathlib.Path(env.get("FLASHVSR_HARNESS_WORKDIR", "/tmp/comfy-harness-flashvsr")),
+                   int(env.get("FLASHVSR_COMFYUI_PORT", "8190")))

@@ -27,16 +27,13 @@ from safetensors.torch import save as save_safetensors
 from flashvsr_tests_tiny_weights import write_tiny_weights
 from comfyui_flashvsr.flashvsr.weights.catalog import CATALOG
 from comfyui_flashvsr.nodes import options as o
-from flashvsr_tests_comfy_client import ComfyClient
+from flashvsr_tests_comfy_client import ComfyClient, HarnessSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
-COMFY_GIT = os.environ.get("FLASHVSR_COMFYUI_GIT")
-HARNESS = pathlib.Path(os.environ.get("FLASHVSR_HARNESS",
-                                      ROOT.parent / "shared" / "tools" / "comfyui-harness"))
-WORKDIR = pathlib.Path(os.environ.get("FLASHVSR_HARNESS_WORKDIR", "/tmp/comfy-harness-flashvsr"))
-PORT = int(os.environ.get("FLASHVSR_COMFYUI_PORT", "8190"))
-URL = f"http://127.0.0.1:{PORT}"
+SETTINGS = HarnessSettings.from_env(ROOT)
+COMFY_GIT, HARNESS, WORKDIR, PORT, URL = (SETTINGS.comfy_git, SETTINGS.harness, SETTINGS.workdir, SETTINGS.port,
+                                          SETTINGS.url)
 DIT = "diffusion_pytorch_model_streaming_dmd.safetensors"
 SLOW_DIT_MIB = 24        # huggingface_hub reports bytes per 10 MiB read: the bar moves twice
 SLOW_RATE = 2 * 2**20    # bytes per second: 12 s for the DiT, so Cancel comes mid-file

@@ -23,16 +23,13 @@ import pytest
 
 from flashvsr_tests_tiny_weights import write_tiny_weights
 from comfyui_flashvsr.nodes import options as o
-from flashvsr_tests_comfy_client import ComfyClient
+from flashvsr_tests_comfy_client import ComfyClient, HarnessSettings
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 HERE = pathlib.Path(__file__).resolve().parent
-COMFY_GIT = os.environ.get("FLASHVSR_COMFYUI_GIT")
-HARNESS = pathlib.Path(os.environ.get("FLASHVSR_HARNESS",
-                                      ROOT.parent / "shared" / "tools" / "comfyui-harness"))
-WORKDIR = pathlib.Path(os.environ.get("FLASHVSR_HARNESS_WORKDIR", "/tmp/comfy-harness-flashvsr"))
-PORT = int(os.environ.get("FLASHVSR_COMFYUI_PORT", "8190"))
-URL = f"http://127.0.0.1:{PORT}"
+SETTINGS = HarnessSettings.from_env(ROOT)
+COMFY_GIT, HARNESS, WORKDIR, PORT, URL = (SETTINGS.comfy_git, SETTINGS.harness, SETTINGS.workdir, SETTINGS.port,
+                                          SETTINGS.url)
 PACK_NAME = "ComfyUI-FlashVSR"
 SAMPLE = ROOT / "assets" / "sample.mp4"  # the pack places it as input/flashvsr_sample.mp4
 
