@@ -63,9 +63,9 @@ def test_auto_precision_is_bf16_on_ampere_and_newer_fp16_on_older_gpus_and_mps_f
 
 
 def test_the_cli_and_the_nodes_share_the_resolver():
-    from comfyui_flashvsr.flashvsr.cli import common
+    from comfyui_flashvsr.flashvsr.cli import main
     from comfyui_flashvsr.nodes import runner
-    assert common.torch_dtype("auto", "cpu") == torch.float32
+    assert main.torch_dtype is devices.torch_dtype and main.torch_dtype("auto", "cpu") == torch.float32
     assert runner.resolve_precision is devices.resolve_precision
 
 

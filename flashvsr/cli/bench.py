@@ -223,7 +223,7 @@ def _median(values) -> float | None:
 
 
 def _random_builder(params: BenchParams) -> Callable[[str], object]:
-    from .common import torch_dtype
+    from ..devices import torch_dtype
     from ..pipeline import FlashVSR
 
     def build(mode: str):
@@ -380,7 +380,8 @@ def add_parser(sub) -> None:
 
 def command(args: argparse.Namespace) -> int:
     import torch
-    from .common import resolve_device, torch_dtype
+    from ..devices import torch_dtype
+    from .common import resolve_device
     device = resolve_device(args.device)
     dtype = torch_dtype(args.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]

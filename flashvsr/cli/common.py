@@ -29,12 +29,6 @@ def resolve_device(name: str) -> str:
     return device
 
 
-def torch_dtype(precision: str, device: str):
-    """``--precision`` for ``device``: one rule for the CLI, the nodes and the pipeline."""
-    from ..devices import torch_dtype as dtype_for
-    return dtype_for(precision, device)
-
-
 def pixels(text: str) -> tuple[int, int]:
     """``HxW`` -> (H, W)."""
     try:

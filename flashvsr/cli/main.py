@@ -19,8 +19,9 @@ from typing import Callable, Iterable, Iterator, TextIO
 
 from .. import config
 from ..engine.schedule import MIN_MODEL_FRAMES
+from ..devices import torch_dtype
 from .common import (latent_units, add_engine_arguments, default_models_roots, pack_version, pixels,
-                     resolve_device, torch_dtype)
+                     resolve_device)
 from .output import OutputError, check_destination, clean_stale
 from .video_io import VideoInfo, VideoIOError, VideoWriter, check_output, iter_frames, probe
 
