@@ -60,10 +60,16 @@ def tile_problems(tile_size: int, tile_overlap: int | None) -> dict[str, str]:
     if tile_size < TILE_MIN or tile_size % TILE_STEP:
         return {"tile_size": f"tile_size is {tile_size}; use 0 (off) or a multiple of {TILE_STEP} of at "
                              f"least {TILE_MIN}, e.g. 512"}
-    if tile_overlap is not None and not 0 <= tile_overlap < tile_size // 2:
+    if tile_overlap is not None and not 0 <= tile_overlap <= max_tile_overlap(tile_size):
         return {"tile_overlap": f"tile_overlap is {tile_overlap}; it must be less than half of tile_size "
-                                f"({tile_size}), i.e. at most {tile_size // 2 - 1}"}
+                                f"({tile_size}), i.e. at most {max_tile_overlap(tile_size)}"}
     return {}
+
+
+def max_tile_overlap(tile_size: int) -> int:
+    """The largest overlap a (valid, nonzero) tile size allows: less than half the tile, so every
+    tile keeps a middle that no neighbour blends into."""
+    return tile_size // 2 - 1
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 
 from . import comfy_glue
 from .options import (CATEGORY, DISPLAY_ADVANCED, NODE_ID_ADVANCED, advanced_inputs, advanced_settings,
-                      cross_field_problems)
+                      tile_size_problem)
 from .schema import schema
 
 
@@ -22,13 +22,15 @@ class FlashVSRBoltAdvanced(io.ComfyNode):
                           "tiling, precision, device, keeping the model loaded."))
 
     @classmethod
-    def validate_inputs(cls, tile_size=None, tile_overlap=None) -> bool | str:
-        # ComfyUI shows the returned text on every input named here, and checks every input not
-        # named here itself (min, max, dropdown choices), each on its own input. So only the two
-        # inputs of the one rule it cannot check are named; the VAE tile rules (multiples of 8,
-        # stride <= tile) are checked when the node runs, with a message naming the input.
-        problems = cross_field_problems({"tile_size": tile_size, "tile_overlap": tile_overlap})
-        return "; ".join(problems.values()) if problems else True
+    def validate_inputs(cls, tile_size=None) -> bool | str:
+        # ComfyUI 0.33 shows the returned text on every input named here (and checks every input
+        # not named here itself: min, max, dropdown choices, each on its own input). So only
+        # tile_size is named, for its own rule. tile_overlap's limit depends on tile_size, which a
+        # validator naming tile_overlap alone cannot read: the front end keeps tile_overlap within
+        # it as the user edits (tile_overlap_limits), and a prompt that bypasses the front end is
+        # refused when the node runs, with one message naming tile_overlap. The VAE tile rules are
+        # checked at run time the same way.
+        return tile_size_problem(tile_size) or True
 
     @classmethod
     def execute(cls, frames: torch.Tensor, **values: Any) -> io.NodeOutput:

@@ -17,7 +17,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from .options import MODELS_FOLDER, NodeSettings
+from .options import MODELS_FOLDER, NodeSettings, tile_overlap_limits
 from .runner import PipelineCache, enable_plan, run_upscale
 
 log = logging.getLogger(__name__)
@@ -172,6 +172,7 @@ def register_routes() -> None:
         return web.json_response({
             "sageattention": status,
             "badge": badge,
+            "tile_overlap_max": tile_overlap_limits(),
             "loaded": None if loaded is None else {
                 "version": loaded.version, "mode": loaded.mode,
                 "device": loaded.device, "dtype": loaded.dtype},

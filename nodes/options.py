@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
-from ..flashvsr.config import (COLOR_FIXES, MODES, PRECISIONS, PREPROCESS_MODES, SAGE_CHOICES, TILE_STEP,
-                               VERSIONS, SageAttention, UpscaleConfig, tile_problems)
+from ..flashvsr.config import (COLOR_FIXES, MODES, PRECISIONS, PREPROCESS_MODES, SAGE_CHOICES, TILE_MIN,
+                               TILE_STEP, VERSIONS, SageAttention, UpscaleConfig, max_tile_overlap,
+                               tile_problems)
 
 NODE_ID_BASIC = "FlashVSRBolt"
 NODE_ID_ADVANCED = "FlashVSRBoltAdvanced"
@@ -236,6 +237,24 @@ def cross_field_problems(values: Mapping[str, Any]) -> dict[str, str]:
             problems[f"vae_stride_{axis}"] = (f"vae_stride_{axis} ({stride}) is larger than vae_tile_{axis} "
                                               f"({size}), which would leave gaps; use a stride of at most the tile")
     return problems
+
+
+def tile_size_problem(tile_size: int | None) -> str | None:
+    """What is wrong with ``tile_size`` on its own (its range, and 0 or a multiple of 128 from 256)."""
+    if tile_size is None:
+        return None
+    [widget] = [w for w in ADVANCED_INPUTS if w.id == "tile_size"]
+    if not widget.min <= tile_size <= widget.max:
+        return f"tile_size is {tile_size}; it must be between {_num(widget.min)} and {_num(widget.max)}"
+    return tile_problems(tile_size, None).get("tile_size")
+
+
+def tile_overlap_limits() -> dict[str, int]:
+    """The largest ``tile_overlap`` for every ``tile_size`` the node takes, for the front end, which
+    keeps ``tile_overlap`` in range as the user edits (ComfyUI cannot check one input against another
+    and report it on one widget)."""
+    [widget] = [w for w in ADVANCED_INPUTS if w.id == "tile_size"]
+    return {str(size): max_tile_overlap(size) for size in range(TILE_MIN, int(widget.max) + 1, TILE_STEP)}
 
 
 def problems_with(spec: tuple[Widget, ...], values: Mapping[str, Any]) -> list[str]:

@@ -44,6 +44,7 @@ class CaseRun:
     draft: list[dict] = field(default_factory=list)
     decoded: torch.Tensor | None = None      # (3, T, H, W) float32, before the colour fix
     final: torch.Tensor | None = None        # (3, T, H, W) in [-1, 1]
+    attention: dict = field(default_factory=dict)   # the attention session's report (which backends ran)
 
 
 class FixtureWeightsMismatch(AssertionError):
@@ -141,6 +142,7 @@ def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention:
 
     attn = AttentionDispatcher().session(sageattention)
     list(run_stream(models, FrameSource(frames), geom, cfg, attn, noise=case.tensors["input/noise"], observer=observe))
+    run.attention = attn.report()
     run.decoded = torch.cat([f[0] for f in run.stage["frames_decoded"]], dim=1)
     run.final = torch.cat(run.stage["frames_final"], dim=0).transpose(0, 1)
     run.draft = [_draft_details(pooled[k], dit, geom, cfg, k) for k in sorted(pooled)]

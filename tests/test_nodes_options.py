@@ -147,12 +147,36 @@ def test_node_and_engine_share_one_tile_rule():
         UpscaleConfig(tile_size=512, tile_overlap=300)
 
 
-def test_the_advanced_validator_names_only_the_tile_inputs():
+def test_the_advanced_validator_names_only_tile_size():
     # ComfyUI shows the validator's text on every input in its signature and checks the others itself.
     import ast
     tree = ast.parse((pathlib.Path(o.__file__).parent / "advanced.py").read_text())
     (fn,) = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name == "validate_inputs"]
-    assert [a.arg for a in fn.args.args] == ["cls", "tile_size", "tile_overlap"] and fn.args.kwarg is None
+    assert [a.arg for a in fn.args.args] == ["cls", "tile_size"] and fn.args.kwarg is None
+
+
+def test_tile_size_is_checked_on_its_own_range_and_rule():
+    assert o.tile_size_problem(None) is None and o.tile_size_problem(0) is None and o.tile_size_problem(512) is None
+    assert o.tile_size_problem(300) == "tile_size is 300; use 0 (off) or a multiple of 128 of at least 256, e.g. 512"
+    assert o.tile_size_problem(8320) == "tile_size is 8320; it must be between 0 and 8192"
+    assert o.tile_size_problem(-128) == "tile_size is -128; it must be between 0 and 8192"
+
+
+def test_the_front_end_gets_the_engine_overlap_limit_for_every_tile_size():
+    limits = o.tile_overlap_limits()
+    assert list(limits)[:2] == ["256", "384"] and list(limits)[-1] == "8192" and len(limits) == 63
+    for size, most in limits.items():
+        assert UpscaleConfig(tile_size=int(size), tile_overlap=most).problems() == {}
+        assert list(UpscaleConfig(tile_size=int(size), tile_overlap=0).problems()) == []
+        with pytest.raises(ValueError, match=f"^tile_overlap is {most + 1}; .* at most {most}$"):
+            UpscaleConfig(tile_size=int(size), tile_overlap=most + 1)
+
+
+def test_a_bad_pair_from_outside_the_front_end_is_refused_at_run_time_naming_tile_overlap():
+    with pytest.raises(ValueError) as err:
+        o.advanced_settings(tile_size=512, tile_overlap=300)
+    assert str(err.value) == ("FlashVSR ⚡: tile_overlap is 300; it must be less than half of tile_size (512), "
+                              "i.e. at most 255")
 
 
 def test_allowed_values_come_from_the_config_module():

@@ -7,6 +7,10 @@
 // 3. The Advanced node shows only the widgets that apply: the VAE tiling widgets in `full` mode
 //    (their sizes only with vae_tiling on), tile_overlap only while tile_size is not 0. Hidden
 //    widgets keep their values, so saved workflows keep every value in its place.
+// 4. tile_overlap stays below half of tile_size as the user edits either (the server's table of
+//    limits, GET /api/flashvsr/info): ComfyUI can only check one input against another in a
+//    validator whose message lands on every input it names. Values loaded from a saved workflow
+//    are never changed here; the server refuses a bad pair when the node runs, naming tile_overlap.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -17,6 +21,7 @@ const PAD = 6;
 
 let sageInfo = null; // {installed, version, flavour, reason} once the route answered
 let plan = null; // {enable, disable, sage}: what each sageattention choice runs on this server
+let overlapMax = null; // {tile_size: largest tile_overlap}, from the server
 
 async function loadInfo() {
   try {
@@ -25,6 +30,7 @@ async function loadInfo() {
     const info = await res.json();
     sageInfo = info.sageattention;
     plan = info.badge ?? null;
+    overlapMax = info.tile_overlap_max ?? null;
   } catch (err) {
     sageInfo = { installed: null, reason: `could not ask the server: ${err}` };
   }
@@ -69,17 +75,36 @@ function showWhatApplies(node) {
   }
 }
 
+// The largest tile_overlap the current tile_size allows (null: tiling off or limits unknown).
+function overlapLimit(node) {
+  const size = node.widgets?.find((w) => w.name === "tile_size")?.value;
+  return overlapMax?.[String(size)] ?? null;
+}
+
+// Called after the user changed tile_size or tile_overlap: the widget's range follows tile_size
+// and a value above it comes down to the limit (as ComfyUI does with any widget's max).
+function keepOverlapInRange(node, clamp) {
+  const w = node.widgets?.find((x) => x.name === "tile_overlap");
+  const limit = overlapLimit(node);
+  if (!w || limit === null) return;
+  w.options = w.options ?? {};
+  w.options.max = limit;
+  if (clamp && Number(w.value) > limit) w.value = limit;
+}
+
 function watchWidgets(node) {
-  for (const name of ["mode", "vae_tiling", "tile_size"]) {
+  for (const name of ["mode", "vae_tiling", "tile_size", "tile_overlap"]) {
     const w = node.widgets?.find((x) => x.name === name);
     if (!w) continue;
     const callback = w.callback;
     w.callback = function () {
       const r = callback?.apply(this, arguments);
+      if (name === "tile_size" || name === "tile_overlap") keepOverlapInRange(node, true);
       showWhatApplies(node);
       return r;
     };
   }
+  keepOverlapInRange(node, false);
   showWhatApplies(node);
 }
 
@@ -193,7 +218,10 @@ app.registerExtension({
     nodeType.prototype.onConfigure = function () {
       const r = onConfigure?.apply(this, arguments);
       if (this.properties?.flashvsr_report?.length) this.flashvsrReport = this.properties.flashvsr_report;
-      if (nodeData.name === "FlashVSRBoltAdvanced") showWhatApplies(this);
+      if (nodeData.name === "FlashVSRBoltAdvanced") {
+        keepOverlapInRange(this, false);
+        showWhatApplies(this);
+      }
       return r;
     };
 

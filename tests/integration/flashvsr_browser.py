@@ -169,6 +169,13 @@ def _chinese_names(run, page, result: dict) -> dict:
     for name, value in (("mode", "full"), ("vae_tiling", True), ("tile_size", 512)):
         page.evaluate(pick, [node, name, value])
         result["hidden"][f"{name}={value}"] = page.evaluate(hidden, node)
+    overlap = "(id) => { const w = app.graph.getNodeById(id).widgets.find(w => w.name === 'tile_overlap');" \
+              " return [w.value, w.options.max]; }"
+    page.evaluate(pick, [node, "tile_overlap", 300])
+    result["overlap"] = {"typed 300 at tile_size 512": page.evaluate(overlap, node)}
+    page.evaluate(pick, [node, "tile_size", 256])
+    result["overlap"]["tile_size 256"] = page.evaluate(overlap, node)
+    page.evaluate(pick, [node, "tile_size", 512])
     result["height"] = page.evaluate("(id) => app.graph.getNodeById(id).size[1]", node)
     node_shot(run, page, node, "zh_03_node_full_tiled.png")
     return result

@@ -121,15 +121,29 @@ def _advanced_prompt(**values) -> dict:
     return prompt
 
 
-def test_a_bad_tile_overlap_is_reported_once_on_the_tile_inputs_only(server):
-    status, body = http("/prompt", {"prompt": _advanced_prompt(tile_size=512, tile_overlap=300)})
+def test_a_bad_tile_overlap_is_one_error_naming_tile_overlap(server):
+    # ComfyUI 0.33 puts a validator's text on every input it names, so the pair is checked when the
+    # node runs (the front end keeps tile_overlap in range as the user edits: see the zh scenario).
+    prompt = _advanced_prompt(tile_size=512, tile_overlap=300)
+    hist = run_prompt(prompt)
+    assert hist["status"]["status_str"] == "error"
+    [error] = [m[1] for m in hist["status"]["messages"] if m[0] == "execution_error"]
+    assert error["node_id"] == "2"
+    assert error["exception_message"].strip() == (
+        "FlashVSR ⚡: tile_overlap is 300; it must be less than half of tile_size (512), i.e. at most 255")
+
+
+def test_a_bad_tile_size_is_one_error_on_tile_size(server):
+    status, body = http("/prompt", {"prompt": _advanced_prompt(tile_size=300, tile_overlap=64)})
     assert status == 400
-    errors = body["node_errors"]["2"]["errors"]
-    message = "tile_overlap is 300; it must be less than half of tile_size (512), i.e. at most 255"
-    # ComfyUI 0.33 puts a validator's text on every input it names: ours names only the two tile inputs.
-    assert {e["extra_info"]["input_name"] for e in errors} <= {"tile_overlap", "tile_size"}
-    assert "tile_overlap" in {e["extra_info"]["input_name"] for e in errors}
-    assert all(e["details"].endswith(message) for e in errors)
+    [error] = body["node_errors"]["2"]["errors"]
+    assert error["extra_info"]["input_name"] == "tile_size"
+    assert error["details"] == "tile_size - tile_size is 300; use 0 (off) or a multiple of 128 of at least 256, e.g. 512"
+
+
+def test_the_info_route_gives_the_front_end_every_tile_overlap_limit(server):
+    limits = http("/flashvsr/info")[1]["tile_overlap_max"]
+    assert limits == o.tile_overlap_limits() and limits["512"] == 255
 
 
 def test_a_value_out_of_range_lands_on_its_own_input(server):
@@ -192,6 +206,9 @@ def test_chinese_front_end_shows_the_nodes_chinese_names(server):
     assert result["hidden"] == {"fresh": sorted_like(vae + ["tile_overlap"]),
                                 "mode=full": sorted_like(vae[1:] + ["tile_overlap"]),
                                 "vae_tiling=True": ["tile_overlap"], "tile_size=512": []}
+    # tile_overlap follows tile_size as the user edits: 300 with 512-px tiles comes down to 255,
+    # smaller tiles bring it down again
+    assert result["overlap"] == {"typed 300 at tile_size 512": [255, 255], "tile_size 256": [127, 127]}
 
 
 def sorted_like(names: list[str]) -> list[str]:
