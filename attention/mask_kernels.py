@@ -77,11 +77,85 @@ def select_above_kth_kernel(X, T, M, N, stride_x, stride_m, NEED, BLOCK: tl.cons
         tl.store(out + idx, (x > thr).to(tl.uint8), mask=idx < N)
 
 
-def select_above_kth(flat: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``models.lcsa.select_above_kth`` in one kernel: (mask (R, N) bool, thresholds (R, 1)) for a
+# Rows at least this long are selected by many programs per row (``radix_*`` kernels): one program
+# per row reads a row ~34 times, which at 4K output (12 rows of ~1M candidates per layer) leaves
+# most of the GPU idle (docs/performance.md, "Draft selection at high resolution").
+WIDE_ROW = 1 << 18
+RADIX_BITS = 8                      # four passes of 8-bit digits, most significant first
+RADIX_SPAN = 32768                  # row elements per program in a pass (a few hundred atomics a row)
+RADIX_BLOCK = 4096                  # elements per step inside a program
+INT_MIN = tl.constexpr(-2147483648)
+
+
+@triton.jit
+def _radix_key(x):
+    """int32 whose bits, read as unsigned, order floats like ``torch.sort`` with -0.0 equal to +0.0
+    and every NaN the default NaN above +inf (the single-program kernel's order)."""
+    bits = x.to(tl.int32, bitcast=True)
+    bits = tl.where(x != x, DEFAULT_NAN, tl.where(bits == INT_MIN, 0, bits))
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)         # signed order
+    return key ^ INT_MIN                                        # unsigned order
+
+
+@triton.jit
+def radix_histogram_kernel(X, HIST, PREFIX, N, stride_x, SHIFT: tl.constexpr, SPAN: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """Pass digit (key >> SHIFT) & 255 over the row's elements whose higher digits equal PREFIX[row]:
+    grid (rows, programs per row); counts go to HIST[row, :256] (bins 256.. catch the others)."""
+    row = tl.program_id(0).to(tl.int64)
+    base = X + row * stride_x
+    prefix = tl.load(PREFIX + row)
+    hist = tl.zeros([512], tl.int32)
+    offs = tl.arange(0, BLOCK)
+    for start in range(tl.program_id(1) * SPAN, tl.program_id(1) * SPAN + SPAN, BLOCK):
+        idx = start + offs
+        key = _radix_key(tl.load(base + idx, mask=idx < N, other=0.0))
+        keep = idx < N
+        if SHIFT < 24:
+            keep = keep & (((key >> (SHIFT + 8)) & ((1 << (24 - SHIFT)) - 1)) == prefix)
+        hist += tl.histogram(tl.where(keep, (key >> SHIFT) & 255, 256), 512)
+    tl.atomic_add(HIST + row * 512 + tl.arange(0, 512), hist)
+
+
+@triton.jit
+def radix_pick_kernel(HIST, PREFIX, NEED, T):
+    """One program per row: the digit of the NEED[row]-th largest key among the counted ones; it
+    joins PREFIX[row], NEED[row] becomes the rank inside that digit, HIST[row] is cleared for the
+    next pass, and T[row] holds the threshold the prefix stands for so far (final after the last)."""
+    row = tl.program_id(0).to(tl.int64)
+    digits = tl.arange(0, 256)
+    counts = tl.load(HIST + row * 512 + digits)
+    need = tl.load(NEED + row)
+    at_or_above = tl.sum(counts, 0) - tl.cumsum(counts, 0) + counts      # counted keys with digit >= d
+    pick = tl.max(tl.where(at_or_above >= need, digits, -1), 0)
+    above = tl.sum(tl.where(digits > pick, counts, 0), 0)
+    prefix = (tl.load(PREFIX + row) << 8) | pick
+    tl.store(PREFIX + row, prefix)
+    tl.store(NEED + row, need - above)
+    tl.store(HIST + row * 512 + tl.arange(0, 512), tl.zeros([512], tl.int32))
+    key = prefix ^ INT_MIN
+    tl.store(T + row, tl.where(key >= 0, key, key ^ 0x7FFFFFFF).to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def above_threshold_kernel(X, T, M, N, stride_x, stride_m, SPAN: tl.constexpr, BLOCK: tl.constexpr):
+    """M[row] = X[row] > T[row] over one program's span of the row."""
+    row = tl.program_id(0).to(tl.int64)
+    thr = tl.load(T + row)
+    offs = tl.arange(0, BLOCK)
+    for start in range(tl.program_id(1) * SPAN, tl.program_id(1) * SPAN + SPAN, BLOCK):
+        idx = start + offs
+        x = tl.load(X + row * stride_x + idx, mask=idx < N, other=0.0)
+        tl.store(M + row * stride_m + idx, (x > thr).to(tl.uint8), mask=idx < N)
+
+
+def select_above_kth(flat: torch.Tensor, kept: int, *, radix: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``models.lcsa.select_above_kth`` in Triton: (mask (R, N) bool, thresholds (R, 1)) for a
     float32 (R, N) ``flat``. The threshold is the same order statistic, so the same value; where the
     tie at that rank mixes -0.0 and +0.0 it is +0.0, and a NaN threshold is the default NaN 0x7FC00000
-    whatever NaN the row held (the mask is the same in both cases)."""
+    whatever NaN the row held (the mask is the same in both cases). Rows of ``WIDE_ROW`` candidates
+    or more take a radix selection spread over many programs per row (same results; ``radix``
+    forces either way)."""
     if flat.dtype != torch.float32 or flat.dim() != 2:
         raise ValueError(f"expected a float32 (R, N) tensor, got {flat.dtype} {tuple(flat.shape)}")
     rows, n = flat.shape
@@ -91,9 +165,30 @@ def select_above_kth(flat: torch.Tensor, kept: int) -> tuple[torch.Tensor, torch
         flat = flat.contiguous()
     thresholds = torch.empty((rows, 1), dtype=torch.float32, device=flat.device)
     mask = torch.empty((rows, n), dtype=torch.bool, device=flat.device)
+    if radix if radix is not None else n >= WIDE_ROW:
+        _radix_select(flat, kept + 1, thresholds)
+        grid = (rows, triton.cdiv(n, RADIX_SPAN))
+        above_threshold_kernel[grid](flat, thresholds, mask.view(torch.uint8), n, flat.stride(0), mask.stride(0),
+                                     SPAN=RADIX_SPAN, BLOCK=RADIX_BLOCK, num_warps=8)
+        return mask, thresholds
     select_above_kth_kernel[(rows,)](flat, thresholds, mask.view(torch.uint8), n, flat.stride(0), mask.stride(0),
                                kept + 1, BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS)
     return mask, thresholds
+
+
+def _radix_select(flat: torch.Tensor, need: int, thresholds: torch.Tensor) -> None:
+    """thresholds[row] = the need-th largest value of flat[row] (sort order as above): four passes,
+    each a histogram of one 8-bit digit over the whole GPU, then one small program per row."""
+    rows, n = flat.shape
+    dev = flat.device
+    hist = torch.zeros((rows, 512), dtype=torch.int32, device=dev)
+    prefix = torch.zeros(rows, dtype=torch.int32, device=dev)
+    left = torch.full((rows,), need, dtype=torch.int32, device=dev)
+    grid = (rows, triton.cdiv(n, RADIX_SPAN))
+    for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
+        radix_histogram_kernel[grid](flat, hist, prefix, n, flat.stride(0), SHIFT=shift, SPAN=RADIX_SPAN,
+                                     BLOCK=RADIX_BLOCK, num_warps=8)
+        radix_pick_kernel[(rows,)](hist, prefix, left, thresholds, num_warps=4)
 
 
 @triton.jit

@@ -254,13 +254,15 @@ CHILD = textwrap.dedent("""
 
     out = {}
     def check(name, x, kept):
-        mask, thr = mk.select_above_kth(x, kept)
-        want = t.old_threshold(x, kept)
-        nan = want.isnan()
-        # bit for bit, but for the sign of a zero threshold (a tie of -0.0 and +0.0: the sort's pick)
-        bits = t.same_bits(thr[~nan].abs(), want[~nan].abs()) and torch.equal(thr[~nan], want[~nan])
-        out[name] = {"threshold_bits": bits, "nan": torch.equal(thr.isnan(), nan),
-                     "mask": torch.equal(mask, x > want), "shapes": [list(mask.shape), list(thr.shape)]}
+        for radix in (False, True):         # one program per row, and the multi-program radix passes
+            mask, thr = mk.select_above_kth(x, kept, radix=radix)
+            want = t.old_threshold(x, kept)
+            nan = want.isnan()
+            # bit for bit, but for the sign of a zero threshold (a tie of -0.0 and +0.0: the sort's pick)
+            bits = t.same_bits(thr[~nan].abs(), want[~nan].abs()) and torch.equal(thr[~nan], want[~nan])
+            out[name + (" radix" if radix else "")] = {
+                "threshold_bits": bits, "nan": torch.equal(thr.isnan(), nan), "nan_bits": t.same_bits(thr[nan], torch.full_like(thr[nan], float("nan"))),
+                "mask": torch.equal(mask, x > want), "shapes": [list(mask.shape), list(thr.shape)]}
 
     x = t.adversarial_rows()
     for kept in (0, 37, 300, 599):
@@ -275,6 +277,13 @@ CHILD = textwrap.dedent("""
     flat = details["probs"].reshape(t.HEADS * t.GROUPS, -1)[:4]          # real rows of 17424 candidates
     check("real rows", flat, topk)
     check("real rows, strided", torch.cat([flat, flat], 1)[:, ::2], topk)
+    # a row long enough for the radix passes by default, spanning several programs (and a part one)
+    g = torch.Generator().manual_seed(3)
+    wide = torch.rand(2, mk.WIDE_ROW + 1000, generator=g)
+    wide[1, ::7] = 0.0
+    mask, thr = mk.select_above_kth(wide, 5000)
+    want = t.old_threshold(wide, 5000)
+    out["wide default"] = {"threshold_bits": t.same_bits(thr, want), "mask": torch.equal(mask, wide > want)}
 
     g = torch.Generator().manual_seed(0)
     mask = torch.rand(1, t.HEADS, t.GROUPS * 66, t.KEY_GROUPS * 66, generator=g) < 0.45
@@ -309,10 +318,11 @@ def interpreted():
 
 def test_triton_selection_gives_the_sort_threshold_and_mask_bit_for_bit(interpreted):
     cases = {k: v for k, v in interpreted.items() if k.startswith(("adversarial", "nan", "real"))}
-    assert len(cases) == 8
+    assert len(cases) == 16 and sum(k.endswith(" radix") for k in cases) == 8
     for name, got in cases.items():
-        assert got["threshold_bits"] and got["nan"] and got["mask"], (name, got)
-    assert interpreted["real rows"]["shapes"] == [[4, 17424], [4, 1]]
+        assert got["threshold_bits"] and got["nan"] and got["nan_bits"] and got["mask"], (name, got)
+    assert interpreted["real rows"]["shapes"] == interpreted["real rows radix"]["shapes"] == [[4, 17424], [4, 1]]
+    assert interpreted["wide default"] == {"threshold_bits": True, "mask": True}
 
 
 def test_triton_lut_equals_build_lut_with_empty_and_full_rows(interpreted):
@@ -355,6 +365,11 @@ def test_mask_kernels_compile_for_ampere_and_hopper(arch):
     ptx = [
         aot_ptx(mk.select_above_kth_kernel, {"X": "fp32", "T": "fp32", "M": "u8"}, ("N", "stride_x", "stride_m", "NEED"),
                 {"BLOCK": mk.SELECT_BLOCK}, mk.SELECT_WARPS, arch),
+        aot_ptx(mk.radix_histogram_kernel, {"X": "fp32", "HIST": "i32", "PREFIX": "i32"}, ("N", "stride_x"),
+                {"SHIFT": 16, "SPAN": mk.RADIX_SPAN, "BLOCK": mk.RADIX_BLOCK}, 8, arch),
+        aot_ptx(mk.radix_pick_kernel, {"HIST": "i32", "PREFIX": "i32", "NEED": "i32", "T": "fp32"}, (), {}, 4, arch),
+        aot_ptx(mk.above_threshold_kernel, {"X": "fp32", "T": "fp32", "M": "u8"}, ("N", "stride_x", "stride_m"),
+                {"SPAN": mk.RADIX_SPAN, "BLOCK": mk.RADIX_BLOCK}, 8, arch),
         aot_ptx(mk.lut_rows_kernel, {"MASK": "u8", "LUT": "i32", "CNT": "i32"}, ("NK",), {"BLOCK": 512}, 2, arch),
         aot_ptx(mk.rank_longest_first_kernel, {"CNT": "i32", "ORDER": "i32"}, ("N",), {"BLOCK_I": 16, "BLOCK_J": 256}, 4, arch),
     ]

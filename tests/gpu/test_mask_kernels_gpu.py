@@ -37,7 +37,8 @@ def test_triton_draft_selection_equals_the_sort_on_real_rows(seed):
         assert torch.equal(mask, flat > want)
 
 
-def test_triton_draft_selection_handles_ties_infinities_and_nan():
+@pytest.mark.parametrize("radix", [False, True])
+def test_triton_draft_selection_handles_ties_infinities_and_nan(radix):
     g = torch.Generator(device="cuda").manual_seed(2)
     x = torch.rand(6, 5000, device="cuda", generator=g)
     x[1] = (x[1] * 4).floor()
@@ -46,10 +47,23 @@ def test_triton_draft_selection_handles_ties_infinities_and_nan():
     x[4] = torch.randn(5000, device="cuda", generator=g)
     x[5, :100] = float("nan")
     for kept in (0, 99, 100, 2500, 4999):
-        mask, thr = mk.select_above_kth(x, kept)
+        mask, thr = mk.select_above_kth(x, kept, radix=radix)
         want = sort_threshold(x, kept)
         assert torch.equal(thr.isnan(), want.isnan())
         assert torch.equal(thr.nan_to_num(), want.nan_to_num()) and torch.equal(mask, x > want)
+
+
+def test_radix_selection_equals_the_sort_on_rows_of_the_4k_shape():
+    # 720p->4K: 12 heads x (510 query windows x 2040 key windows) per steady layer
+    g = torch.Generator(device="cuda").manual_seed(4)
+    scores = torch.randn(12, 510, 2040, device="cuda", generator=g) * 3
+    flat = torch.softmax(scores, -1).reshape(12, -1)
+    assert flat.shape[1] >= mk.WIDE_ROW
+    for kept in (0, 123_456, flat.shape[1] - 1):
+        mask, thr = mk.select_above_kth(flat, kept)
+        want = sort_threshold(flat, kept)
+        assert torch.equal(thr.view(torch.int32), want.view(torch.int32))
+        assert torch.equal(mask, flat > want)
 
 
 def test_triton_lut_and_launch_order_equal_the_torch_code_on_a_real_mask():
