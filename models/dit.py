@@ -411,7 +411,8 @@ class WanDiT(nn.Module):
         a batch of spatial tiles of one stream each (``state`` then holds all their KV rings);
         steps: the blocks' step functions (default: the eager reference, ``dit_ops.EAGER``).
         """
-        x = self.patch_embedding(latents)
+        # a batch of tiles one by one: a batched 3-D convolution sums in another order on the CPU
+        x = torch.cat([self.patch_embedding(tile) for tile in latents.split(1)])
         f, h, w = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
         if lq_tokens is not None:

@@ -73,7 +73,11 @@ class CausalConv3d(nn.Conv3d):
         x = F.pad(x, (1, 1, 1, 1, front, 0), mode="replicate")
         if self.by_taps:
             return self._by_taps(x)
-        return super().forward(x)
+        # A batch of tiles one at a time: the CPU's batched 3-D convolution sums in another order,
+        # and a batch must give the frames of its tiles run alone (models/tile_batch.py).
+        if x.shape[0] == 1:
+            return super().forward(x)
+        return torch.cat([super(CausalConv3d, self).forward(clip) for clip in x.split(1)])
 
     def _by_taps(self, x: torch.Tensor) -> torch.Tensor:
         out_ch, in_ch, taps = self.weight.shape[:3]
