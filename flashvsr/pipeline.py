@@ -371,6 +371,7 @@ class FlashVSR:
         total = total_chunks(n_frames, geom.official) if n_frames else 0
         attn = self.attention.session(cfg.sageattention)
         self.last_stats = None
+        self._stream_blocks(plan.streamed)
         start, done, count, starts = self._start_timing(), 0, 0, []
         try:
             downloads = DeferredDownload()

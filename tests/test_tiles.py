@@ -111,3 +111,22 @@ def test_streamed_blocks_give_the_frames_of_blocks_on_the_device(small, one_at_a
         set_streaming(small.dit, False, small.device)
     assert small.dit.streamed is None
     assert torch.equal(frames, one_at_a_time)
+
+
+def test_streamed_blocks_feed_the_traced_block_steps_like_resident_ones(small, monkeypatch):
+    """The steps take the weights as arguments, so one traced graph serves both slots (dynamo with
+    the eager backend: the tracing and guards of the CUDA fast path, without a compiler on the CPU)."""
+    import dataclasses
+    from comfyui_flashvsr.models import dit_ops
+    torch._dynamo.reset()
+    steps = dit_ops.BlockSteps(*(torch.compile(getattr(dit_ops.FAST, f.name), backend="eager", fullgraph=True)
+                                 for f in dataclasses.fields(dit_ops.BlockSteps)))
+    real = FlashVSR.engine_models
+    monkeypatch.setattr(FlashVSR, "engine_models",
+                        lambda self, cfg: dataclasses.replace(real(self, cfg), dit_steps=steps))
+    resident = run(small, monkeypatch, batch=2)
+    try:
+        streamed = run(small, monkeypatch, batch=2, streamed=True)
+    finally:
+        set_streaming(small.dit, False, small.device)
+    assert torch.equal(streamed, resident)
