@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from ..attention import AttentionDispatcher
+from ..models.block_stream import block_bytes, set_streaming
 from .config import Mode, UpscaleConfig, Version, budget_gib
 from .devices import resolve_device
 from .engine import memory
@@ -257,13 +258,25 @@ class FlashVSR:
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
         int8 = self.device.type == "cuda" and self.attention.key_rows(cfg.sageattention, probe) is not None
         return memory.MemoryInputs(self._weight_bytes(), self.mode, torch.finfo(self.dtype).bits // 8, int8,
-                                   int(cfg.kv_ratio), self.dit.cfg.dim, self.dit.cfg.num_layers)
+                                   int(cfg.kv_ratio), self.dit.cfg.dim, self.dit.cfg.num_layers,
+                                   block_bytes(self.dit.blocks))
 
-    def _weight_bytes(self) -> int:
+    def _weight_bytes(self, on_device: bool = False) -> int:
+        """The networks' and prompt constants' bytes, as if all on the device (what the memory model
+        starts from), or with ``on_device`` only those there now (blocks may be streamed)."""
         tensors = [t for net in (self.dit, self.projector, self.decoder)
                    for t in (*net.parameters(), *net.buffers())]
         tensors += [t for pair in self.consts.cross_kv for t in pair] + [self.consts.t, self.consts.t_mod]
+        if on_device and self.dit.streamed is not None:
+            tensors = [t for t in tensors if t.device == self.device]
+            tensors += [t for slot in self.dit.streamed.slots for t in slot.parameters()]
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _stream_blocks(self, on: bool) -> None:
+        """Keep the DiT's blocks in host memory for this run (the plan says so) or all on the device."""
+        if on != (self.dit.streamed is not None):
+            set_streaming(self.dit, on, self.device)
+            self._release()
 
     def _budget(self, cfg: UpscaleConfig) -> int | None:
         """Bytes the run may reach (``max_memory_allocated``); None without CUDA (no planning).
@@ -275,11 +288,13 @@ class FlashVSR:
             return int(gib * memory.GiB)
         free, _ = torch.cuda.mem_get_info(self.device)
         cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return free + cached + self._weight_bytes()
+        return free + cached + self._weight_bytes(on_device=True)
 
     def _run(self, src: FrameSource, n: int, geom, cfg: UpscaleConfig, plan: memory.Plan, on_progress, noise):
         """One run of the ``n`` frames of ``src`` with ``plan``'s tiling: (frames, stats)."""
         tiles = _tiles(geom.model_h, geom.model_w, plan.tiles) if plan.tiles else [None]
+        # tiles of one batch run in lockstep through the projector and the DiT (engine.run_stream)
+        batches = [tiles[i:i + plan.batch] for i in range(0, len(tiles), plan.batch)]
         total = total_chunks(n, geom.official) * len(tiles)
         n_out = plan_frames(n, geom.official).output_frames      # refuses a clip too short for official mode
         cuda = self.device.type == "cuda"
@@ -289,10 +304,11 @@ class FlashVSR:
         out = torch.zeros((n_out, geom.out_h, geom.out_w, 3), dtype=torch.float32, pin_memory=pin_all)
         weight = torch.zeros((1, geom.out_h, geom.out_w, 1), dtype=torch.float32) if len(tiles) > 1 else None
         overlap = plan.tiles.overlap if plan.tiles else 0
+        ramps = {tile: _ramp(tile, geom, overlap) for tile in tiles} if weight is not None else {}
         attn = self.attention.session(cfg.sageattention)
         done = 0
         downloads = DeferredDownload()
-        starts = []                   # per tile: each chunk's DiT-start event (steady_fps)
+        starts = []                   # per batch of tiles: each chunk's DiT-start event (steady_fps)
         checks = []                   # (finite flag on the device, first frame, frames) per chunk
 
         def tick() -> None:
@@ -306,15 +322,18 @@ class FlashVSR:
                 _place(out, weight, s0, host, tile, ramp)
                 tick()
 
+        self._stream_blocks(plan.streamed)
         start = self._start_timing()
         try:
-            for tile in tiles:
-                ramp = _ramp(tile, geom, overlap) if weight is not None else None
+            for batch in batches:
                 starts.append([])
-                for chunk_out in _tuned(run_stream(self.engine_models(cfg), src, geom, cfg, attn, noise=noise, tile=tile,
+                for chunk_out in _tuned(run_stream(self.engine_models(cfg), src, geom, cfg, attn, noise=noise,
+                                                   tiles=batch if batch[0] is not None else None,
                                                    decode_stream=self.decode_stream_for(cfg))):
-                    f, s0 = chunk_out.frames, chunk_out.start
-                    starts[-1].append(chunk_out.dit_start)
+                    f, s0, tile = chunk_out.frames, chunk_out.start, chunk_out.tile
+                    ramp = ramps.get(tile)
+                    if tile == batch[0]:            # one DiT step per chunk for the whole batch
+                        starts[-1].append(chunk_out.dit_start)
                     checks.append((chunk_out.finite, s0, f.shape[0]))
                     with chunk_out.using():
                         if pin_all:
@@ -352,6 +371,7 @@ class FlashVSR:
         total = total_chunks(n_frames, geom.official) if n_frames else 0
         attn = self.attention.session(cfg.sageattention)
         self.last_stats = None
+        self._stream_blocks(plan.streamed)
         start, done, count, starts = self._start_timing(), 0, 0, []
         try:
             downloads = DeferredDownload()
@@ -396,7 +416,7 @@ class FlashVSR:
         return time.perf_counter()
 
     def _stats(self, start: float, frames: int, attn, chunks: int, starts: list[list]) -> RunStats:
-        """``starts``: per tile, the DiT-start events of its chunks (the steady rate covers all tiles)."""
+        """``starts``: per batch of tiles, the DiT-start events of its chunks (the steady rate covers all tiles)."""
         peak = 0
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -427,8 +447,8 @@ class FlashVSR:
 
 
 def steady_fps(starts: list[list]) -> float | None:
-    """Output frames per second of the steady period; ``starts``: per tile, the DiT-start events of
-    its chunks (the tiles run one after another, so their periods add up). None below 4 chunks or
+    """Output frames per second of the steady period; ``starts``: per batch of tiles, the DiT-start
+    events of its chunks (the batches run one after another, so their periods add up). None below 4 chunks or
     without CUDA events."""
     periods = [p for p in map(steady_period_ms, starts) if p is not None]
     return STEADY_CHUNK_FRAMES * 1000.0 / (statistics.median_low(periods) * len(starts)) if periods else None

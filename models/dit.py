@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from ..attention.block_sparse import QuantizedKeys
-from . import dit_ops
+from . import dit_ops, tile_batch
 from .dit_ops import QKV, BlockSteps, Rope, affine, heads_view, merge_heads
 from .lcsa import WINDOW, draft_block_mask, local_bias, local_block_mask, topk_count
 
@@ -337,11 +337,15 @@ class ChunkPass:
     consts: DiTConstants
     attn: object                 # the attention session (attention.AttentionSession)
     steps: BlockSteps
+    tiles: int = 1               # spatial tiles in the batch (models/tile_batch.py)
 
     def self_attention(self, layer: int, q_w, k_w, v_w, pooled_q, pooled_k) -> torch.Tensor:
         """LCSA (docs/model.md §7, §8): the new keys and values enter this layer's KV ring, the
         draft mask picks the key windows each query window attends to, and the oldest group
-        leaves the ring. Inputs are (windows, 128, C) and window means (windows, C); returns (1, L, C)."""
+        leaves the ring. Inputs are (windows, 128, C) and window means (windows, C); returns (1, L, C)
+        (a batch of tiles: (tiles*windows, ...) in, (tiles, L, C) out)."""
+        if self.tiles > 1:
+            return tile_batch.self_attention(self, layer, q_w, k_w, v_w, pooled_q, pooled_k)
         state, attn, heads, s1 = self.state, self.attn, self.heads, self.windows_per_group
         ring = state.kv[layer]
         if ring is None:
@@ -363,9 +367,10 @@ class ChunkPass:
         return merge_heads(o)
 
     def cross_attention(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """Dense attention of the (1, L, C) queries to the prompt's keys and values of ``layer``."""
+        """Dense attention of the (B, L, C) queries to the prompt's keys and values of ``layer``
+        (a batch of tiles attends as one longer sequence: each query's softmax is its own)."""
         k, v = self.consts.cross_kv[layer]
-        return merge_heads(self.attn.dense(heads_view(q, self.heads), k, v))
+        return merge_heads(self.attn.dense(heads_view(q, self.heads), k, v)).view(q.shape)
 
 
 class WanDiT(nn.Module):
@@ -380,6 +385,7 @@ class WanDiT(nn.Module):
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, d * 6))
         self.blocks = nn.ModuleList(DiTBlock(cfg) for _ in range(cfg.num_layers))
         self.head = Head(cfg)
+        self.streamed = None     # models/block_stream.StreamedBlocks while the blocks live in host memory
 
     # ---- per-prompt constants -------------------------------------------------------------
     @torch.no_grad()
@@ -401,10 +407,12 @@ class WanDiT(nn.Module):
                       steps: BlockSteps | None = None) -> torch.Tensor:
         """Denoise one chunk in one step: returns ``latents - velocity`` (flow matching, sigma 1).
 
-        latents: (1, 16, f, H/8, W/8) noise slice; lq_tokens: (1, f*h*w, dim) projector tokens;
+        latents: (B, 16, f, H/8, W/8) noise slice; lq_tokens: (B, f*h*w, dim) projector tokens; B > 1:
+        a batch of spatial tiles of one stream each (``state`` then holds all their KV rings);
         steps: the blocks' step functions (default: the eager reference, ``dit_ops.EAGER``).
         """
-        x = self.patch_embedding(latents)
+        # a batch of tiles one by one: a batched 3-D convolution sums in another order on the CPU
+        x = torch.cat([self.patch_embedding(tile) for tile in latents.split(1)])
         f, h, w = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
         if lq_tokens is not None:
@@ -412,7 +420,8 @@ class WanDiT(nn.Module):
         order, inverse = state.token_order(f, h, w, x.device)
         x = x[:, order]                                    # window order until the head
         chunk = self._chunk_pass(f, h, w, order, consts, state, sparse, attn, steps or dit_ops.EAGER)
-        for layer, block in enumerate(self.blocks):
+        chunk.tiles = x.shape[0]
+        for layer, block in enumerate(self.blocks if self.streamed is None else self.streamed.blocks()):
             x = block(x, chunk, layer)
         out = self._unpatchify(self.head(x, consts.t)[:, inverse], f, h, w)
         state.chunk_index += 1
@@ -443,5 +452,6 @@ class WanDiT(nn.Module):
     def _unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
         pt, ph, pw = self.cfg.patch_size
         c = self.cfg.out_dim
-        x = x.view(1, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(1, c, f * pt, h * ph, w * pw)
+        b = x.shape[0]
+        x = x.view(b, f, h, w, pt, ph, pw, c).permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return x.reshape(b, c, f * pt, h * ph, w * pw)

@@ -73,18 +73,22 @@ class CausalConv3d(nn.Conv3d):
         x = F.pad(x, (1, 1, 1, 1, front, 0), mode="replicate")
         if self.by_taps:
             return self._by_taps(x)
-        return super().forward(x)
+        # A batch of tiles one at a time: the CPU's batched 3-D convolution sums in another order,
+        # and a batch must give the frames of its tiles run alone (models/tile_batch.py).
+        if x.shape[0] == 1:
+            return super().forward(x)
+        return torch.cat([super(CausalConv3d, self).forward(clip) for clip in x.split(1)])
 
     def _by_taps(self, x: torch.Tensor) -> torch.Tensor:
         out_ch, in_ch, taps = self.weight.shape[:3]
         stride = self.stride[0]
-        _, _, t, h, w = x.shape
+        b, _, t, h, w = x.shape
         t_out = (t - taps) // stride + 1
-        # (T_out, H, W, taps*C): the frames t*stride + i of each output frame t, channel i*C + c
-        stacked = x[0].unfold(1, taps, stride).permute(1, 2, 3, 4, 0).reshape(t_out, h, w, taps * in_ch)
+        # (B*T_out, H, W, taps*C): the frames t*stride + i of each output frame t, channel i*C + c
+        stacked = x.unfold(2, taps, stride).permute(0, 2, 3, 4, 5, 1).reshape(b * t_out, h, w, taps * in_ch)
         weight = self.weight.permute(0, 2, 1, 3, 4).reshape(out_ch, taps * in_ch, *self.weight.shape[3:])
         out = F.conv2d(stacked.permute(0, 3, 1, 2), weight, self.bias)
-        return out.transpose(0, 1)[None]
+        return out.unflatten(0, (b, t_out)).transpose(1, 2)
 
 
 class RMSNorm3d(nn.Module):
@@ -138,7 +142,8 @@ class LQProjector(nn.Module):
 
     @torch.no_grad()
     def stream(self, clip: torch.Tensor, state: ProjectorState) -> torch.Tensor | None:
-        """Feed one clip; returns (1, h*w, out_dim) tokens, or None for the priming first clip.
+        """Feed one clip (B, 3, 4, H, W) (B > 1: spatial tiles of one stream each, state for all of them);
+        returns (B, h*w, out_dim) tokens, or None for the priming first clip.
 
         The first clip is a single frame (repeated to 4): it only primes the caches.
         """

@@ -200,3 +200,94 @@ def test_streaming_refuses_a_plan_that_needs_tiles(micro, monkeypatch):
 def test_rectangular_tiles_cover_the_frame(micro):
     tiles = _tiles(768, 1408, TileShape(768, 768, 128))
     assert [(t.top, t.left, t.height, t.width) for t in tiles] == [(0, 0, 768, 768), (0, 640, 768, 768)]
+
+
+# ---- tile shapes, batches and streamed weights (issue #14 items 1 and 2) ---------------------------
+
+BLOCK = 2 * 1_419_000_000 // 30             # one full-size DiT block in bf16
+
+
+def streamable(mode=Mode.TINY, int8=True, weights=TINY_WEIGHTS):
+    return MemoryInputs(weights, mode, 2, int8, 3, block_bytes=BLOCK)
+
+
+def computed(plan, h, w):
+    if plan.tiles is None:
+        return h * w
+    return plan.tile_count * min(plan.tiles.height, h) * min(plan.tiles.width, w)
+
+
+# (model h, w, budget GiB) -> (tile height, width, count, batch, streamed) with int8 keys (sage enable).
+CHOICES = [
+    (2176, 3840, 24, (1152, 2048, 4, 1, False)),      # 720p/1080p -> 4K: 1.13x the frame's pixels
+    (2176, 3840, 16, (1152, 896, 10, 1, False)),
+    (2176, 3840, 8, (640, 768, 24, 1, False)),
+    (768, 1408, 16, None),                            # untiled
+    (768, 1408, 12, (768, 768, 2, 1, False)),         # two full-height strips, not squares
+    (768, 1408, 8, (768, 640, 3, 1, False)),
+    (768, 1408, 4, (768, 384, 5, 1, True)),           # nothing fits without streaming
+]
+
+
+@pytest.mark.parametrize("h, w, gib, expected", CHOICES)
+def test_planner_choices_at_the_issue_targets(h, w, gib, expected):
+    plan = plan_run(streamable(), h, w, gib * GiB, 128)
+    got = None if plan.tiles is None else (plan.tiles.height, plan.tiles.width, plan.tile_count, plan.batch,
+                                           plan.streamed)
+    assert plan.fits and got == expected, plan.describe()
+    assert plan.predicted_peak <= memory.usable(gib * GiB)
+
+
+@pytest.mark.parametrize("gib", [24, 16, 8])
+def test_no_fitting_plan_is_cheaper_than_the_chosen_one(gib):
+    h, w, budget = 2176, 3840, gib * GiB
+    plan = plan_run(streamable(), h, w, budget, 128)
+    cost = memory.plan_cost(h, w, plan.tiles, plan.batch, plan.streamed)
+    for tile in memory.candidate_tiles(h, w, 128):
+        for b in memory.batch_sizes(memory.tile_count(h, w, tile)):
+            if predict_peak(streamable(), h, w, tile, b) <= memory.usable(budget):
+                assert memory.plan_cost(h, w, tile, b) >= cost
+
+
+def test_the_plan_at_4k_computes_far_fewer_pixels_than_1024_squares():
+    h, w = 2176, 3840
+    squares = memory.Plan(TileShape(1024, 1024, 128), memory.tile_count(h, w, TileShape(1024, 1024, 128)), 0, None, True)
+    assert computed(squares, h, w) / (h * w) > 1.85                  # 15 squares: 1.88x the frame
+    assert computed(plan_run(streamable(), h, w, 24 * GiB, 128), h, w) / (h * w) < 1.15
+
+
+def test_a_batch_holds_each_tiles_kv_rings_and_working_set():
+    one = predict_peak(streamable(), 2176, 3840, TileShape(512, 512, 128))
+    three = predict_peak(streamable(), 2176, 3840, TileShape(512, 512, 128), batch=3)
+    per_tile = memory.kv_cache_bytes(streamable(), 512, 512) + memory.working_bytes(streamable(), 512, 512) \
+        - memory.working_bytes(streamable(), 0, 0)
+    assert three - one == pytest.approx(2 * per_tile, rel=1e-6)
+
+
+def test_small_forced_tiles_on_a_big_card_run_in_batches_that_fit():
+    plan = plan_run(streamable(), 768, 1408, 80 * GiB, 128, forced_tile=256)
+    assert plan.forced and plan.tiles == TileShape(256, 256, 128) and plan.batch > 1
+    assert plan.tile_count % plan.batch == 0 and "in batches of" in plan.describe()
+    assert plan.batch * 256 * 256 >= memory.HOST_FLOOR_PIXELS         # each pass outweighs the host's time
+    tight = plan_run(streamable(), 768, 1408, 6 * GiB, 128, forced_tile=256)
+    assert tight.batch < plan.batch and tight.predicted_peak <= memory.usable(6 * GiB)
+
+
+def test_weights_stream_only_when_no_tiling_fits_and_the_report_says_so():
+    for gib in (80, 24, 16, 8, 6):
+        assert not plan_run(streamable(), 768, 1408, gib * GiB, 128).streamed
+    plan = plan_run(streamable(), 768, 1408, 4 * GiB, 128)
+    assert plan.streamed and plan.fits and "streamed from host memory" in plan.describe()
+    resident = predict_peak(streamable(), 768, 1408, plan.tiles, plan.batch)
+    assert resident - plan.predicted_peak == (30 - 2) * BLOCK
+
+
+def test_without_block_sizes_the_planner_never_streams():
+    plan = plan_run(inputs(), 768, 1408, 4 * GiB, 64)
+    assert not plan.streamed and not plan.fits
+
+
+def test_the_pipeline_counts_one_block_for_streaming(micro):
+    mem = micro._memory_inputs(UpscaleConfig())
+    block = sum(p.numel() * 4 for p in micro.dit.blocks[0].parameters())
+    assert mem.block_bytes == block and mem.layers == len(micro.dit.blocks)

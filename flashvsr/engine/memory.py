@@ -2,20 +2,29 @@
 
 The peak of a run (``torch.cuda.max_memory_allocated``) is the sum of:
 
-* the loaded networks and the prompt's cross-attention constants (counted from the modules);
+* the loaded networks and the prompt's cross-attention constants (counted from the modules); with
+  the DiT's blocks streamed from host memory (models/block_stream.py) only 2 of its 30 blocks;
 * the DiT's KV cache: per layer, ``slots`` groups of 2 latent frames of keys and values (keys in
-  int8 under the INT8 block-sparse kernel), exact from the sizes (models/dit.py ``KVRing``);
+  int8 under the INT8 block-sparse kernel), exact from the sizes (models/dit.py ``KVRing``), once
+  per tile of a batch;
 * the working set of one chunk (DiT activations of chunk 0, upsampled LQ frames, decoder passes),
   which grows with the pixels one stream covers: ``base + per_pixel * pixels``, calibrated per mode
-  on the H100 (docs/benchmarks.md, "VRAM planner");
-* with spatial tiles, one full-size LQ frame upsampled in float32 before the tile is cut out.
+  on the H100 (docs/benchmarks.md, "VRAM planner"). A batch of tiles counts all its pixels: the
+  DiT and projector hold the whole batch (the decoder takes one tile at a time, so this is an
+  upper bound).
 
-The planner is a pure function of sizes: untiled when it fits the budget, else the tiling (tile
-height and width chosen separately) that fits with the fewest pixels to compute, else the smallest
-tiles with ``fits=False`` (the run is tried anyway; an out-of-memory error re-plans).
+Each tile upsamples only its own window of the LQ frame (preprocess.Upsampler), so tiling adds
+nothing for the whole frame.
+
+The planner is a pure function of sizes: untiled when it fits the budget; else, among the tilings
+(tile height and width chosen separately) and batch sizes (tiles per batch) that fit, the cheapest
+by :func:`plan_cost`; else the same with the DiT's blocks streamed from host memory; else the
+smallest tiles, streamed, with ``fits=False`` (the run is tried anyway; an out-of-memory error
+re-plans).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..config import Mode
@@ -25,6 +34,7 @@ GiB = 2 ** 30
 MIN_TILE = 256                 # UpscaleConfig's smallest tile (two 128-pixel windows)
 TOKEN_PIXELS = 16              # one DiT token = 16x16 output pixels (VAE 8x, patch 2x2)
 WINDOW_TOKENS = 128            # (2, 8, 8) tokens per attention window (models/lcsa.py)
+STREAMED_BLOCKS = 2            # DiT blocks on the device while streaming: the running one and the next
 
 # Working set per stream: bytes = BASE + PER_PIXEL * model pixels at 2-byte compute precision
 # (float32 doubles it). Fitted to the H100 peaks of Tiny, Tiny-Long and Full at 768x1408 and Tiny at
@@ -32,7 +42,14 @@ WINDOW_TOKENS = 128            # (2, 8, 8) tokens per attention window (models/l
 WORKING_BASE = {Mode.TINY: 0.09 * GiB, Mode.TINY_LONG: 0.09 * GiB, Mode.FULL: 0.09 * GiB}
 WORKING_PER_PIXEL = {Mode.TINY: 1.81 * GiB / 1e6, Mode.TINY_LONG: 1.75 * GiB / 1e6,
                      Mode.FULL: 9.67 * GiB / 1e6}
-FULL_FRAME_UPSAMPLE_BYTES_PER_PIXEL = 24   # tiled runs: a whole frame in float32, twice, plus its cast
+
+# The time of one pass of a chunk through the pipeline, in model pixels of GPU work
+# (docs/performance.md, "Tile cost"): a pass costs at least the host's time to queue a DiT chunk
+# (about 60 ms, the GPU time of ~0.45 Mpixel), and with streamed blocks at least the copy of the
+# DiT's blocks over PCIe (2.7 GB, ~110 ms at 25 GB/s: ~0.9 Mpixel).
+HOST_FLOOR_PIXELS = 450_000
+STREAM_FLOOR_PIXELS = 900_000
+MAX_BATCH = 16
 
 
 # The caching allocator reserves more than it hands out (split blocks, per-stream pools, cuDNN and
@@ -45,13 +62,14 @@ RETRY_SHARE = 0.85     # after an out-of-memory error: the next plan predicts at
 @dataclass(frozen=True)
 class MemoryInputs:
     """What the peak depends on besides the frame sizes (from the loaded pipeline and the config)."""
-    weight_bytes: int          # networks + prompt constants on the device
+    weight_bytes: int          # networks + prompt constants, all on the device
     mode: Mode
     dtype_bytes: int           # compute precision: 2 (bf16/fp16) or 4 (fp32)
     int8_keys: bool            # KV keys in int8 (INT8 block-sparse kernel)
     kv_groups: int             # int(kv_ratio)
     dim: int = 1536            # DiT width
     layers: int = 30
+    block_bytes: int = 0       # one DiT block's weights (0: streaming saves nothing, never planned)
 
 
 @dataclass(frozen=True)
@@ -72,9 +90,15 @@ class Plan:
     budget: int | None         # bytes; None = no budget (CPU, or planning off)
     fits: bool
     forced: bool = False       # the user's tile_size, not the planner's choice
+    batch: int = 1             # tiles per batch (run in lockstep through projector and DiT)
+    streamed: bool = False     # the DiT's blocks stream from host memory, two on the device
 
     def describe(self) -> str:
         how = "untiled" if self.tiles is None else f"{self.tile_count} {self.tiles.describe()}"
+        if self.batch > 1:
+            how += f" in batches of {self.batch}"
+        if self.streamed:
+            how += ", DiT blocks streamed from host memory (2 on the GPU)"
         text = f"{how}, predicted peak {self.predicted_peak / GiB:.1f} GiB"
         if self.budget is not None:
             text += f" of a {self.budget / GiB:.1f} GiB budget"
@@ -96,18 +120,37 @@ def kv_cache_bytes(inputs: MemoryInputs, model_h: int, model_w: int) -> int:
     return inputs.layers * (rows * inputs.dim * (key_bytes + inputs.dtype_bytes) + pooled)
 
 
-def working_bytes(inputs: MemoryInputs, model_h: int, model_w: int) -> int:
+def working_bytes(inputs: MemoryInputs, model_h: int, model_w: int, batch: int = 1) -> int:
     scale = inputs.dtype_bytes / 2
-    return int(scale * (WORKING_BASE[inputs.mode] + WORKING_PER_PIXEL[inputs.mode] * model_h * model_w))
+    return int(scale * (WORKING_BASE[inputs.mode] + WORKING_PER_PIXEL[inputs.mode] * batch * model_h * model_w))
 
 
-def predict_peak(inputs: MemoryInputs, model_h: int, model_w: int, tile: TileShape | None = None) -> int:
-    """Predicted ``max_memory_allocated`` of a run at model size ``model_h x model_w`` (bytes)."""
+def weight_bytes(inputs: MemoryInputs, streamed: bool = False) -> int:
+    """The weights on the device: all of them, or with ``streamed`` blocks all but two DiT blocks."""
+    if not streamed:
+        return inputs.weight_bytes
+    return inputs.weight_bytes - (inputs.layers - STREAMED_BLOCKS) * inputs.block_bytes
+
+
+def predict_peak(inputs: MemoryInputs, model_h: int, model_w: int, tile: TileShape | None = None,
+                 batch: int = 1, streamed: bool = False) -> int:
+    """Predicted ``max_memory_allocated`` of a run at model size ``model_h x model_w`` (bytes), untiled
+    or in batches of ``batch`` tiles."""
+    h, w = (model_h, model_w) if tile is None else (min(tile.height, model_h), min(tile.width, model_w))
+    return (weight_bytes(inputs, streamed) + batch * kv_cache_bytes(inputs, h, w)
+            + working_bytes(inputs, h, w, batch))
+
+
+def plan_cost(model_h: int, model_w: int, tile: TileShape | None, batch: int, streamed: bool = False) -> int:
+    """Relative time of a plan, in model pixels of GPU work per chunk: each pass (a batch of tiles,
+    or the untiled frame) costs its pixels, but at least the host's (and with streaming, the
+    weight copy's) time per pass (see HOST_FLOOR_PIXELS)."""
     if tile is None:
-        return inputs.weight_bytes + kv_cache_bytes(inputs, model_h, model_w) + working_bytes(inputs, model_h, model_w)
-    th, tw = min(tile.height, model_h), min(tile.width, model_w)
-    upsample = FULL_FRAME_UPSAMPLE_BYTES_PER_PIXEL * model_h * model_w
-    return inputs.weight_bytes + kv_cache_bytes(inputs, th, tw) + working_bytes(inputs, th, tw) + upsample
+        count, pixels = 1, model_h * model_w
+    else:
+        count, pixels = tile_count(model_h, model_w, tile), min(tile.height, model_h) * min(tile.width, model_w)
+    floor = max(HOST_FLOOR_PIXELS, STREAM_FLOOR_PIXELS if streamed else 0)
+    return math.ceil(count / batch) * max(batch * pixels, floor)
 
 
 def tile_starts(total: int, size: int, overlap: int) -> list[int]:
@@ -124,30 +167,46 @@ def tile_count(model_h: int, model_w: int, tile: TileShape) -> int:
 
 def plan_run(inputs: MemoryInputs, model_h: int, model_w: int, budget: int | None, overlap: int,
              forced_tile: int = 0) -> Plan:
-    """Choose the tiling for a run (see the module docstring). ``budget`` None: no limit (untiled
-    unless forced); ``forced_tile``: the user's square tile size, used as given."""
+    """Choose the tiling, batch size and weight streaming for a run (see the module docstring).
+    ``budget`` None: no limit (untiled unless forced, one tile at a time); ``forced_tile``: the
+    user's square tile size, used as given (the planner still picks the batch and streaming)."""
     if forced_tile:
-        tile = TileShape(forced_tile, forced_tile, overlap)
-        peak = predict_peak(inputs, model_h, model_w, tile)
-        return Plan(tile, tile_count(model_h, model_w, tile), peak, budget,
-                    budget is None or peak <= usable(budget), forced=True)
-    peak = predict_peak(inputs, model_h, model_w)
-    if budget is None or peak <= usable(budget):
-        return Plan(None, 1, peak, budget, True)
-    best, smallest = None, None
-    for tile in candidate_tiles(model_h, model_w, overlap):
-        peak = predict_peak(inputs, model_h, model_w, tile)
-        n = tile_count(model_h, model_w, tile)
-        cost = (n * min(tile.height, model_h) * min(tile.width, model_w), n)
-        if smallest is None or peak < smallest[0]:
-            smallest = (peak, tile, n)
-        if peak <= usable(budget) and (best is None or cost < best[0]):
-            best = (cost, tile, n, peak)
-    if best is not None:
-        return Plan(best[1], best[2], best[3], budget, True)
-    if smallest is None:       # frame no larger than the smallest tile: nothing to split
-        return Plan(None, 1, predict_peak(inputs, model_h, model_w), budget, False)
-    return Plan(smallest[1], smallest[2], smallest[0], budget, False)
+        shapes: list[TileShape | None] = [TileShape(forced_tile, forced_tile, overlap)]
+        if budget is None:
+            tile = shapes[0]
+            return Plan(tile, tile_count(model_h, model_w, tile), predict_peak(inputs, model_h, model_w, tile),
+                        None, True, forced=True)
+    else:
+        peak = predict_peak(inputs, model_h, model_w)
+        if budget is None or peak <= usable(budget):
+            return Plan(None, 1, peak, budget, True)
+        shapes = [None, *candidate_tiles(model_h, model_w, overlap)]
+    forced = bool(forced_tile)
+    for streamed in (False, True) if inputs.block_bytes else (False,):
+        best = None
+        for tile in shapes:
+            n = 1 if tile is None else tile_count(model_h, model_w, tile)
+            for batch in batch_sizes(n):
+                peak = predict_peak(inputs, model_h, model_w, tile, batch, streamed)
+                if peak > usable(budget):
+                    break                       # a larger batch only holds more
+                key = (plan_cost(model_h, model_w, tile, batch, streamed), peak)
+                if best is None or key < best[0]:
+                    best = (key, tile, n, batch, peak)
+        if best is not None:
+            _, tile, n, batch, peak = best
+            return Plan(tile, n, peak, budget, True, forced, batch, streamed)
+    streamed = inputs.block_bytes > 0          # nothing fits: the least memory there is
+    tile = min(shapes, key=lambda t: predict_peak(inputs, model_h, model_w, t, 1, streamed))
+    n = 1 if tile is None else tile_count(model_h, model_w, tile)
+    return Plan(tile, n, predict_peak(inputs, model_h, model_w, tile, 1, streamed), budget, False, forced,
+                1, streamed)
+
+
+def batch_sizes(tiles: int) -> list[int]:
+    """Tiles per batch worth trying, ascending: divisors of the tile count, so every batch has the
+    same shape (one set of compiled DiT graphs), at most MAX_BATCH."""
+    return [b for b in range(1, min(tiles, MAX_BATCH) + 1) if tiles % b == 0]
 
 
 def usable(budget: int) -> int:

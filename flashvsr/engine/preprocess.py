@@ -81,34 +81,63 @@ def bicubic_matrix(n_in: int, n_out: int, device, dtype=torch.float32) -> torch.
     return upload(torch.from_numpy(_bicubic_weights(n_in, n_out)), torch.device(device), dtype)
 
 
-class Upsampler:
-    """Turns one input frame (H, W, 3) into a model frame (3, model_h, model_w) in [-1, 1]."""
+@dataclass(frozen=True)
+class Window:
+    """A rectangle of the model frame, in model pixels (a spatial tile)."""
+    top: int
+    left: int
+    height: int
+    width: int
 
-    def __init__(self, geom: Geometry, device, dtype):
+
+class Upsampler:
+    """Turns one input frame (H, W, 3) into a model frame (3, model_h, model_w) in [-1, 1], or with
+    ``window`` only that rectangle of it (3, window.height, window.width).
+
+    A window costs only its own pixels: the bicubic resample is separable, out = R @ x @ C^T, so a
+    window of the output is R[rows] @ x @ C[cols]^T, and each row of R touches only a band of about
+    4 input rows (its support). The window's rows of R (the replicate padding below/right of the
+    user's frame is the last row repeated), cut to the band of input rows they touch, and the same
+    for C, give each output pixel from the same weights and input pixels as the whole frame does;
+    only the terms with weight exactly 0 are left out of the sums (tests/test_tiles.py: equal to
+    cropping the whole upsampled frame within float32 rounding).
+    """
+
+    def __init__(self, geom: Geometry, device, dtype, window: Window | None = None):
         self.geom, self.device, self.dtype = geom, torch.device(device), dtype
+        self.window = window or Window(0, 0, geom.model_h, geom.model_w)
         if not geom.official:
-            self._rows = bicubic_matrix(geom.in_h, geom.out_h, self.device)
-            self._cols = bicubic_matrix(geom.in_w, geom.out_w, self.device)
+            w = self.window
+            self._rows, self._row_band = _band(geom.in_h, geom.out_h, w.top, w.height, self.device)
+            self._cols, self._col_band = _band(geom.in_w, geom.out_w, w.left, w.width, self.device)
 
     def __call__(self, frame: torch.Tensor) -> torch.Tensor:
         if self.geom.official:
             return self._official(frame)
-        x = upload(_to_unit_float(frame), self.device).permute(2, 0, 1)   # (3, H, W) in [0, 1]
+        (r0, r1), (c0, c1) = self._row_band, self._col_band
+        x = upload(_to_unit_float(frame[r0:r1, c0:c1]), self.device).permute(2, 0, 1)   # (3, h, w) in [0, 1]
         x = torch.matmul(torch.matmul(self._rows, x), self._cols.T) * 2 - 1
-        g = self.geom
-        pad_h, pad_w = g.model_h - g.out_h, g.model_w - g.out_w
-        if pad_h or pad_w:
-            x = torch.nn.functional.pad(x[None], (0, pad_w, 0, pad_h), mode="replicate")[0]
         return x.to(self.dtype)
 
     def _official(self, frame: torch.Tensor) -> torch.Tensor:
         from PIL import Image    # only the parity mode needs Pillow
-        g = self.geom
+        g, w = self.geom, self.window
         u8 = to_uint8(frame).numpy()
         img = Image.fromarray(u8, "RGB").resize((g.scaled_w, g.scaled_h), Image.BICUBIC)
-        img = img.crop((g.crop_left, g.crop_top, g.crop_left + g.model_w, g.crop_top + g.model_h))
+        top, left = g.crop_top + w.top, g.crop_left + w.left
+        img = img.crop((left, top, left + w.width, top + w.height))
         x = torch.from_numpy(np.asarray(img).copy()).to(torch.float32).permute(2, 0, 1)
         return upload(x / 255.0 * 2.0 - 1.0, self.device, self.dtype)
+
+
+def _band(n_in: int, n_out: int, start: int, length: int, device) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The resampling rows of output pixels [start, start + length) of a frame padded (replicate) past
+    ``n_out``, cut to the input band [lo, hi) they touch: ((length, hi - lo) matrix, (lo, hi))."""
+    full = _bicubic_weights(n_in, n_out)
+    rows = full[np.minimum(np.arange(start, start + length), n_out - 1)]
+    touched = np.flatnonzero(rows.any(axis=0))
+    lo, hi = int(touched[0]), int(touched[-1]) + 1
+    return upload(torch.from_numpy(np.ascontiguousarray(rows[:, lo:hi])), torch.device(device), torch.float32), (lo, hi)
 
 
 def _to_unit_float(frame: torch.Tensor) -> torch.Tensor:

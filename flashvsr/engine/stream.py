@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +22,7 @@ from .color import color_fix
 from ..config import UpscaleConfig
 from .frames import FrameSource
 from .noise import latent_noise
-from .preprocess import Geometry, Upsampler
+from .preprocess import Geometry, Upsampler, Window
 from .schedule import MIN_OFFICIAL_INPUT, chunk, min_input_frames
 
 Observer = Callable[[str, int, torch.Tensor], None]   # (name, chunk index, tensor)
@@ -47,6 +47,7 @@ class ChunkOutput:
     stream: "torch.cuda.Stream | None" = None   # where ``frames`` was made: use it there (see run_stream)
     dit_start: "torch.cuda.Event | None" = None  # CUDA: recorded as the chunk's DiT step was queued (steady_period_ms)
     finite: "torch.Tensor | None" = None         # 0-d bool beside ``frames``: no NaN/Inf in them (check_finite)
+    tile: "Tile | None" = None                   # the spatial tile these frames cover (None: the whole frame)
 
     def using(self):
         """Context in which to read ``frames`` on the GPU (its stream), without making the DiT wait."""
@@ -74,36 +75,39 @@ def chunk_needed(k: int, source: FrameSource, official: bool) -> bool:
 
 def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: UpscaleConfig, attn,
                noise: torch.Tensor | None = None, observer: Observer | None = None,
-               tile: "Tile | None" = None, decode_stream: "torch.cuda.Stream | None" = None) -> Iterator[ChunkOutput]:
+               tiles: "Sequence[Tile] | None" = None,
+               decode_stream: "torch.cuda.Stream | None" = None) -> Iterator[ChunkOutput]:
     """Yield output frames chunk by chunk. ``noise`` (1, 16, T, h, w) overrides the seeded noise.
 
-    With ``tile`` the run covers only that window of the model frame (spatial tiling): ``geom`` is
-    still the whole frame's geometry, the tile's own sizes come from ``tile``. With
+    With ``tiles`` (spatial tiling, all of one shape) the run covers only those windows of the model
+    frame, as one batch: each tile is a stream of its own (its own projector cache, KV rings, decoder
+    state), run in lockstep with the others through the projector and the DiT (models/tile_batch.py);
+    the decoder takes them one by one. Each chunk yields one output per tile, in ``tiles`` order.
+    ``geom`` is still the whole frame's geometry; the tiles' own sizes come from ``tiles``. With
     ``decode_stream`` (CUDA, the "side stream") everything but the noise and the DiT runs on that
     stream: chunk k+1's LQ upsampling and projector beside chunk k's DiT, chunk k's decoding and
     colour fix beside chunk k+1's DiT. The yielded frames belong to that stream (read them inside
     ``ChunkOutput.using()``).
     """
     dev, dtype = models.device, models.dtype
-    full_up = Upsampler(geom, dev, dtype)
-    if tile is not None:
-        geom = tile.geometry(geom)
-        # a copy of the tile, not a view: a view would keep every cached full-size frame alive
-        # (1.3 GiB at 4K for chunk 0's 25 frames)
-        up = lambda frame: full_up(frame)[:, tile.top:tile.top + tile.height, tile.left:tile.left + tile.width].contiguous()
-    else:
-        up = full_up
+    tiles = list(tiles) if tiles else [None]
+    if len({(t.height, t.width) for t in tiles if t is not None}) > 1:
+        raise ValueError("the tiles of one batch must share one shape")
+    # Each tile upsamples only its own window (preprocess.Upsampler), not the whole frame.
+    ups = [Upsampler(geom, dev, dtype, None if t is None else t.window()) for t in tiles]
+    geoms = [geom if t is None else t.geometry(geom) for t in tiles]
+    geom = geoms[0]           # the model size all tiles share (their user-visible sizes differ)
     hr: dict[int, torch.Tensor] = {}
 
     def lq(a: int, b: int) -> torch.Tensor:
-        """LQ video frames [a, b) at model size, (1, 3, b-a, H, W); the tail repeats the last frame."""
+        """LQ video frames [a, b) at model size, (tiles, 3, b-a, H, W); the tail repeats the last frame."""
         out = []
         for i in range(a, b):
             if i not in hr:
-                j = i if source.has(i) else _last(source)
-                hr[i] = up(source.get(j))
+                frame = source.get(i if source.has(i) else _last(source))
+                hr[i] = torch.stack([up(frame) for up in ups])
             out.append(hr[i])
-        return torch.stack(out, dim=1)[None]
+        return torch.stack(out, dim=2)
 
     def _last(src: FrameSource) -> int:
         src.has(10 ** 12)          # drains a stream to learn its length (only the tail is buffered)
@@ -115,7 +119,7 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
     if observer is not None:
         dit_state.observe = lambda layer, name, t: observer(f"layer{layer}/{name}", dit_state.chunk_index, t)
     proj_state = ProjectorState()
-    dec_state = models.decoder.new_state()
+    dec_states = [models.decoder.new_state() for _ in tiles]
     lat_h, lat_w = geom.model_h // 8, geom.model_w // 8
     if geom.official and not source.has(MIN_OFFICIAL_INPUT - 1):
         raise ValueError(f"official preprocessing needs at least {MIN_OFFICIAL_INPUT} input frames; "
@@ -138,6 +142,8 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
             x = noise[:, :, ck.latent_start:ck.latent_start + ck.latent_count].to(dev, dtype)
         else:
             x = latent_noise(cfg.seed, ck.latent_start, ck.latent_count, lat_h, lat_w, device=dev, dtype=dtype)
+        if len(tiles) > 1:
+            x = x.expand(len(tiles), *x.shape[1:]).contiguous()    # every tile's stream draws the same noise
         if observer is not None:
             observer("lq_latents", k, tokens)
         dit_start = _timing_event(dev)
@@ -153,22 +159,27 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
         stop = ck.out_end
         if not geom.official and not source.has(ck.out_end - 1):
             stop = source.count            # exact mode: the padded tail is not the user's
+        outs = []
         with _decoding_on(decode_stream, latents):
-            cond = lq(ck.out_start, ck.out_end)
-            frames = models.decoder.decode(latents, cond, dec_state)           # (1, 3, t, H, W) in [-1, 1]
-            if observer is not None:
-                observer("frames_decoded", k, frames)
-            frames, ref = _crop(frames[0].transpose(0, 1), geom), _crop(cond[0].transpose(0, 1), geom)
-            frames = color_fix(frames, ref, cfg.color_fix, float32=cfg.color_fix_float32)
-            if observer is not None:
-                observer("frames_final", k, frames)
-            out = to_unit_hwc(frames[: max(0, stop - ck.out_start)])
-            finite = out.sum().isfinite()      # NaN survives the clamp; summing [0, 1] cannot overflow
-            # Nothing of this chunk but its output may stay alive while the caller works and the
-            # next chunk runs (a generator keeps its locals): ~0.3 GB at 768x1408.
-            del latents, cond, frames, ref
-        yield ChunkOutput(k, ck.out_start, out, decode_stream, dit_start, finite)
-        del out, finite
+            conds = lq(ck.out_start, ck.out_end)
+            for i, (tile_geom, dec_state) in enumerate(zip(geoms, dec_states)):
+                cond = conds[i:i + 1]
+                frames = models.decoder.decode(latents[i:i + 1], cond, dec_state)   # (1, 3, t, H, W) in [-1, 1]
+                if observer is not None:
+                    observer("frames_decoded", k, frames)
+                frames, ref = _crop(frames[0].transpose(0, 1), tile_geom), _crop(cond[0].transpose(0, 1), tile_geom)
+                frames = color_fix(frames, ref, cfg.color_fix, float32=cfg.color_fix_float32)
+                if observer is not None:
+                    observer("frames_final", k, frames)
+                out = to_unit_hwc(frames[: max(0, stop - ck.out_start)])
+                # NaN survives the clamp; summing [0, 1] cannot overflow
+                outs.append(ChunkOutput(k, ck.out_start, out, decode_stream, dit_start, out.sum().isfinite(), tiles[i]))
+                # Nothing of this chunk but its output may stay alive while the caller works and the
+                # next chunk runs (a generator keeps its locals): ~0.3 GB at 768x1408.
+                del cond, frames, ref, out
+            del latents, conds
+        while outs:
+            yield outs.pop(0)
         for i in [i for i in hr if i < ck.out_end]:
             del hr[i]
         source.forget_before(ck.out_end)
@@ -240,6 +251,9 @@ class Tile:
     left: int
     height: int      # multiples of 128
     width: int
+
+    def window(self) -> Window:
+        return Window(self.top, self.left, self.height, self.width)
 
     def geometry(self, whole: Geometry) -> Geometry:
         """The tile as a frame of its own; its output is the part inside the user's frame."""

@@ -1,0 +1,132 @@
+"""Cheaper tiles (issue #14): each tile upsamples only its own window, tiles run in batches through
+the projector and the DiT, and the DiT's blocks can stream from host memory; each gives the frames
+of one whole-frame upsampling and one tile at a time (CPU, float32, small widths: bitwise)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from comfyui_flashvsr.flashvsr.config import UpscaleConfig
+from comfyui_flashvsr.flashvsr.engine import memory
+from comfyui_flashvsr.flashvsr.engine.memory import TileShape
+from comfyui_flashvsr.flashvsr.engine.preprocess import Upsampler, Window, plan_geometry
+from comfyui_flashvsr.flashvsr.engine.random_weights import MICRO_PROMPT, MICRO_TCDECODER, make_random
+from comfyui_flashvsr.flashvsr.pipeline import FlashVSR, _tiles
+from comfyui_flashvsr.models import tile_batch
+from comfyui_flashvsr.models.block_stream import set_streaming
+from comfyui_flashvsr.models.dit import DiTConfig, WanDiT
+from comfyui_flashvsr.models.lq_projector import LQProjector, LQProjectorConfig, ProjectorState
+from comfyui_flashvsr.models.tcdecoder import TCDecoder
+
+# Two heads (the fold puts tile t's head h at t*heads + h) and three blocks (the streamed blocks'
+# two slots each serve more than one block per chunk).
+DIT = DiTConfig(dim=256, ffn_dim=128, text_dim=32, num_heads=2, num_layers=3)
+PROJECTOR = LQProjectorConfig(hidden1=16, hidden2=16, out_dim=256)
+TILE = TileShape(256, 256, 128)          # 2 tiles side by side on the 256 x 384 model frame
+
+
+@pytest.mark.parametrize("h, w, scale", [(72, 72, 4.0), (45, 80, 3.0), (100, 70, 2.5)])
+def test_a_tile_upsamples_to_the_crop_of_the_whole_upsampled_frame(h, w, scale):
+    geom = plan_geometry(h, w, scale, False)
+    frame = torch.rand((h, w, 3), generator=torch.Generator().manual_seed(1))
+    whole = Upsampler(geom, "cpu", torch.float32)(frame)
+    shape = TileShape(256, 256, 128)
+    for tile in _tiles(geom.model_h, geom.model_w, shape):      # edge tiles include the replicate padding
+        window = Upsampler(geom, "cpu", torch.float32, tile.window())(frame)
+        assert torch.equal(window, whole[:, tile.top:tile.top + tile.height, tile.left:tile.left + tile.width])
+
+
+def test_a_tile_reads_only_the_input_band_it_needs():
+    geom = plan_geometry(180, 320, 4.0, False)          # 720 x 1280
+    up = Upsampler(geom, "cpu", torch.float32, Window(256, 512, 256, 256))
+    (r0, r1), (c0, c1) = up._row_band, up._col_band
+    assert r1 - r0 <= 256 // 4 + 4 and c1 - c0 <= 256 // 4 + 4     # the window / 4 plus the bicubic support
+
+
+def test_fold_puts_each_tiles_heads_side_by_side_and_unfold_inverts_it():
+    tiles, windows, c = 3, 4, 8
+    x = torch.arange(tiles * windows * 128 * c, dtype=torch.float32).view(tiles * windows, 128, c)
+    folded = tile_batch.fold(x, tiles)
+    assert folded.shape == (windows, 128, tiles * c)
+    assert torch.equal(folded[:, :, c:2 * c], x[windows:2 * windows])          # tile 1's channels
+    tokens = folded.reshape(1, windows * 128, tiles * c)
+    assert torch.equal(tile_batch.unfold(tokens, tiles), x.view(tiles, windows * 128, c))
+
+
+def test_projector_batch_gives_each_clips_tokens():
+    torch.manual_seed(0)
+    for taps in (False, True):
+        proj = LQProjector(PROJECTOR, causal=True)
+        if taps:
+            proj.use_conv_taps()
+        together, alone = ProjectorState(), [ProjectorState(), ProjectorState()]
+        for k in range(3):
+            clips = torch.randn(2, 3, 1 if k == 0 else 4, 64, 64)
+            batch = proj.stream(clips, together)
+            singles = [proj.stream(clips[i:i + 1], alone[i]) for i in range(2)]
+            if batch is None:
+                assert singles == [None, None]
+                continue
+            if taps:      # CUDA's path: one 2-D convolution over the batch sums in its own order
+                torch.testing.assert_close(batch, torch.cat(singles), rtol=1e-5, atol=1e-5)
+            else:
+                assert torch.equal(batch, torch.cat(singles))
+
+
+@pytest.fixture(scope="module")
+def small():
+    gen = torch.Generator("cpu").manual_seed(3)
+    dit = make_random(lambda: WanDiT(DIT), "cpu", torch.float32, gen)
+    projector = make_random(lambda: LQProjector(PROJECTOR, causal=True), "cpu", torch.float32, gen)
+    decoder = make_random(lambda: TCDecoder(MICRO_TCDECODER), "cpu", torch.float32, gen)
+    prompt = torch.randn(MICRO_PROMPT, generator=gen)
+    return FlashVSR(dit, projector, decoder, prompt, "tiny", "v1.1", "cpu", torch.float32)
+
+
+def run(pipe, monkeypatch, batch: int, streamed: bool = False) -> torch.Tensor:
+    frames = torch.rand((17, 48, 96, 3), generator=torch.Generator().manual_seed(4))   # 3 chunks
+    plan = memory.Plan(TILE, 2, 0, None, True, batch=batch, streamed=streamed)
+    with monkeypatch.context() as m:
+        m.setattr(FlashVSR, "_plan", lambda self, geom, cfg, budget: plan)
+        result = pipe.upscale(frames, UpscaleConfig(tile_overlap=TILE.overlap))
+    assert result.stats.plan == plan.describe()
+    return result.frames
+
+
+@pytest.fixture(scope="module")
+def one_at_a_time(small):
+    with pytest.MonkeyPatch.context() as m:
+        return run(small, m, batch=1)
+
+
+def test_a_batch_of_tiles_gives_the_frames_of_one_tile_at_a_time(small, one_at_a_time, monkeypatch):
+    assert torch.equal(run(small, monkeypatch, batch=2), one_at_a_time)
+
+
+def test_streamed_blocks_give_the_frames_of_blocks_on_the_device(small, one_at_a_time, monkeypatch):
+    try:
+        frames = run(small, monkeypatch, batch=2, streamed=True)
+        assert small.dit.streamed is not None and len(small.dit.streamed) == DIT.num_layers
+    finally:
+        set_streaming(small.dit, False, small.device)
+    assert small.dit.streamed is None
+    assert torch.equal(frames, one_at_a_time)
+
+
+def test_streamed_blocks_feed_the_traced_block_steps_like_resident_ones(small, monkeypatch):
+    """The steps take the weights as arguments, so one traced graph serves both slots (dynamo with
+    the eager backend: the tracing and guards of the CUDA fast path, without a compiler on the CPU)."""
+    import dataclasses
+    from comfyui_flashvsr.models import dit_ops
+    torch._dynamo.reset()
+    steps = dit_ops.BlockSteps(*(torch.compile(getattr(dit_ops.FAST, f.name), backend="eager", fullgraph=True)
+                                 for f in dataclasses.fields(dit_ops.BlockSteps)))
+    real = FlashVSR.engine_models
+    monkeypatch.setattr(FlashVSR, "engine_models",
+                        lambda self, cfg: dataclasses.replace(real(self, cfg), dit_steps=steps))
+    resident = run(small, monkeypatch, batch=2)
+    try:
+        streamed = run(small, monkeypatch, batch=2, streamed=True)
+    finally:
+        set_streaming(small.dit, False, small.device)
+    assert torch.equal(streamed, resident)
