@@ -1,15 +1,21 @@
-"""One rank of a CPU (gloo) parallel run, as a script: ``python parallel_rank.py JOB.json RANK``.
+"""One rank of a CPU (gloo) parallel run, as a script: ``python parallel_rank.py JOB.json [RANK]``
+(without RANK: torchrun's variables, as the ``--gpus`` launcher sets them).
 
 The parallel tests start one of these per rank. Every rank builds the same small random networks
 (6 heads of 128, so 2, 3 and 6 ranks split them); rank 0 upscales a clip once in this process alone
 and once over all ranks, and writes both results to ``out/rank0.pt``. Job keys: ``init`` (file://
-store), ``world``, ``modes``, ``frames``, ``size`` (input h, w), ``scale``, ``fail_rank`` (that rank
-raises at its first chunk), ``heads``.
+store, or env://), ``world``, ``modes``, ``frames``, ``size`` (input h, w), ``scale``, ``heads``,
+``fail_rank`` (that rank raises at its first chunk; with ``fail_at_start`` as soon as it joined),
+``rank0_sleeps`` (rank 0 sleeps instead of working, as if stuck in a collective),
+``expect_weights`` (the workers first wait for rank 0's "weights loaded" message, as when rank 0 is
+the ``flashvsr upscale`` command).
 """
 import importlib.util
 import json
+import os
 import pathlib
 import sys
+import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -54,6 +60,11 @@ def main(job_path: str, rank: int) -> None:
     torch.set_num_threads(1)
     job = json.loads(pathlib.Path(job_path).read_text())
     group = join(ParallelConfig(rank, job["world"], init_method=job["init"], timeout_s=60), "cpu")
+    if rank == job.get("fail_rank") and job.get("fail_at_start"):
+        raise RuntimeError(f"rank {rank} fails on purpose")
+    if rank == 0 and job.get("rank0_sleeps"):
+        pathlib.Path(job["out"], "rank0.pid").write_text(str(os.getpid()))
+        time.sleep(600)
     if rank == job.get("fail_rank"):
         def fail(*args, **kwargs):
             raise RuntimeError(f"rank {rank} fails on purpose")
@@ -63,6 +74,8 @@ def main(job_path: str, rank: int) -> None:
         return FlashVSR(*networks(mode, job["heads"]), mode, "v1.1", "cpu", torch.float32, parallel=parallel)
 
     if rank != 0:
+        if job.get("expect_weights"):        # rank 0 is the real command, which loads weight files
+            group.expect("weights")
         pipeline(job["modes"][0], group).serve()
         group.close()
         return
@@ -79,4 +92,4 @@ def main(job_path: str, rank: int) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]))
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else int(os.environ["RANK"]))

@@ -112,13 +112,17 @@ class ProcessGroup:
         if self.is_main and not self.closed:
             self.send(("end",))
 
+    def release(self) -> None:
+        """Rank 0: every worker's ``serve`` returns (the group stays joined)."""
+        if self.is_main and not self.closed:
+            self.send(("exit",))
+
     def close(self) -> None:
-        """Rank 0: tell the workers to return; every rank: leave the process group."""
+        """Rank 0 releases the workers; every rank leaves the process group."""
         if self.closed:
             return
+        self.release()
         self.closed = True
-        if self.is_main:
-            self.send(("exit",))
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
