@@ -311,6 +311,7 @@ def table(data: dict, markdown: bool = False) -> str:
                 f"{round(p['out_w'] / p['scale'])}, x{p['scale']:g}), {p['frames']} frames, "
                 f"{p['precision']}, weights {p['version']}, "
                 f"compile {'on' if p['compile'] and p['device'].startswith('cuda') else 'off'}, "
+                + (f"DiT over {p['gpus']} processes (peak VRAM: rank 0's), " if p.get("gpus", 1) > 1 else "")
                 + (f"tiles {p['tile_size']} px (overlap {p['tile_overlap']}), " if p.get("tile_size") else "")
                 + (f"VRAM budget {p['vram_budget']:g} GiB"
                    + (" (allocator capped), " if p["device"].startswith("cuda") else " (no effect off CUDA), ")
@@ -427,7 +428,8 @@ def command(args: argparse.Namespace) -> int:
             return 0
         for label in labels(params):
             log.warning(label)
-        data = report(params, run(params, _random_builder(params, group)), environment(device))
+        results = run(params) if group is None else run(params, _random_builder(params, group))
+        data = report(params, results, environment(device))
     finally:
         if group is not None:
             group.close()

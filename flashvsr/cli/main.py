@@ -153,9 +153,10 @@ def check_paths(job: UpscaleJob) -> VideoInfo:
     return info
 
 
-def load_pipeline(job: UpscaleJob, parallel=None):
-    """``parallel``: this process's ``ParallelConfig`` in a run over several processes."""
+def load_pipeline(job: UpscaleJob):
+    """The pipeline of ``job``; in a run over several processes (torchrun's variables), this rank's."""
     from ..pipeline import FlashVSR
+    parallel = launch.parallel_config(job.gpus)
     roots = list(job.models) or default_models_roots()
     device = resolve_device(job.device)
     log.info("loading weights: FlashVSR %s %s from %s onto %s ...", job.mode, job.version,
@@ -254,13 +255,13 @@ def _upscale_command(args: argparse.Namespace) -> int:
     job = job_from_args(args)
     parallel = launch.parallel_config(job.gpus)
     if parallel is not None and parallel.rank != 0:
-        return _serve(job, parallel)
+        return _serve(job)
     info = check_paths(job)
     if parallel is None and job.gpus > 1:       # the paths are checked before any process starts
         return launch.launch(args.argv, job.gpus, cleanup=lambda: clean_stale(job.output))
     log.info("input %s: %dx%d, %s fps, %s frames, audio: %s", info.path, info.width, info.height,
              float(info.fps), info.frames or "?", info.audio or "none")
-    pipe = load_pipeline(job, parallel)
+    pipe = load_pipeline(job)
     try:
         done = run_upscale(job, pipe, info)
     finally:
@@ -274,9 +275,9 @@ def _upscale_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _serve(job: UpscaleJob, parallel) -> int:
+def _serve(job: UpscaleJob) -> int:
     """A rank other than 0: load the same weights, run the DiT's share of rank 0's chunks."""
-    pipe = load_pipeline(job, parallel)
+    pipe = load_pipeline(job)
     try:
         pipe.serve()
     finally:
