@@ -169,15 +169,34 @@ def _pngs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_cli_gpus_2_writes_the_frames_of_one_process(cli_setup, tmp_path):
-    common = ["--device", "cpu", "--models", cli_setup / "models", "--no-download", "--scale", "4"]
-    one = _flashvsr(cli_setup, "upscale", cli_setup / "in", tmp_path / "one", *common)
-    two = _flashvsr(cli_setup, "upscale", cli_setup / "in", tmp_path / "two", *common, "--gpus", "2")
-    assert one.returncode == 0, one.stderr
+CLI_COMMON = ["--device", "cpu", "--no-download", "--scale", "4"]
+
+
+@pytest.fixture(scope="module")
+def one_process(cli_setup):
+    out = cli_setup / "one"
+    done = _flashvsr(cli_setup, "upscale", cli_setup / "in", out, *CLI_COMMON, "--models", cli_setup / "models")
+    assert done.returncode == 0, done.stderr
+    return _pngs(out)
+
+
+def test_cli_gpus_2_writes_the_frames_of_one_process(cli_setup, one_process, tmp_path):
+    two = _flashvsr(cli_setup, "upscale", cli_setup / "in", tmp_path / "two", *CLI_COMMON,
+                    "--models", cli_setup / "models", "--gpus", "2")
     assert two.returncode == 0, two.stderr
-    assert "wrote" in two.stdout and two.stdout.count("wrote") == 1      # rank 0 alone writes and reports
+    assert two.stdout.count("wrote") == 1      # rank 0 alone writes and reports
     assert len(_pngs(tmp_path / "two")) == 12
-    assert _pngs(tmp_path / "one") == _pngs(tmp_path / "two")
+    assert _pngs(tmp_path / "two") == one_process
+
+
+def test_torchrun_runs_the_same_command(cli_setup, one_process, tmp_path):
+    env = os.environ | CHILD_ENV | {"PYTHONPATH": str(cli_setup / "importable")}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                           "comfyui_flashvsr", "upscale", str(cli_setup / "in"), str(tmp_path / "out"), *CLI_COMMON,
+                           "--models", str(cli_setup / "models")],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert _pngs(tmp_path / "out") == one_process
 
 
 def test_cli_rank_0_leaves_no_partial_output_when_a_worker_dies(cli_setup, tmp_path):
