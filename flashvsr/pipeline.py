@@ -83,7 +83,8 @@ class FlashVSR:
         self._exchange = None
         if parallel is not None:
             from ..models.sequence_parallel import SequenceParallel
-            self._exchange = SequenceParallel(dit.cfg.num_heads)    # refuses heads that do not split
+            # refuses heads that do not split
+            self._exchange = SequenceParallel(dit.cfg.num_heads, rank0_share=parallel.config.rank0_share)
         self.mode, self.version = Mode.parse(mode), Version.parse(version)
         self.device, self.dtype = torch.device(device), dtype
         self.dit, self.projector, self.decoder = dit, projector, decoder

@@ -7,9 +7,11 @@ head, so an all-to-all turns the window slice into a head slice just before it (
 window means of q and k) and another turns the attention output back. Each rank's KV ring then
 holds only its heads.
 
-Windows are split as evenly as they go (``window_split``: the first ranks take one more); the
-collectives take per-rank sizes, so nothing is padded and no rank computes a padded row. A rank may
-get no window at all (a small frame on many ranks): it then only serves its heads.
+Windows are split as evenly as they go (``window_split``: the first ranks take one more), or with
+fewer for rank 0, which also runs the projector and the decoder (``rank0_share``); the collectives
+take per-rank sizes, so nothing is padded and no rank computes a padded row. A rank may get no
+window at all (a small frame on many ranks): it then only serves its heads. The heads always split
+evenly.
 
 The values each rank computes are the one-process values of the same rows and heads: no reduction
 crosses a rank boundary (docs/parallel.md, "Why the frames are the same").
@@ -32,10 +34,17 @@ def check_heads(heads: int, world: int) -> None:
                          f"use {ok} GPUs")
 
 
-def window_split(windows: int, world: int) -> list[int]:
-    """Windows per rank, contiguous and in rank order; sizes differ by one at most."""
-    base, extra = divmod(windows, world)
-    return [base + (r < extra) for r in range(world)]
+def window_split(windows: int, world: int, rank0_share: float = 1.0) -> list[int]:
+    """Windows per rank, contiguous and in rank order. Rank 0 gets ``rank0_share`` times another
+    rank's share (rounded); the others split the rest, their sizes differing by one at most."""
+    if not 0.0 <= rank0_share <= 1.0:
+        raise ValueError(f"rank0_share must be in [0, 1], got {rank0_share}")
+    if rank0_share == 1.0 or world == 1:
+        base, extra = divmod(windows, world)
+        return [base + (r < extra) for r in range(world)]
+    first = round(windows * rank0_share / (rank0_share + world - 1))
+    base, extra = divmod(windows - first, world - 1)
+    return [first] + [base + (r < extra) for r in range(world - 1)]
 
 
 class SequenceParallel:
@@ -45,15 +54,17 @@ class SequenceParallel:
     gets the head's output back. All methods are collective: every rank calls them in the same order.
     """
 
-    def __init__(self, heads: int, group=None) -> None:
+    def __init__(self, heads: int, group=None, rank0_share: float = 1.0) -> None:
         self.group = group
+        window_split(1, 1, rank0_share)           # checks the value
+        self.rank0_share = rank0_share            # every rank must use rank 0's (see engine/parallel.py)
         self.rank = dist.get_rank(group)
         self.world = dist.get_world_size(group)
         check_heads(heads, self.world)
         self.heads = heads // self.world          # heads this rank attends over
 
     def split(self, windows: int) -> list[int]:
-        return window_split(windows, self.world)
+        return window_split(windows, self.world, self.rank0_share)
 
     def own_tokens(self, windows: int) -> slice:
         """This rank's tokens of a window-ordered chunk of ``windows`` windows."""

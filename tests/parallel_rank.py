@@ -5,7 +5,7 @@ The parallel tests start one of these per rank. Every rank builds the same small
 (6 heads of 128, so 2, 3 and 6 ranks split them); rank 0 upscales a clip once in this process alone
 and once over all ranks, and writes both results to ``out/rank0.pt``. Job keys: ``init`` (file://
 store, or env://), ``world``, ``modes``, ``frames``, ``size`` (input h, w), ``scale``, ``heads``,
-``fail_rank`` (that rank raises at its first chunk; with ``fail_at_start`` as soon as it joined),
+``rank0_share`` (given to rank 0 only: the workers take it from rank 0), ``fail_rank`` (that rank raises at its first chunk; with ``fail_at_start`` as soon as it joined),
 ``rank0_sleeps`` (rank 0 sleeps instead of working, as if stuck in a collective),
 ``expect_weights`` (the workers first wait for rank 0's "weights loaded" message, as when rank 0 is
 the ``flashvsr upscale`` command).
@@ -59,7 +59,8 @@ def main(job_path: str, rank: int) -> None:
     from comfyui_flashvsr.models.sequence_parallel import SequenceParallel
     torch.set_num_threads(1)
     job = json.loads(pathlib.Path(job_path).read_text())
-    group = join(ParallelConfig(rank, job["world"], init_method=job["init"], timeout_s=60), "cpu")
+    group = join(ParallelConfig(rank, job["world"], init_method=job["init"], timeout_s=60,
+                                rank0_share=job.get("rank0_share", 1.0) if rank == 0 else 1.0), "cpu")
     if rank == job.get("fail_rank") and job.get("fail_at_start"):
         raise RuntimeError(f"rank {rank} fails on purpose")
     if rank == 0 and job.get("rank0_sleeps"):

@@ -59,10 +59,12 @@ def _alone_and_together(tmp_path, world, **job):
 
 
 def test_two_ranks_give_the_one_process_frames_bit_for_bit_in_every_mode(tmp_path):
-    # 128x384 model frame: 3 windows per group, so chunk 0 splits 5/4 and later chunks 2/1;
-    # 29 frames are 2 chunks, and the second evicts the oldest KV group (3 cached + 1 new > kv_ratio 3)
-    assert total_chunks(29, False) == 2
-    got = _alone_and_together(tmp_path, 2, modes=["tiny", "tiny-long", "full"], frames=29, size=[32, 96])
+    # 128x384 model frame: 3 windows per group; rank 0 takes half a share, so chunk 0 splits 3/6 and
+    # later chunks 1/2; 29 frames are 2 chunks, and the second evicts the oldest KV group
+    # (3 cached + 1 new > kv_ratio 3)
+    assert total_chunks(29, False) == 2 and window_split(9, 2, 0.5) == [3, 6]
+    got = _alone_and_together(tmp_path, 2, modes=["tiny", "tiny-long", "full"], frames=29, size=[32, 96],
+                              rank0_share=0.5)
     for mode, (alone, together) in got.items():
         assert alone.shape == (29, 128, 384, 3), mode
         assert torch.equal(alone, together), f"{mode}: max difference {(alone - together).abs().max()}"
@@ -82,6 +84,8 @@ def test_windows_split_contiguously_with_sizes_differing_by_one_at_most():
     assert window_split(9, 2) == [5, 4]
     assert window_split(66, 4) == [17, 17, 16, 16]
     assert window_split(12, 12) == [1] * 12
+    assert window_split(66, 4, rank0_share=0.5) == [9, 19, 19, 19]     # rank 0 also decodes
+    assert window_split(66, 4, rank0_share=0.0) == [0, 22, 22, 22]
 
 
 def test_heads_that_do_not_split_over_the_processes_are_refused(monkeypatch):

@@ -55,6 +55,7 @@ class BenchParams:
     tile_overlap: int = config.UpscaleConfig.tile_overlap
     vram_budget: float | None = None   # GiB: plan for a card of this size and cap the allocator there (CUDA)
     gpus: int = 1          # processes (GPUs) the DiT is split over; peak VRAM is rank 0's (it also decodes)
+    rank0_share: float = 1.0   # rank 0's share of the DiT's windows (ParallelConfig)
 
     @property
     def in_h(self) -> int:
@@ -311,7 +312,8 @@ def table(data: dict, markdown: bool = False) -> str:
                 f"{round(p['out_w'] / p['scale'])}, x{p['scale']:g}), {p['frames']} frames, "
                 f"{p['precision']}, weights {p['version']}, "
                 f"compile {'on' if p['compile'] and p['device'].startswith('cuda') else 'off'}, "
-                + (f"DiT over {p['gpus']} processes (peak VRAM: rank 0's), " if p.get("gpus", 1) > 1 else "")
+                + (f"DiT over {p['gpus']} processes (rank 0's window share {p.get('rank0_share', 1.0):g}; "
+                   "peak VRAM: rank 0's), " if p.get("gpus", 1) > 1 else "")
                 + (f"tiles {p['tile_size']} px (overlap {p['tile_overlap']}), " if p.get("tile_size") else "")
                 + (f"VRAM budget {p['vram_budget']:g} GiB"
                    + (" (allocator capped), " if p["device"].startswith("cuda") else " (no effect off CUDA), ")
@@ -401,7 +403,7 @@ def command(args: argparse.Namespace) -> int:
     from ..devices import torch_dtype
     from . import launch
     from .common import resolve_device
-    parallel = launch.parallel_config(args.gpus)
+    parallel = launch.parallel_config(args.gpus, args.rank0_share)
     if parallel is None and args.gpus > 1:
         return launch.launch(args.argv, args.gpus)
     device = resolve_device(args.device)
@@ -415,7 +417,8 @@ def command(args: argparse.Namespace) -> int:
                          version=args.weights, device=device, precision=precision,
                          warmup_frames=min(args.warmup_frames, args.frames), repeat=repeat,
                          compile=args.compile, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-                         vram_budget=args.vram_budget, gpus=parallel.world if parallel else 1)
+                         vram_budget=args.vram_budget, gpus=parallel.world if parallel else 1,
+                         rank0_share=args.rank0_share)
     group = None
     if parallel is not None:
         from ..engine.parallel import join

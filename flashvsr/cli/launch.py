@@ -24,13 +24,13 @@ GRACE_S = 10.0                       # SIGTERM lets rank 0 remove its partial ou
 POLL_S = 0.1
 
 
-def parallel_config(gpus: int):
+def parallel_config(gpus: int, rank0_share: float = 1.0):
     """This process's ``ParallelConfig`` when torchrun or ``--gpus`` started it, else None (one
     process, or the launcher of ``gpus`` processes)."""
     from ..engine.parallel import ParallelConfig
     if gpus < 1:
         raise ValueError(f"--gpus must be >= 1, got {gpus}")
-    parallel = ParallelConfig.from_env()
+    parallel = ParallelConfig.from_env(rank0_share=rank0_share)
     if parallel is not None and gpus not in (1, parallel.world):
         raise ValueError(f"--gpus {gpus} under a launcher of {parallel.world} processes (torchrun "
                          f"--nproc-per-node): leave --gpus out, the launcher decides")

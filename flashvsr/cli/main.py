@@ -64,6 +64,7 @@ class UpscaleJob:
     crf: int = 18
     overwrite: bool = False
     gpus: int = 1                     # processes (GPUs) the DiT is split over
+    rank0_share: float = 1.0          # rank 0's share of the DiT's windows (ParallelConfig)
 
 
 class Progress:
@@ -156,7 +157,7 @@ def check_paths(job: UpscaleJob) -> VideoInfo:
 def load_pipeline(job: UpscaleJob):
     """The pipeline of ``job``; in a run over several processes (torchrun's variables), this rank's."""
     from ..pipeline import FlashVSR
-    parallel = launch.parallel_config(job.gpus)
+    parallel = launch.parallel_config(job.gpus, job.rank0_share)
     roots = list(job.models) or default_models_roots()
     device = resolve_device(job.device)
     log.info("loading weights: FlashVSR %s %s from %s onto %s ...", job.mode, job.version,
@@ -253,7 +254,7 @@ def _to_u8(frame):
 
 def _upscale_command(args: argparse.Namespace) -> int:
     job = job_from_args(args)
-    parallel = launch.parallel_config(job.gpus)
+    parallel = launch.parallel_config(job.gpus, job.rank0_share)
     if parallel is not None and parallel.rank != 0:
         return _serve(job)
     info = check_paths(job)
@@ -298,7 +299,8 @@ def job_from_args(args: argparse.Namespace) -> UpscaleJob:
         mode=config.Mode.parse(args.mode).value, version=config.Version.parse(args.weights).value,
         device=args.device, precision=args.precision, models=tuple(Path(m) for m in args.models),
         download=args.download, fps=Fraction(args.fps) if args.fps else None,
-        audio=args.audio, crf=args.crf, overwrite=args.overwrite, gpus=args.gpus)
+        audio=args.audio, crf=args.crf, overwrite=args.overwrite, gpus=args.gpus,
+        rank0_share=args.rank0_share)
 
 
 def _add_upscale_parser(sub) -> None:

@@ -49,13 +49,19 @@ class ParallelConfig:
     local_rank: int = 0
     init_method: str = "env://"
     timeout_s: float = 1800.0      # a collective waiting longer than this fails (torch's default)
+    # Rank 0's share of the DiT's windows relative to another rank's: below 1 leaves it time for the
+    # projector and the decoder, which only it runs (sequence_parallel.window_split). Rank 0's
+    # value is the one every rank uses.
+    rank0_share: float = 1.0
 
     def __post_init__(self) -> None:
         if not 0 <= self.rank < self.world:
             raise ValueError(f"rank must be in [0, {self.world}), got {self.rank}")
+        if not 0.0 <= self.rank0_share <= 1.0:
+            raise ValueError(f"rank0_share must be in [0, 1], got {self.rank0_share}")
 
     @classmethod
-    def from_env(cls, environ=None) -> "ParallelConfig | None":
+    def from_env(cls, environ=None, rank0_share: float = 1.0) -> "ParallelConfig | None":
         """The config torchrun's variables describe, or None for a run of one process."""
         env = os.environ if environ is None else environ
         if int(env.get("WORLD_SIZE", "1")) <= 1:
@@ -64,7 +70,7 @@ class ParallelConfig:
         if missing:
             raise ValueError(f"WORLD_SIZE is set but {', '.join(missing)} is not: start the processes "
                              "with torchrun or `flashvsr ... --gpus N`")
-        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]))
+        return cls(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), rank0_share=rank0_share)
 
 
 class ProcessGroup:
@@ -158,6 +164,7 @@ class RunOptions:
     sparse: SparseParams
     sageattention: str
     compile: bool
+    rank0_share: float
 
 
 class ParallelDiT:
@@ -174,7 +181,7 @@ class ParallelDiT:
                                f"({self.group.failed}); start them again")
         dit = self.dit
         if state.chunk_index == 0:          # a new run (or tile): the workers start fresh state
-            self.group.send(("begin", RunOptions(sparse, self.sageattention, self.compile)))
+            self.group.send(("begin", RunOptions(sparse, self.sageattention, self.compile, self.exchange.rank0_share)))
         x, grid = dit.embed(latents, lq_tokens, state)
         self.group.send(("chunk", grid))
         windows = _windows(grid)
@@ -209,6 +216,7 @@ def serve(group: ProcessGroup, dit: WanDiT, consts: DiTConstants, exchange, sess
         if kind == "begin":
             run = message[1]
             state, attn, steps = DiTStreamState(), session(run.sageattention), steps_for(run.compile)
+            exchange.rank0_share = run.rank0_share
         elif kind == "end":
             state = attn = None
             if group.device.type == "cuda":
