@@ -326,13 +326,13 @@ class SparseParams:
 class ChunkPass:
     """What the 30 blocks of one chunk share, and the two attention calls of a block.
 
-    Built by :meth:`WanDiT.forward_chunk` once per chunk; the blocks call :meth:`self_attention`
+    Built by :meth:`WanDiT.forward_tokens` once per chunk; the blocks call :meth:`self_attention`
     (sparse, over the chunk's new keys and the cached ones of the last groups) and
     :meth:`cross_attention` (dense, over the prompt) with their layer index.
     """
     t_mod: torch.Tensor          # (1, 6, dim)
-    rope: Rope                   # per window-ordered token
-    heads: int
+    rope: Rope                   # per window-ordered token (this rank's, with an exchange)
+    heads: int                   # all heads: RoPE and cross-attention work per token on all of them
     query_groups: int            # groups of 2 latent frames in this chunk (3 for chunk 0, then 1)
     windows_per_group: int       # s1: 128-token windows per group
     topk: int                    # lcsa.topk_count

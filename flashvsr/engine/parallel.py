@@ -138,6 +138,9 @@ def join(config: ParallelConfig, device: "str | torch.device") -> ProcessGroup:
     import torch.distributed as dist
     device = torch.device(device)
     if device.type == "cuda":
+        if device.index is not None:
+            raise ValueError(f"device {device} with several processes: each process takes the GPU of its "
+                             "LOCAL_RANK; choose the GPUs with CUDA_VISIBLE_DEVICES and pass --device cuda")
         count = torch.cuda.device_count()
         if config.local_rank >= count:
             raise ValueError(f"process {config.rank} wants GPU {config.local_rank}, but {count} "
