@@ -22,6 +22,7 @@ from ..models.block_stream import block_bytes, set_streaming
 from .config import Mode, UpscaleConfig, Version, budget_gib
 from .devices import resolve_device
 from .engine import memory
+from .engine.parallel import ParallelConfig, ParallelDiT, ProcessGroup, join, serve
 from .engine.stream import EngineModels, Tile, check_finite, run_stream, steady_period_ms
 from .engine.frames import FrameSource
 from .engine.host_copy import DeferredDownload
@@ -70,9 +71,21 @@ class UpscaleResult:
 
 
 class FlashVSR:
-    """A loaded model set (DiT, LQ projector, decoder, prompt) for one mode and weights version."""
+    """A loaded model set (DiT, LQ projector, decoder, prompt) for one mode and weights version.
 
-    def __init__(self, dit, projector, decoder, prompt: torch.Tensor, mode, version, device, dtype):
+    ``parallel``: a joined ``ProcessGroup`` to run the DiT over several processes (GPUs). Rank 0
+    upscales as usual; every other rank calls :meth:`serve` instead, which returns when rank 0
+    calls :meth:`close` (docs/parallel.md).
+    """
+
+    def __init__(self, dit, projector, decoder, prompt: torch.Tensor, mode, version, device, dtype,
+                 parallel: ProcessGroup | None = None):
+        self.parallel = parallel
+        self._exchange = None
+        if parallel is not None:
+            from ..models.sequence_parallel import SequenceParallel
+            # refuses heads that do not split
+            self._exchange = SequenceParallel(dit.cfg.num_heads, rank0_share=parallel.config.rank0_share)
         self.mode, self.version = Mode.parse(mode), Version.parse(version)
         self.device, self.dtype = torch.device(device), dtype
         self.dit, self.projector, self.decoder = dit, projector, decoder
@@ -90,14 +103,20 @@ class FlashVSR:
     @classmethod
     def from_pretrained(cls, roots: "str | pathlib.Path | Sequence", mode="tiny", version="v1.1", device=None,
                         dtype=torch.bfloat16, download: bool = True, verify_sha256: bool = False,
-                        progress=None) -> "FlashVSR":
-        """Load the official weights (or a known repack) from ``roots``, downloading what is missing."""
+                        progress=None, parallel: "ParallelConfig | ProcessGroup | None" = None) -> "FlashVSR":
+        """Load the official weights (or a known repack) from ``roots``, downloading what is missing.
+        ``parallel``: this process's place in a run over several (``ParallelConfig.from_env()``)."""
         from .weights.store import COMMON_PREFIXES, ensure_weights, read_prompt, read_state_dict
         mode, version = Mode.parse(mode), Version.parse(version)
         roots = [pathlib.Path(roots)] if isinstance(roots, (str, pathlib.Path)) else [pathlib.Path(r) for r in roots]
+        parallel, device = _joined(parallel, _default_device(device))
+        if parallel is not None and not parallel.is_main:
+            parallel.expect("weights")      # rank 0 downloads what is missing, once
+            download = False
         files = ensure_weights(roots, version.value, mode.value, download=download, progress=progress,
                                verify_sha256=verify_sha256)
-        device = _default_device(device)
+        if parallel is not None and parallel.is_main:
+            parallel.send(("weights",))
         dec_path, dec_role = (files.vae, "vae") if mode is Mode.FULL else (files.tcdecoder, "tcdecoder")
         # role= rejects a misplaced file (say a TCDecoder in the DiT slot) before gigabytes load;
         # repacks (Kijai's, 1038lab's) may prefix every key, which the strict loaders must not see.
@@ -107,14 +126,17 @@ class FlashVSR:
                                  strip_prefixes=COMMON_PREFIXES if dec_role == "tcdecoder" else ())
         return cls.from_state_dicts(dit_sd, proj_sd, dec_sd, read_prompt(files.prompt), mode, version,
                                     device, dtype,
-                                    sources=(str(files.dit), str(files.lq_proj), str(dec_path), str(files.prompt)))
+                                    sources=(str(files.dit), str(files.lq_proj), str(dec_path), str(files.prompt)),
+                                    parallel=parallel)
 
     @classmethod
     def from_state_dicts(cls, dit_sd, projector_sd, decoder_sd, prompt, mode="tiny", version="v1.1",
-                         device=None, dtype=torch.bfloat16, sources=("", "", "", "")) -> "FlashVSR":
+                         device=None, dtype=torch.bfloat16, sources=("", "", "", ""),
+                         parallel: "ParallelConfig | ProcessGroup | None" = None) -> "FlashVSR":
         """``sources``: the files of the DiT, projector, decoder and prompt, for the error messages."""
         from .engine.loader import build_dit, build_projector, build_tcdecoder, build_vae, check_fit
-        mode, device = Mode.parse(mode), _default_device(device)
+        mode = Mode.parse(mode)
+        parallel, device = _joined(parallel, _default_device(device))
         sources = tuple(sources) + ("",) * (4 - len(sources))
         dit = build_dit(dit_sd, device, dtype, sources[0])
         projector = build_projector(projector_sd, version, device, dtype, sources[1])
@@ -123,17 +145,18 @@ class FlashVSR:
         else:
             decoder = build_tcdecoder(decoder_sd, device, dtype, sources[2])
         check_fit(dit, projector, decoder, prompt, sources)
-        return cls(dit, projector, decoder, prompt, mode, version, device, dtype)
+        return cls(dit, projector, decoder, prompt, mode, version, device, dtype, parallel)
 
     @classmethod
     def random(cls, mode="tiny", version="v1.1", device=None, dtype=torch.bfloat16, size: str = "full",
-               seed: int = 0) -> "FlashVSR":
+               seed: int = 0, parallel: "ParallelConfig | ProcessGroup | None" = None) -> "FlashVSR":
         """Randomly initialised networks (speed tests only: the output means nothing); ``size`` is
         ``random_weights.random_networks``'s: 'full' (official widths), 'tiny' or 'micro'."""
         from .engine.random_weights import random_networks
-        mode, device = Mode.parse(mode), _default_device(device)
+        mode = Mode.parse(mode)
+        parallel, device = _joined(parallel, _default_device(device))
         dit, projector, decoder, prompt = random_networks(mode, version, device, dtype, size, seed)
-        return cls(dit, projector, decoder, prompt, mode, version, device, dtype)
+        return cls(dit, projector, decoder, prompt, mode, version, device, dtype, parallel)
 
     def switch_mode(self, mode, roots: "str | pathlib.Path | Sequence" = (), download: bool = True) -> bool:
         """Run ``mode`` from now on, keeping the DiT, projector and prompt; True if a decoder was loaded.
@@ -251,8 +274,13 @@ class FlashVSR:
         return self._plan(geom, cfg, self._budget(cfg))
 
     def _plan(self, geom, cfg: UpscaleConfig, budget: int | None) -> memory.Plan:
-        return memory.plan_run(self._memory_inputs(cfg), geom.model_h, geom.model_w, budget,
+        plan = memory.plan_run(self._memory_inputs(cfg), geom.model_h, geom.model_w, budget,
                                cfg.tile_overlap, cfg.tile_size)
+        if self.parallel is not None and (plan.batch > 1 or plan.streamed):
+            # the workers hold their own blocks and take one stream at a time: tiles one by one
+            # (the peak predicted for the batch stays an upper bound)
+            plan = replace(plan, batch=1, streamed=False)
+        return plan
 
     def _memory_inputs(self, cfg: UpscaleConfig) -> memory.MemoryInputs:
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
@@ -403,11 +431,34 @@ class FlashVSR:
     def engine_models(self, cfg: UpscaleConfig) -> EngineModels:
         """The model set ``upscale`` hands to ``run_stream`` for ``cfg`` (on CUDA: the compiled passes),
         for tools that drive the engine directly, such as the golden-fixture check."""
-        steps = None
-        if self._compiling(cfg):
-            from ..models.dit_ops import compiled_steps
-            steps = compiled_steps()
-        return EngineModels(self.dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype, steps)
+        steps = self._dit_steps(cfg.compile)
+        dit = self.dit
+        if self.parallel is not None:
+            if not self.parallel.is_main:
+                raise RuntimeError(f"process {self.parallel.rank} of a parallel run serves rank 0: call serve(), "
+                                   "not upscale()")
+            dit = ParallelDiT(self.dit, self.parallel, self._exchange, cfg.sageattention, cfg.compile)
+        return EngineModels(dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype, steps)
+
+    def _dit_steps(self, compile: bool):
+        if compile and self.device.type == "cuda":
+            from ..models.compiled import triton_usable
+            if triton_usable():
+                from ..models.dit_ops import compiled_steps
+                return compiled_steps()
+        return None
+
+    def serve(self) -> None:
+        """Ranks other than 0 of a parallel run: run the DiT's share of every chunk rank 0 runs, until
+        rank 0 calls :meth:`close`."""
+        if self.parallel is None or self.parallel.is_main:
+            raise RuntimeError("serve() is for the ranks other than 0 of a parallel run")
+        serve(self.parallel, self.dit, self.consts, self._exchange, self.attention.session, self._dit_steps)
+
+    def close(self) -> None:
+        """A parallel run: rank 0 lets the other ranks' serve() return; every rank leaves the group."""
+        if self.parallel is not None:
+            self.parallel.close()
 
     def _start_timing(self) -> float:
         if self.device.type == "cuda":
@@ -422,14 +473,16 @@ class FlashVSR:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         seconds = time.perf_counter() - start
-        return RunStats(frames, seconds, peak, attn.summary(), chunks, self.mode.value, str(self.device),
-                        steady_fps(starts))
+        device = str(self.device) + (f" + {self.parallel.world - 1} DiT workers" if self.parallel else "")
+        return RunStats(frames, seconds, peak, attn.summary(), chunks, self.mode.value, device, steady_fps(starts))
 
     def _release(self, collect: bool = False) -> None:
         """Drop what a finished or cancelled run left in the allocator; the weights stay loaded.
         ``collect``: first collect garbage (tensors held by the frames of a failed run)."""
         if collect:
             gc.collect()
+        if self.parallel is not None:
+            self.parallel.end_run()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
@@ -488,6 +541,13 @@ def _tuned(chunks: Iterator) -> Iterator:
             except StopIteration:
                 return
         yield item
+
+
+def _joined(parallel, device: torch.device) -> tuple[ProcessGroup | None, torch.device]:
+    """Join the process group a ``ParallelConfig`` describes; the device becomes this rank's."""
+    if isinstance(parallel, ParallelConfig):
+        parallel = join(parallel, device)
+    return parallel, (parallel.device if parallel is not None else device)
 
 
 def _default_device(device) -> torch.device:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
@@ -26,6 +27,9 @@ from ..attention.block_sparse import QuantizedKeys
 from . import dit_ops, tile_batch
 from .dit_ops import QKV, BlockSteps, Rope, affine, heads_view, merge_heads
 from .lcsa import WINDOW, draft_block_mask, local_bias, local_block_mask, topk_count
+
+if TYPE_CHECKING:
+    from .sequence_parallel import SequenceParallel
 
 HEAD_DIM = 128   # Wan2.1 uses 128-wide heads; head count is not recorded in the checkpoint
 
@@ -322,13 +326,13 @@ class SparseParams:
 class ChunkPass:
     """What the 30 blocks of one chunk share, and the two attention calls of a block.
 
-    Built by :meth:`WanDiT.forward_chunk` once per chunk; the blocks call :meth:`self_attention`
+    Built by :meth:`WanDiT.forward_tokens` once per chunk; the blocks call :meth:`self_attention`
     (sparse, over the chunk's new keys and the cached ones of the last groups) and
     :meth:`cross_attention` (dense, over the prompt) with their layer index.
     """
     t_mod: torch.Tensor          # (1, 6, dim)
-    rope: Rope                   # per window-ordered token
-    heads: int
+    rope: Rope                   # per window-ordered token (this rank's, with an exchange)
+    heads: int                   # all heads: RoPE and cross-attention work per token on all of them
     query_groups: int            # groups of 2 latent frames in this chunk (3 for chunk 0, then 1)
     windows_per_group: int       # s1: 128-token windows per group
     topk: int                    # lcsa.topk_count
@@ -338,15 +342,28 @@ class ChunkPass:
     attn: object                 # the attention session (attention.AttentionSession)
     steps: BlockSteps
     tiles: int = 1               # spatial tiles in the batch (models/tile_batch.py)
+    # Several processes (models/sequence_parallel.py): this rank holds some windows, and attends
+    # over some heads of all windows. None: one process holds everything.
+    exchange: "SequenceParallel | None" = None
 
     def self_attention(self, layer: int, q_w, k_w, v_w, pooled_q, pooled_k) -> torch.Tensor:
-        """LCSA (docs/model.md §7, §8): the new keys and values enter this layer's KV ring, the
-        draft mask picks the key windows each query window attends to, and the oldest group
-        leaves the ring. Inputs are (windows, 128, C) and window means (windows, C); returns (1, L, C)
-        (a batch of tiles: (tiles*windows, ...) in, (tiles, L, C) out)."""
+        """LCSA (docs/model.md §7, §8) of the chunk's windows: inputs (windows, 128, C) and window
+        means (windows, C), output (1, L, C). With an exchange, this rank's windows go in and come
+        out, and :meth:`lcsa` runs on all windows of this rank's heads in between. A batch of tiles:
+        (tiles*windows, ...) in, (tiles, L, C) out (models/tile_batch.py)."""
         if self.tiles > 1:
             return tile_batch.self_attention(self, layer, q_w, k_w, v_w, pooled_q, pooled_k)
-        state, attn, heads, s1 = self.state, self.attn, self.heads, self.windows_per_group
+        ex = self.exchange
+        if ex is None:
+            return self.lcsa(layer, q_w, k_w, v_w, pooled_q, pooled_k, self.heads)
+        windows = self.query_groups * self.windows_per_group
+        o = self.lcsa(layer, *ex.to_heads(q_w, k_w, v_w, pooled_q, pooled_k, windows), ex.heads)
+        return ex.to_tokens(o, windows)
+
+    def lcsa(self, layer: int, q_w, k_w, v_w, pooled_q, pooled_k, heads: int) -> torch.Tensor:
+        """The new keys and values enter this layer's KV ring, the draft mask picks the key windows
+        each query window attends to, and the oldest group leaves the ring. Every step is per head."""
+        state, attn, s1 = self.state, self.attn, self.windows_per_group
         ring = state.kv[layer]
         if ring is None:
             ring = state.kv[layer] = KVRing.allocate(k_w, pooled_k, s1, self.kv_groups, heads, attn.key_rows(k_w))
@@ -411,31 +428,54 @@ class WanDiT(nn.Module):
         a batch of spatial tiles of one stream each (``state`` then holds all their KV rings);
         steps: the blocks' step functions (default: the eager reference, ``dit_ops.EAGER``).
         """
+        x, grid = self.embed(latents, lq_tokens, state)
+        y = self.forward_tokens(x, grid, consts, state, sparse, attn, steps)
+        return self.denoised(latents, y, grid, state)
+
+    def embed(self, latents: torch.Tensor, lq_tokens: torch.Tensor | None,
+              state: DiTStreamState) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Patch embedding plus projector tokens, in window order (B, L, dim); and the token grid (f, h, w)."""
         # a batch of tiles one by one: a batched 3-D convolution sums in another order on the CPU
-        x = torch.cat([self.patch_embedding(tile) for tile in latents.split(1)])
+        x = (self.patch_embedding(latents) if latents.shape[0] == 1
+             else torch.cat([self.patch_embedding(tile) for tile in latents.split(1)]))
         f, h, w = x.shape[2:]
         x = x.flatten(2).transpose(1, 2)
         if lq_tokens is not None:
             x = x + lq_tokens
-        order, inverse = state.token_order(f, h, w, x.device)
-        x = x[:, order]                                    # window order until the head
-        chunk = self._chunk_pass(f, h, w, order, consts, state, sparse, attn, steps or dit_ops.EAGER)
+        order, _ = state.token_order(f, h, w, x.device)
+        return x[:, order], (f, h, w)                       # window order until the head
+
+    def forward_tokens(self, x: torch.Tensor, grid: tuple[int, int, int], consts: DiTConstants,
+                       state: DiTStreamState, sparse: SparseParams, attn, steps: BlockSteps | None = None,
+                       exchange: "SequenceParallel | None" = None) -> torch.Tensor:
+        """The blocks and the head on window-ordered tokens: (B, L, dim) -> (B, L, out_dim * patch).
+        With ``exchange`` the tokens are this rank's windows only (``exchange.own_tokens``)."""
+        f, h, w = grid
+        order, _ = state.token_order(f, h, w, x.device)
+        chunk = self._chunk_pass(f, h, w, order, consts, state, sparse, attn, steps or dit_ops.EAGER, exchange)
         chunk.tiles = x.shape[0]
         for layer, block in enumerate(self.blocks if self.streamed is None else self.streamed.blocks()):
             x = block(x, chunk, layer)
-        out = self._unpatchify(self.head(x, consts.t)[:, inverse], f, h, w)
         state.chunk_index += 1
-        return latents - out
+        return self.head(x, consts.t)
+
+    def denoised(self, latents: torch.Tensor, y: torch.Tensor, grid: tuple[int, int, int],
+                 state: DiTStreamState) -> torch.Tensor:
+        """``latents`` minus the velocity the head predicted (window-ordered ``y`` of the whole chunk)."""
+        _, inverse = state.token_order(*grid, y.device)
+        return latents - self._unpatchify(y[:, inverse], *grid)
 
     def _chunk_pass(self, f, h, w, order, consts, state: DiTStreamState, sparse: SparseParams, attn,
-                    steps: BlockSteps) -> ChunkPass:
+                    steps: BlockSteps, exchange: "SequenceParallel | None" = None) -> ChunkPass:
         """RoPE angles at the chunk's absolute temporal positions (0..5, then 4+2k, 5+2k), the local
         mask for this grid, and the KV rings' list on the first chunk."""
         cfg = self.cfg
         start = 0 if state.chunk_index == 0 else 4 + 2 * state.chunk_index
         t_pos = torch.arange(start, start + f, device=order.device)
-        angles = rope_angles(cfg.dim // cfg.num_heads, t_pos, h, w)[order]
         rows, cols = h // WINDOW[1], w // WINDOW[2]
+        if exchange is not None:        # the angles of this rank's tokens only
+            order = order[exchange.own_tokens(f // WINDOW[0] * rows * cols)]
+        angles = rope_angles(cfg.dim // cfg.num_heads, t_pos, h, w)[order]
         key = (rows, cols, sparse.local_range)
         if state.local_key != key:
             state.local_mask = local_block_mask(rows, cols, sparse.local_range, device=order.device)
@@ -447,7 +487,7 @@ class WanDiT(nn.Module):
         return ChunkPass(t_mod=consts.t_mod, rope=Rope(angles.real.contiguous(), angles.imag.contiguous()),
                          heads=cfg.num_heads, query_groups=f // WINDOW[0], windows_per_group=s1,
                          topk=topk_count(s1, sparse.topk_ratio), kv_groups=sparse.kv_groups, state=state,
-                         consts=consts, attn=attn, steps=steps)
+                         consts=consts, attn=attn, steps=steps, exchange=exchange)
 
     def _unpatchify(self, x: torch.Tensor, f: int, h: int, w: int) -> torch.Tensor:
         pt, ph, pw = self.cfg.patch_size

@@ -30,6 +30,8 @@ def self_attention(chunk, layer: int, q_w, k_w, v_w, pooled_q, pooled_k) -> torc
     """``ChunkPass.self_attention`` of a batch of ``chunk.tiles`` tiles: inputs (tiles*windows, 128, C)
     and (tiles*windows, C), tile-major; returns (tiles, L, C)."""
     tiles = chunk.tiles
+    if chunk.exchange is not None:
+        raise RuntimeError("a batch of tiles cannot run over several processes (the pipeline runs them one by one)")
     one = replace(chunk, heads=chunk.heads * tiles, tiles=1)
     o = one.self_attention(layer, *(fold(t, tiles) for t in (q_w, k_w, v_w, pooled_q, pooled_k)))
     return unfold(o, tiles)

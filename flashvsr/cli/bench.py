@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import config
-from .common import add_weights_argument, pixels
+from .common import add_gpus_argument, add_weights_argument, pixels
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +54,8 @@ class BenchParams:
     tile_size: int = 0     # UpscaleConfig.tile_size: spatial tiling in output pixels (0 = off)
     tile_overlap: int = config.UpscaleConfig.tile_overlap
     vram_budget: float | None = None   # GiB: plan for a card of this size and cap the allocator there (CUDA)
+    gpus: int = 1          # processes (GPUs) the DiT is split over; peak VRAM is rank 0's (it also decodes)
+    rank0_share: float = 1.0   # rank 0's share of the DiT's windows (ParallelConfig)
 
     @property
     def in_h(self) -> int:
@@ -188,9 +190,22 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
                                    steady_fps_range=_range(r.steady_fps for r in runs)))
             log.info("%s / sageattention=%s: %.2f fps (median of %d)", mode, sage, results[-1].fps,
                      len(runs))
+        if getattr(pipe, "parallel", None) is not None:
+            pipe.parallel.release()            # the workers move on to the next mode with rank 0
         del pipe
         _empty_cache(params.device)
     return results
+
+
+def serve(params: BenchParams, build: Callable[[str], object]) -> None:
+    """A rank other than 0: the same networks as rank 0, mode by mode, serving its runs."""
+    if params.vram_budget is not None:
+        emulate_card(params.vram_budget, params.device)
+    for mode in params.modes:
+        pipe = build(mode)
+        pipe.serve()
+        del pipe
+        _empty_cache(params.device)
 
 
 def emulate_card(gib: float, device: str) -> None:
@@ -222,13 +237,15 @@ def _median(values) -> float | None:
     return statistics.median_low(known) if known else None
 
 
-def _random_builder(params: BenchParams) -> Callable[[str], object]:
+def _random_builder(params: BenchParams, parallel=None) -> Callable[[str], object]:
+    """``parallel``: the joined ``ProcessGroup`` of a run over several processes."""
     from ..devices import torch_dtype
     from ..pipeline import FlashVSR
+    extra = {"parallel": parallel} if parallel is not None else {}
 
     def build(mode: str):
         return FlashVSR.random(mode=mode, version=params.version, device=params.device,
-                               dtype=torch_dtype(params.precision, params.device), size=params.widths)
+                               dtype=torch_dtype(params.precision, params.device), size=params.widths, **extra)
     return build
 
 
@@ -295,6 +312,8 @@ def table(data: dict, markdown: bool = False) -> str:
                 f"{round(p['out_w'] / p['scale'])}, x{p['scale']:g}), {p['frames']} frames, "
                 f"{p['precision']}, weights {p['version']}, "
                 f"compile {'on' if p['compile'] and p['device'].startswith('cuda') else 'off'}, "
+                + (f"DiT over {p['gpus']} processes (rank 0's window share {p.get('rank0_share', 1.0):g}; "
+                   "peak VRAM: rank 0's), " if p.get("gpus", 1) > 1 else "")
                 + (f"tiles {p['tile_size']} px (overlap {p['tile_overlap']}), " if p.get("tile_size") else "")
                 + (f"VRAM budget {p['vram_budget']:g} GiB"
                    + (" (allocator capped), " if p["device"].startswith("cuda") else " (no effect off CUDA), ")
@@ -369,6 +388,7 @@ def add_parser(sub) -> None:
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
     add_weights_argument(p)
+    add_gpus_argument(p)
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cuda, "
                                                      "cuda:1, mps, cpu")
     p.add_argument("--precision", default="auto", choices=config.PRECISIONS,
@@ -381,7 +401,11 @@ def add_parser(sub) -> None:
 def command(args: argparse.Namespace) -> int:
     import torch
     from ..devices import torch_dtype
+    from . import launch
     from .common import resolve_device
+    parallel = launch.parallel_config(args.gpus, args.rank0_share)
+    if parallel is None and args.gpus > 1:
+        return launch.launch(args.argv, args.gpus)
     device = resolve_device(args.device)
     dtype = torch_dtype(args.precision, device)
     precision = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
@@ -393,10 +417,25 @@ def command(args: argparse.Namespace) -> int:
                          version=args.weights, device=device, precision=precision,
                          warmup_frames=min(args.warmup_frames, args.frames), repeat=repeat,
                          compile=args.compile, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
-                         vram_budget=args.vram_budget)
-    for label in labels(params):
-        log.warning(label)
-    data = report(params, run(params), environment(device))
+                         vram_budget=args.vram_budget, gpus=parallel.world if parallel else 1,
+                         rank0_share=args.rank0_share)
+    group = None
+    if parallel is not None:
+        from ..engine.parallel import join
+        group = join(parallel, device)
+        device = params.device if group.device.type == "cpu" else str(group.device)
+        params = replace(params, device=device)
+    try:
+        if group is not None and not group.is_main:
+            serve(params, _random_builder(params, group))
+            return 0
+        for label in labels(params):
+            log.warning(label)
+        results = run(params) if group is None else run(params, _random_builder(params, group))
+        data = report(params, results, environment(device))
+    finally:
+        if group is not None:
+            group.close()
     sys.stdout.write(table(data, markdown=args.markdown) + "\n")
     if args.json:
         args.json.write_text(json.dumps(data, indent=2) + "\n")

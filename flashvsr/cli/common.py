@@ -81,3 +81,15 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", action="append", default=[], metavar="DIR",
                    help="models folder (repeatable; default $FLASHVSR_MODELS or "
                         "~/.cache/flashvsr/models; a ComfyUI models/FlashVSR folder works)")
+    add_gpus_argument(p)
+
+
+def add_gpus_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--gpus", type=int, default=1, metavar="N",
+                   help="split the DiT over N GPUs of this machine, one process each (same frames as one "
+                        "GPU; the 12 heads allow 2, 3, 4, 6 or 12). Under torchrun leave it out. With "
+                        "--device cpu: N CPU processes (a test of the parallel path, not a speed-up)")
+    p.add_argument("--rank0-share", type=float, default=1.0, metavar="S",
+                   help="with several GPUs: GPU 0's share of the DiT's token windows relative to another "
+                        "GPU's (default 1; below 1 leaves GPU 0 time for the projector and decoder, which "
+                        "only it runs; the frames are the same for any value)")

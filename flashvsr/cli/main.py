@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -22,6 +23,7 @@ from ..engine.schedule import MIN_MODEL_FRAMES
 from ..devices import torch_dtype
 from .common import (latent_units, add_engine_arguments, default_models_roots, pack_version, pixels,
                      resolve_device)
+from . import launch
 from .output import OutputError, check_destination, clean_stale
 from .video_io import VideoInfo, VideoIOError, VideoWriter, check_output, iter_frames, probe
 
@@ -61,6 +63,8 @@ class UpscaleJob:
     audio: bool = True
     crf: int = 18
     overwrite: bool = False
+    gpus: int = 1                     # processes (GPUs) the DiT is split over
+    rank0_share: float = 1.0          # rank 0's share of the DiT's windows (ParallelConfig)
 
 
 class Progress:
@@ -151,15 +155,18 @@ def check_paths(job: UpscaleJob) -> VideoInfo:
 
 
 def load_pipeline(job: UpscaleJob):
+    """The pipeline of ``job``; in a run over several processes (torchrun's variables), this rank's."""
     from ..pipeline import FlashVSR
+    parallel = launch.parallel_config(job.gpus, job.rank0_share)
     roots = list(job.models) or default_models_roots()
     device = resolve_device(job.device)
     log.info("loading weights: FlashVSR %s %s from %s onto %s ...", job.mode, job.version,
              ", ".join(map(str, roots)), device)
     start = time.monotonic()
+    extra = {"parallel": parallel} if parallel is not None else {}
     pipe = FlashVSR.from_pretrained(roots, mode=job.mode, version=job.version, device=device,
                                     dtype=torch_dtype(job.precision, device), download=job.download,
-                                    progress=DownloadLine())
+                                    progress=DownloadLine(), **extra)
     log.info("weights loaded in %.1f s", time.monotonic() - start)
     return pipe
 
@@ -247,16 +254,35 @@ def _to_u8(frame):
 
 def _upscale_command(args: argparse.Namespace) -> int:
     job = job_from_args(args)
+    parallel = launch.parallel_config(job.gpus, job.rank0_share)
+    if parallel is not None and parallel.rank != 0:
+        return _serve(job)
     info = check_paths(job)
+    if parallel is None and job.gpus > 1:       # the paths are checked before any process starts
+        return launch.launch(args.argv, job.gpus, cleanup=lambda: clean_stale(job.output))
     log.info("input %s: %dx%d, %s fps, %s frames, audio: %s", info.path, info.width, info.height,
              float(info.fps), info.frames or "?", info.audio or "none")
     pipe = load_pipeline(job)
-    done = run_upscale(job, pipe, info)
+    try:
+        done = run_upscale(job, pipe, info)
+    finally:
+        if parallel is not None:
+            pipe.close()
     if info.frames and done.frames != info.frames:
         log.warning("wrote %d frames for %d input frames", done.frames, info.frames)
     print(f"wrote {job.output} ({done.frames} frames)")
     if done.stats is not None:
         print(f"FlashVSR {job.mode} {job.version}: {done.stats.summary()}")
+    return EXIT_OK
+
+
+def _serve(job: UpscaleJob) -> int:
+    """A rank other than 0: load the same weights, run the DiT's share of rank 0's chunks."""
+    pipe = load_pipeline(job)
+    try:
+        pipe.serve()
+    finally:
+        pipe.close()
     return EXIT_OK
 
 
@@ -273,7 +299,8 @@ def job_from_args(args: argparse.Namespace) -> UpscaleJob:
         mode=config.Mode.parse(args.mode).value, version=config.Version.parse(args.weights).value,
         device=args.device, precision=args.precision, models=tuple(Path(m) for m in args.models),
         download=args.download, fps=Fraction(args.fps) if args.fps else None,
-        audio=args.audio, crf=args.crf, overwrite=args.overwrite)
+        audio=args.audio, crf=args.crf, overwrite=args.overwrite, gpus=args.gpus,
+        rank0_share=args.rank0_share)
 
 
 def _add_upscale_parser(sub) -> None:
@@ -389,12 +416,15 @@ class _StderrHandler(logging.StreamHandler):
 
 
 def _setup_logging(verbose: bool) -> None:
-    """Show this package's log on stderr; third-party loggers keep their own handlers (no doubles)."""
+    """Show this package's log on stderr; third-party loggers keep their own handlers (no doubles).
+    The ranks other than 0 of a parallel run say only what goes wrong, under their rank."""
     pkg = logging.getLogger(__name__.rsplit(".", 2)[0])
-    pkg.setLevel(logging.DEBUG if verbose else logging.INFO)
+    worker = os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    pkg.setLevel(logging.DEBUG if verbose else logging.WARNING if worker else logging.INFO)
     if not any(isinstance(h, _StderrHandler) for h in pkg.handlers):
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+        prefix = f"rank {os.environ['RANK']}: " if worker else ""
+        handler.setFormatter(logging.Formatter(prefix + "%(levelname)s: %(message)s"))
         pkg.addHandler(handler)
 
 
@@ -404,6 +434,7 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)     # --gpus N starts N children with them
     _setup_logging(args.verbose)
     # `kill` / a closing terminal / a job scheduler send SIGTERM: clean up as for Ctrl-C.
     in_main_thread = threading.current_thread() is threading.main_thread()
