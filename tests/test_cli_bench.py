@@ -168,3 +168,28 @@ def test_bench_vram_budget_takes_a_positive_number_of_gib(value, capsys):
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["bench", "--vram-budget", value])
     assert "--vram-budget" in capsys.readouterr().err
+
+
+def test_inject_oom_makes_every_measured_run_replan_and_the_table_says_so(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    code = cli.main(["bench", "--widths", "tiny", "--size", "512x768", "--scale", "4", "--frames", "9",
+                     "--warmup-frames", "0", "--repeat", "2", "--modes", "tiny", "--sage", "disable",
+                     "--device", "cpu", "--inject-oom", "1", "--markdown", "--json", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    (result,) = data["results"]
+    assert result["frames"] == 9 and result["replans"] == 1 and data["params"]["inject_oom"] == 1
+    assert result["plan"].split(", predicted")[0] != "untiled"          # the smaller plan it re-planned to
+    text = capsys.readouterr().out
+    assert "(re-planned after 1 out-of-memory error)" in text
+    assert "an out-of-memory error injected after chunk 1 of every measured run" in text
+
+
+def test_oom_at_raises_once_at_its_chunk():
+    import torch
+    hook = bench.oom_at(2)
+    hook(1, 5)
+    with pytest.raises(torch.cuda.OutOfMemoryError, match="injected by bench --inject-oom 2"):
+        hook(2, 5)
+    hook(3, 5)                       # once only: the re-planned run goes on
+    assert bench.oom_at(0) is None

@@ -56,6 +56,7 @@ class BenchParams:
     vram_budget: float | None = None   # GiB: plan for a card of this size and cap the allocator there (CUDA)
     gpus: int = 1          # processes (GPUs) the DiT is split over; peak VRAM is rank 0's (it also decodes)
     rank0_share: float = 1.0   # rank 0's share of the DiT's windows (ParallelConfig)
+    inject_oom: int = 0    # > 0: each measured run raises an out-of-memory error once, at this chunk
 
     @property
     def in_h(self) -> int:
@@ -82,6 +83,7 @@ class BenchResult:
     steady_fps_range: tuple[float, float] | None = None
     predicted_vram_bytes: int | None = None   # the planner's prediction for the run (RunStats)
     plan: str = ""
+    replans: int = 0                          # out-of-memory re-plans in the run (RunStats.replans)
 
 
 def default_repeat(device: str) -> int:
@@ -140,7 +142,22 @@ def random_frames(n: int, h: int, w: int, seed: int):
     return torch.rand((n, h, w, 3), generator=gen)
 
 
-def measure(pipe, frames, cfg: config.UpscaleConfig, device: str, mode: str) -> BenchResult:
+def oom_at(chunk: int):
+    """A progress callback that raises one out-of-memory error when ``chunk`` chunks are done (the
+    pipeline's recovery then frees the run, re-plans smaller and starts again); None for 0."""
+    if chunk <= 0:
+        return None
+    import torch
+    armed = [True]
+
+    def on_progress(done: int, total: int) -> None:
+        if armed[0] and done >= chunk:
+            armed[0] = False
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected by bench --inject-oom {chunk})")
+    return on_progress
+
+
+def measure(pipe, frames, cfg: config.UpscaleConfig, device: str, mode: str, inject_oom: int = 0) -> BenchResult:
     import torch
     cuda = device.startswith("cuda")
     if cuda:
@@ -148,7 +165,8 @@ def measure(pipe, frames, cfg: config.UpscaleConfig, device: str, mode: str) -> 
         torch.cuda.reset_peak_memory_stats(device)
     with PeakRSS() as ram:
         start = time.perf_counter()
-        result = pipe.upscale(frames, cfg)
+        hook = oom_at(inject_oom)
+        result = pipe.upscale(frames, cfg) if hook is None else pipe.upscale(frames, cfg, on_progress=hook)
         if cuda:
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
@@ -159,7 +177,7 @@ def measure(pipe, frames, cfg: config.UpscaleConfig, device: str, mode: str) -> 
     return BenchResult(mode, cfg.sageattention, n, seconds, n / seconds, vram, ram.peak_bytes,
                        str(attention), getattr(stats, "steady_fps", None),
                        predicted_vram_bytes=getattr(stats, "predicted_peak_bytes", None) or None,
-                       plan=getattr(stats, "plan", ""))
+                       plan=getattr(stats, "plan", ""), replans=len(getattr(stats, "replans", ()) or ()))
 
 
 def run(params: BenchParams, build: Callable[[str], object] | None = None) -> list[BenchResult]:
@@ -180,12 +198,13 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
                                        vram_budget=params.vram_budget if params.vram_budget is not None else "auto")
             if params.warmup_frames:
                 pipe.upscale(warm, cfg)
-            runs = sorted((measure(pipe, frames, cfg, params.device, mode)
+            runs = sorted((measure(pipe, frames, cfg, params.device, mode, params.inject_oom)
                            for _ in range(params.repeat)), key=lambda r: r.seconds)
             median = runs[len(runs) // 2]
             results.append(replace(median, peak_vram_bytes=_max(r.peak_vram_bytes for r in runs),
                                    peak_ram_bytes=_max(r.peak_ram_bytes for r in runs),
                                    steady_fps=_median(r.steady_fps for r in runs), runs=len(runs),
+                                   replans=max(r.replans for r in runs),
                                    fps_range=_range(r.fps for r in runs),
                                    steady_fps_range=_range(r.steady_fps for r in runs)))
             log.info("%s / sageattention=%s: %.2f fps (median of %d)", mode, sage, results[-1].fps,
@@ -318,13 +337,15 @@ def table(data: dict, markdown: bool = False) -> str:
                 + (f"VRAM budget {p['vram_budget']:g} GiB"
                    + (" (allocator capped), " if p["device"].startswith("cuda") else " (no effect off CUDA), ")
                    if p.get("vram_budget") else "")
+                + (f"an out-of-memory error injected after chunk {p['inject_oom']} of every measured run, "
+                   if p.get("inject_oom") else "")
                 + f"median of {p['repeat']} run(s), range = slowest-fastest")
     cols = ["mode", "sageattention", "e2e fps", "e2e range", "steady fps", "steady range", "s/frame",
             "peak VRAM", "predicted VRAM", "peak RAM", "attention ran", "plan"]
     rows = [[r["mode"], r["sageattention"], f"{r['fps']:.2f}", _spread(r, "fps_range"),
              _fps(r.get("steady_fps")), _spread(r, "steady_fps_range"),
              f"{r['seconds'] / r['frames']:.3f}", _gib(r["peak_vram_bytes"]), _gib(r.get("predicted_vram_bytes")),
-             _gib(r["peak_ram_bytes"]), r["attention"] or "?", _plan(r.get("plan"))]
+             _gib(r["peak_ram_bytes"]), r["attention"] or "?", _plan(r.get("plan"), r.get("replans", 0))]
             for r in data["results"]]
     if markdown:
         lines = [f"**{h}**  " if i < len(data["labels"]) else f"{h}  " for i, h in enumerate(head)]
@@ -336,9 +357,11 @@ def table(data: dict, markdown: bool = False) -> str:
     return "\n".join(head + ["", fmt.format(*cols)] + [fmt.format(*r) for r in rows])
 
 
-def _plan(text: str | None) -> str:
-    """The tiling part of a plan's description (the prediction has its own column)."""
-    return (text or "-").split(", predicted")[0]
+def _plan(text: str | None, replans: int = 0) -> str:
+    """The tiling part of a plan's description (the prediction has its own column), and whether the
+    run got there by re-planning after an out-of-memory error."""
+    tiling = (text or "-").split(", predicted")[0]
+    return f"{tiling} (re-planned after {replans} out-of-memory error{'s' * (replans > 1)})" if replans else tiling
 
 
 def csv_choices(choices: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
@@ -385,6 +408,9 @@ def add_parser(sub) -> None:
     p.add_argument("--vram-budget", type=_gib_arg, default=None, metavar="GiB",
                    help="emulate a card of this many GiB on a larger one: the planner plans for it and "
                         "the allocator is capped there (torch.cuda.set_per_process_memory_fraction)")
+    p.add_argument("--inject-oom", type=int, default=0, metavar="CHUNK",
+                   help="test the out-of-memory recovery: every measured run raises an out-of-memory "
+                        "error once, after CHUNK chunks; the run re-plans smaller and the table says so")
     p.add_argument("--widths", choices=("full", "tiny"), default="full",
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
     add_weights_argument(p)
@@ -418,7 +444,7 @@ def command(args: argparse.Namespace) -> int:
                          warmup_frames=min(args.warmup_frames, args.frames), repeat=repeat,
                          compile=args.compile, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                          vram_budget=args.vram_budget, gpus=parallel.world if parallel else 1,
-                         rank0_share=args.rank0_share)
+                         rank0_share=args.rank0_share, inject_oom=args.inject_oom)
     group = None
     if parallel is not None:
         from ..engine.parallel import join
