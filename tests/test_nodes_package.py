@@ -128,6 +128,20 @@ def test_chinese_locale_translates_every_node_input_and_output():
         assert node["outputs"]["0"]["name"]
 
 
+def test_chinese_locale_labels_every_fixed_dropdown_entry():
+    zh = _locale("zh")
+    for node_id, spec in ((o.NODE_ID_BASIC, o.BASIC_INPUTS), (o.NODE_ID_ADVANCED, o.ADVANCED_INPUTS)):
+        for w in spec:
+            labels = zh[node_id]["inputs"][w.id].get("options")
+            if w.kind != "COMBO":
+                assert labels is None, w.id
+                continue
+            # the server's own devices (cuda:0, mps) keep their names; the entries every machine has are labelled
+            assert list(labels) == list(o.BASE_DEVICES if w.machine_options else w.options), w.id
+            assert all(labels.values()) and len(set(labels.values())) == len(labels), w.id
+    assert zh[o.NODE_ID_ADVANCED]["inputs"]["sageattention"]["options"] == {"enable": "启用", "disable": "禁用"}
+
+
 def test_readme_links_the_chinese_guide_with_quickstart_and_sageattention():
     zh = (ROOT / "README.zh.md").read_text(encoding="utf-8")
     assert "(README.zh.md)" in (ROOT / "README.md").read_text(encoding="utf-8")

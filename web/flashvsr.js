@@ -11,6 +11,10 @@
 //    limits, GET /api/flashvsr/info): ComfyUI can only check one input against another in a
 //    validator whose message lands on every input it names. Values loaded from a saved workflow
 //    are never changed here; the server refuses a bad pair when the node runs, naming tile_overlap.
+// 5. Dropdown entries in the front end's language: the pack's locales/<lang>/nodeDefs.json give
+//    an "options" map per input (ComfyUI serves every pack's locales at GET /i18n; the front end
+//    itself translates names and tooltips only). Only the label changes: the value, what workflows
+//    save and the server receives, stays the English one.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -22,6 +26,7 @@ const PAD = 6;
 let sageInfo = null; // {installed, version, flavour, reason} once the route answered
 let plan = null; // {enable, disable, sage}: what each sageattention choice runs on this server
 let overlapMax = null; // {tile_size: largest tile_overlap}, from the server
+let translations = null; // GET /i18n: {lang: {nodeDefs: {...}}}, every pack's locales
 
 async function loadInfo() {
   try {
@@ -72,6 +77,34 @@ function showWhatApplies(node) {
   if (changed) {
     node.setSize([node.size[0], node.computeSize()[1]]);
     node.setDirtyCanvas?.(true, true);
+  }
+}
+
+async function loadTranslations() {
+  try {
+    const res = await api.fetchApi("/i18n");
+    if (res.ok) translations = await res.json();
+  } catch (err) {
+    console.warn("[FlashVSR] no translations for dropdown entries:", err);
+  }
+  app.graph?.setDirtyCanvas(true, true);
+}
+
+function locale() {
+  return app.extensionManager?.setting?.get?.("Comfy.Locale") ?? "en";
+}
+
+// Labels for the node's dropdowns in the current language (asked each time they are drawn, so a
+// change of language applies at once); entries without a translation show their value.
+function translateOptions(node, nodeId) {
+  for (const w of node.widgets ?? []) {
+    if (w.type !== "combo") continue;
+    w.options = w.options ?? {};
+    const label = (value) => {
+      const map = translations?.[locale()]?.nodeDefs?.[nodeId]?.inputs?.[w.name]?.options;
+      return map?.[value] ?? String(value ?? "");
+    };
+    w.options.getOptionLabel = label;
   }
 }
 
@@ -192,7 +225,7 @@ app.registerExtension({
         node.setDirtyCanvas(true, true);
       }
     });
-    await loadInfo();
+    await Promise.all([loadInfo(), loadTranslations()]);
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!NODE_IDS.has(nodeData.name)) return;
@@ -225,13 +258,12 @@ app.registerExtension({
       return r;
     };
 
-    if (nodeData.name === "FlashVSRBoltAdvanced") {
-      const onNodeCreated = nodeType.prototype.onNodeCreated;
-      nodeType.prototype.onNodeCreated = function () {
-        const r = onNodeCreated?.apply(this, arguments);
-        watchWidgets(this);
-        return r;
-      };
-    }
+    const onNodeCreated = nodeType.prototype.onNodeCreated;
+    nodeType.prototype.onNodeCreated = function () {
+      const r = onNodeCreated?.apply(this, arguments);
+      translateOptions(this, nodeData.name);
+      if (nodeData.name === "FlashVSRBoltAdvanced") watchWidgets(this);
+      return r;
+    };
   },
 });

@@ -159,6 +159,10 @@ def _chinese_names(run, page, result: dict) -> dict:
         "(id) => Object.fromEntries(app.graph.getNodeById(id).widgets.map(w => [w.name, w.label ?? null]))", node)
     result["input_labels"] = page.evaluate(
         "(id) => app.graph.getNodeById(id).inputs.map(i => i.localized_name ?? i.label ?? null)", node)
+    result["option_labels"] = page.evaluate(
+        "(id) => Object.fromEntries(app.graph.getNodeById(id).widgets.filter(w => w.type === 'combo')"
+        ".map(w => [w.name, [w.value, w.options.getOptionLabel?.(w.value) ?? null]]))", node)
+    result["sent"] = page.evaluate("async (id) => (await app.graphToPrompt()).output[String(id)].inputs", node)
     run.shot(page, "zh_01_advanced_node.png")
     node_shot(run, page, node, "zh_02_node.png")
     # What applies: the fresh node is tiny with tile_size 0; then full, then VAE tiling on, then tiles.

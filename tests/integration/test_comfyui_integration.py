@@ -202,6 +202,11 @@ def test_chinese_front_end_shows_the_nodes_chinese_names(server):
     assert result["locale"] == "zh" and result["title"] == zh["display_name"]
     assert result["widget_labels"]["tile_overlap"] == zh["inputs"]["tile_overlap"]["name"]
     assert result["input_labels"][0] == zh["inputs"]["frames"]["name"]
+    # dropdown entries show in Chinese; the values sent and saved stay the English ones
+    labels = result["option_labels"]
+    assert labels["sageattention"] == ["enable", "启用"] and labels["mode"] == ["tiny", "tiny（快速）"]
+    assert labels["color_fix"] == ["adain", "AdaIN"] and labels["device"] == ["auto", "自动"]
+    assert result["sent"]["sageattention"] == "enable" and result["sent"]["mode"] == "tiny"
     vae = ["vae_tiling", "vae_tile_height", "vae_tile_width", "vae_stride_height", "vae_stride_width"]
     assert result["hidden"] == {"fresh": sorted_like(vae + ["tile_overlap"]),
                                 "mode=full": sorted_like(vae[1:] + ["tile_overlap"]),
