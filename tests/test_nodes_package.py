@@ -128,11 +128,14 @@ def test_chinese_locale_translates_every_node_input_and_output():
         assert node["outputs"]["0"]["name"]
 
 
-def test_chinese_locale_labels_every_fixed_dropdown_entry():
+def test_chinese_locale_labels_every_fixed_dropdown_entry_and_toggle():
     zh = _locale("zh")
     for node_id, spec in ((o.NODE_ID_BASIC, o.BASIC_INPUTS), (o.NODE_ID_ADVANCED, o.ADVANCED_INPUTS)):
         for w in spec:
             labels = zh[node_id]["inputs"][w.id].get("options")
+            if w.kind == "BOOLEAN":          # a toggle's two labels
+                assert list(labels) == ["on", "off"] and all(labels.values()), w.id
+                continue
             if w.kind != "COMBO":
                 assert labels is None, w.id
                 continue

@@ -96,15 +96,21 @@ function locale() {
 
 // Labels for the node's dropdowns in the current language (asked each time they are drawn, so a
 // change of language applies at once); entries without a translation show their value.
+// Toggles take their two labels ("on", "off") the same way.
 function translateOptions(node, nodeId) {
   for (const w of node.widgets ?? []) {
-    if (w.type !== "combo") continue;
+    if (w.type !== "combo" && w.type !== "toggle") continue;
     w.options = w.options ?? {};
-    const label = (value) => {
-      const map = translations?.[locale()]?.nodeDefs?.[nodeId]?.inputs?.[w.name]?.options;
-      return map?.[value] ?? String(value ?? "");
-    };
-    w.options.getOptionLabel = label;
+    const labels = () => translations?.[locale()]?.nodeDefs?.[nodeId]?.inputs?.[w.name]?.options;
+    if (w.type === "combo") {
+      w.options.getOptionLabel = (value) => labels()?.[value] ?? String(value ?? "");
+      continue;
+    }
+    for (const side of ["on", "off"]) {
+      const english = w.options[side];
+      Object.defineProperty(w.options, side, { configurable: true, enumerable: true,
+                                               get: () => labels()?.[side] ?? english });
+    }
   }
 }
 

@@ -162,6 +162,9 @@ def _chinese_names(run, page, result: dict) -> dict:
     result["option_labels"] = page.evaluate(
         "(id) => Object.fromEntries(app.graph.getNodeById(id).widgets.filter(w => w.type === 'combo')"
         ".map(w => [w.name, [w.value, w.options.getOptionLabel?.(w.value) ?? null]]))", node)
+    result["toggle_labels"] = page.evaluate(
+        "(id) => Object.fromEntries(app.graph.getNodeById(id).widgets.filter(w => w.type === 'toggle')"
+        ".map(w => [w.name, [w.value, w.options.on, w.options.off]]))", node)
     result["sent"] = page.evaluate("async (id) => (await app.graphToPrompt()).output[String(id)].inputs", node)
     run.shot(page, "zh_01_advanced_node.png")
     node_shot(run, page, node, "zh_02_node.png")

@@ -207,6 +207,8 @@ def test_chinese_front_end_shows_the_nodes_chinese_names(server):
     assert labels["sageattention"] == ["enable", "启用"] and labels["mode"] == ["tiny", "tiny（快速）"]
     assert labels["color_fix"] == ["adain", "AdaIN"] and labels["device"] == ["auto", "自动"]
     assert result["sent"]["sageattention"] == "enable" and result["sent"]["mode"] == "tiny"
+    assert result["toggle_labels"]["keep_model_loaded"] == [True, "保持加载", "运行后卸载"]
+    assert result["sent"]["keep_model_loaded"] is True
     vae = ["vae_tiling", "vae_tile_height", "vae_tile_width", "vae_stride_height", "vae_stride_width"]
     assert result["hidden"] == {"fresh": sorted_like(vae + ["tile_overlap"]),
                                 "mode=full": sorted_like(vae[1:] + ["tile_overlap"]),
