@@ -128,7 +128,10 @@ function keepOverlapInRange(node, clamp) {
   if (!w || limit === null) return;
   w.options = w.options ?? {};
   w.options.max = limit;
-  if (clamp && Number(w.value) > limit) w.value = limit;
+  if (clamp && Number(w.value) > limit) {
+    w.value = limit;
+    node.setDirtyCanvas?.(true, true);
+  }
 }
 
 function watchWidgets(node) {

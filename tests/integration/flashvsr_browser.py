@@ -183,6 +183,9 @@ def _chinese_names(run, page, result: dict) -> dict:
     page.evaluate(pick, [node, "tile_size", 256])
     result["overlap"]["tile_size 256"] = page.evaluate(overlap, node)
     page.evaluate(pick, [node, "tile_size", 512])
+    result["overlap"]["tile_size 512 again"] = page.evaluate(overlap, node)
+    result["overlap"]["sent"] = page.evaluate(
+        "async (id) => (await app.graphToPrompt()).output[String(id)].inputs.tile_overlap", node)
     result["height"] = page.evaluate("(id) => app.graph.getNodeById(id).size[1]", node)
     node_shot(run, page, node, "zh_03_node_full_tiled.png")
     return result

@@ -215,7 +215,8 @@ def test_chinese_front_end_shows_the_nodes_chinese_names(server):
                                 "vae_tiling=True": ["tile_overlap"], "tile_size=512": []}
     # tile_overlap follows tile_size as the user edits: 300 with 512-px tiles comes down to 255,
     # smaller tiles bring it down again
-    assert result["overlap"] == {"typed 300 at tile_size 512": [255, 255], "tile_size 256": [127, 127]}
+    assert result["overlap"] == {"typed 300 at tile_size 512": [255, 255], "tile_size 256": [127, 127],
+                                 "tile_size 512 again": [127, 255], "sent": 127}
 
 
 def sorted_like(names: list[str]) -> list[str]:
