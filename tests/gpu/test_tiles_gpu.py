@@ -1,8 +1,9 @@
 """GPU checks of the cheaper tiles (issue #14): a batch of tiles (folded into the attention heads,
 through every block-sparse backend the dispatcher picks here) and DiT blocks streamed from pinned
 host memory give the frames of one tile at a time, blocks resident. bf16 on CUDA: cuBLAS and cuDNN
-may pick other algorithms for other batch shapes, so "equal" is within bf16 rounding (PSNR); the
-streamed blocks are the same weights, copied, so the same kernels run: bitwise. Skipped without CUDA."""
+may pick other algorithms for other batch shapes, so "equal" is "as close to the float32 run as one
+tile at a time is" (within 1 dB); the streamed blocks are the same weights, copied, so the same
+kernels run: bitwise. Skipped without CUDA."""
 import math
 
 import pytest
@@ -36,6 +37,8 @@ def _run(pipe, monkeypatch, sage, batch, streamed=False):
 
 @pytest.mark.parametrize("sage", ["disable", "enable"])
 def test_batched_and_streamed_tiles_give_the_frames_of_one_tile_at_a_time(sage, monkeypatch):
+    reference, _ = _run(FlashVSR.random(mode="tiny", device="cuda", dtype=torch.float32, size="tiny"),
+                        monkeypatch, "disable", batch=1)
     pipe = FlashVSR.random(mode="tiny", device="cuda", dtype=torch.bfloat16, size="tiny")
     alone, attention = _run(pipe, monkeypatch, sage, batch=1)
     batched, _ = _run(pipe, monkeypatch, sage, batch=5)
@@ -43,7 +46,10 @@ def test_batched_and_streamed_tiles_give_the_frames_of_one_tile_at_a_time(sage, 
         streamed, _ = _run(pipe, monkeypatch, sage, batch=5, streamed=True)
     finally:
         set_streaming(pipe.dit, False, pipe.device)
-    print(f"sage={sage} ({attention}): batched vs alone {_psnr(batched, alone):.1f} dB")
+    db = {"batched vs alone": _psnr(batched, alone), "alone vs fp32": _psnr(alone, reference),
+          "batched vs fp32": _psnr(batched, reference)}
+    print(f"sage={sage} ({attention}): " + ", ".join(f"{k} {v:.1f} dB" for k, v in db.items())
+          + f"; streamed == batched: {torch.equal(streamed, batched)}")
     assert not torch.isnan(batched).any() and "reference" not in attention
-    assert _psnr(batched, alone) >= 40.0
+    assert db["batched vs fp32"] >= db["alone vs fp32"] - 1.0
     assert torch.equal(streamed, batched)
