@@ -33,6 +33,12 @@ from .block_sparse import BLOCK
 
 # Gathered key + value bytes per chunk: the extra memory this path holds at once, whatever the size.
 GATHER_BUDGET_BYTES = 512 << 20
+# On CUDA a chunk may grow past the budget until each varlen call has this many query blocks per
+# streaming multiprocessor (one program each): with the bare budget a call at 768x1408 held ~30-60
+# query blocks on a 132-SM GPU and the flash kernel ran at ~50 TFLOP/s (docs/performance.md,
+# "Without Triton"); never past a quarter of the device's free memory.
+WAVES = 2
+FREE_SHARE = 4
 
 
 def varlen_function():
@@ -42,6 +48,17 @@ def varlen_function():
     except ImportError:
         return None
     return varlen_attn
+
+
+def chunk_blocks(budget_bytes: int, block_bytes: int, widest: int, device: torch.device) -> int:
+    """Gathered blocks per chunk: the budget's, or on CUDA enough for ``WAVES`` query blocks per SM
+    at the widest row where a quarter of the free memory holds them."""
+    blocks = max(1, budget_bytes // block_bytes)
+    if device.type != "cuda":
+        return blocks
+    wanted = WAVES * torch.cuda.get_device_properties(device).multi_processor_count * max(1, widest)
+    free, _ = torch.cuda.mem_get_info(device)       # a driver query: no stream synchronisation
+    return max(blocks, min(wanted, free // FREE_SHARE // block_bytes))
 
 
 def plan_chunks(counts: np.ndarray, blocks_per_chunk: int) -> list[tuple[int, int]]:
@@ -65,7 +82,7 @@ def gathered_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lut: t
         and varlen_function() is not None)
     host_counts = counts.reshape(-1).cpu().numpy()
     block_bytes = 2 * BLOCK * dim * k.element_size()
-    blocks_per_chunk = max(1, budget_bytes // block_bytes)
+    blocks_per_chunk = chunk_blocks(budget_bytes, block_bytes, int(host_counts.max(initial=0)), q.device)
 
     q_rows = q.reshape(rows_total, BLOCK, dim)             # a copy only if q is a strided view
     # One row of 128 keys per (batch, head, key block): a copy of the ring's (L, H, D) layout, after

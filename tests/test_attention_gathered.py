@@ -164,3 +164,17 @@ def test_a_build_without_the_varlen_kernel_still_gets_the_gathered_path(monkeypa
     torch.testing.assert_close(out, masked_reference(q, k, v, mask), atol=2e-6, rtol=2e-6)
     assert session.summary() == "attention: gather (sparse)"
     assert sum("gather-varlen failed" in r.message for r in caplog.records) == 1
+
+
+def test_cuda_chunks_grow_to_two_query_blocks_per_sm_within_a_quarter_of_free_memory(monkeypatch):
+    from comfyui_flashvsr.attention import gathered as g
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    block = 2 * 128 * 128 * 2                                   # bf16 key + value block
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (80 << 30, 80 << 30))
+    assert g.chunk_blocks(512 << 20, block, 120, cuda) == 2 * 132 * 120          # memory allows it
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (1 << 30, 80 << 30))
+    assert g.chunk_blocks(512 << 20, block, 120, cuda) == (512 << 20) // block     # never below the budget
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda d: (4 << 30, 80 << 30))
+    assert g.chunk_blocks(512 << 20, block, 120, cuda) == (1 << 30) // block        # a quarter of free memory
+    assert g.chunk_blocks(512 << 20, block, 120, torch.device("cpu")) == (512 << 20) // block
