@@ -480,7 +480,7 @@ class FlashVSR:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         seconds = time.perf_counter() - start
-        device = str(self.device) + (f" + {self.parallel.world - 1} DiT workers" if self.parallel else "")
+        device = str(self.device) + (f" + {self.parallel.world - 1} workers" if self.parallel else "")
         return RunStats(frames, seconds, peak, attn.summary(), chunks, self.mode.value, device, steady_fps(starts))
 
     def _release(self, collect: bool = False) -> None:

@@ -51,8 +51,8 @@ class ParallelConfig:
     init_method: str = "env://"
     timeout_s: float = 1800.0      # a collective waiting longer than this fails (torch's default)
     # Rank 0's share of the DiT's windows relative to another rank's: below 1 leaves it time for the
-    # projector and the decoder, which only it runs (sequence_parallel.window_split). Rank 0's
-    # value is the one every rank uses.
+    # LQ upsampling, the embedding and the colour fix, which only it runs (sequence_parallel.window_split;
+    # the projector's and decoder's bands stay even). Rank 0's value is the one every rank uses.
     rank0_share: float = 1.0
 
     def __post_init__(self) -> None:
