@@ -123,8 +123,8 @@ class RowBands:
         p = conv.padding[-2]
         if p == 0:
             return conv(x)
-        if conv.stride[-2] != 1 or conv.dilation[-2] != 1 or conv.padding_mode != "zeros" \
-                or not isinstance(conv.padding, tuple):
+        if (conv.stride[-2] != 1 or conv.dilation[-2] != 1 or conv.padding_mode != "zeros"
+                or not isinstance(conv.padding, tuple)):
             raise ValueError(f"{conv} cannot run on row bands (row stride and dilation 1, zero padding)")
         padding = (*conv.padding[:-2], 0, conv.padding[-1])
         fn = F.conv3d if isinstance(conv, nn.Conv3d) else F.conv2d
