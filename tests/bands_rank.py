@@ -99,7 +99,7 @@ def inputs(job: dict):
     return out
 
 
-def run(job: dict, nets: dict, projector, decoders: dict) -> dict:
+def run(job: dict, projector, decoders: dict) -> dict:
     """Every network over every chunk; ``projector``/``decoders`` are the networks or their parallel forms."""
     import torch
     from comfyui_flashvsr.models.lq_projector import ProjectorState
@@ -137,12 +137,12 @@ def main(job_path: str, rank: int) -> None:
                 worker.handle(message)
         group.close()
         return
-    alone = run(job, nets, nets["projector"], {n: make[n]() for n in wanted})
+    alone = run(job, nets["projector"], {n: make[n]() for n in wanted})
     together = {}
     for i, name in enumerate(wanted or ["tc"]):
         proj = ParallelProjector(nets["projector"], group)
         part = dict(job, nets=[n for n in job["nets"] if n == name or (n == "projector" and i == 0)])
-        together |= run(part, nets, proj, {name: ParallelDecoder(make[name](), group)} if wanted else {})
+        together |= run(part, proj, {name: ParallelDecoder(make[name](), group)} if wanted else {})
         group.release()
     group.close()
     torch.save({k: (alone[k], together[k]) for k in alone}, pathlib.Path(job["out"]) / "bands.pt")
