@@ -437,7 +437,11 @@ class FlashVSR:
             if not self.parallel.is_main:
                 raise RuntimeError(f"process {self.parallel.rank} of a parallel run serves rank 0: call serve(), "
                                    "not upscale()")
+            from .engine.parallel_bands import ParallelDecoder, ParallelProjector
             dit = ParallelDiT(self.dit, self.parallel, self._exchange, cfg.sageattention, cfg.compile)
+            return EngineModels(dit, ParallelProjector(self.projector, self.parallel),
+                                ParallelDecoder(self._decoder_for(cfg), self.parallel), self.consts, self.device,
+                                self.dtype, steps)
         return EngineModels(dit, self.projector, self._decoder_for(cfg), self.consts, self.device, self.dtype, steps)
 
     def _dit_steps(self, compile: bool):
@@ -449,11 +453,14 @@ class FlashVSR:
         return None
 
     def serve(self) -> None:
-        """Ranks other than 0 of a parallel run: run the DiT's share of every chunk rank 0 runs, until
-        rank 0 calls :meth:`close`."""
+        """Ranks other than 0 of a parallel run: run the DiT's share, and the projector's and the
+        decoder's band, of every chunk rank 0 runs, until rank 0 calls :meth:`close`. Every rank
+        must have loaded the same mode (the decoder)."""
         if self.parallel is None or self.parallel.is_main:
             raise RuntimeError("serve() is for the ranks other than 0 of a parallel run")
-        serve(self.parallel, self.dit, self.consts, self._exchange, self.attention.session, self._dit_steps)
+        from .engine.parallel_bands import BandWorker
+        serve(self.parallel, self.dit, self.consts, self._exchange, self.attention.session, self._dit_steps,
+              BandWorker(self.parallel, self.projector, self.decoder))
 
     def close(self) -> None:
         """A parallel run: rank 0 lets the other ranks' serve() return; every rank leaves the group."""
@@ -473,7 +480,7 @@ class FlashVSR:
             torch.cuda.synchronize(self.device)
             peak = torch.cuda.max_memory_allocated(self.device)
         seconds = time.perf_counter() - start
-        device = str(self.device) + (f" + {self.parallel.world - 1} DiT workers" if self.parallel else "")
+        device = str(self.device) + (f" + {self.parallel.world - 1} workers" if self.parallel else "")
         return RunStats(frames, seconds, peak, attn.summary(), chunks, self.mode.value, device, steady_fps(starts))
 
     def _release(self, collect: bool = False) -> None:

@@ -65,12 +65,18 @@ class CausalConv3d(nn.Conv3d):
         self.weight.data = w.permute(0, 3, 4, 2, 1).contiguous().permute(0, 4, 3, 1, 2)
         self.by_taps = True
 
-    def forward(self, x: torch.Tensor, cache: torch.Tensor | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: torch.Tensor | None, rows=None) -> torch.Tensor:
+        """``rows``: this rank's band of a run over several processes (models/row_bands.py), or None."""
         front = CACHE_FRAMES
         if cache is not None:
             x = torch.cat([cache, x], dim=2)
             front -= cache.shape[2]
-        x = F.pad(x, (1, 1, 1, 1, front, 0), mode="replicate")
+        if rows is None:
+            x = F.pad(x, (1, 1, 1, 1, front, 0), mode="replicate")
+        else:
+            # the neighbours' rows (current and cached frames) in place of the row padding;
+            # replicate padding is separable, so the frame's edges and corners match
+            x = F.pad(rows.pad(x, 1, "replicate"), (1, 1, 0, 0, front, 0), mode="replicate")
         if self.by_taps:
             return self._by_taps(x)
         # A batch of tiles one at a time: the CPU's batched 3-D convolution sums in another order,
@@ -131,31 +137,33 @@ class LQProjector(nn.Module):
         x = video.view(b, c, f, h // SHUFFLE, SHUFFLE, w // SHUFFLE, SHUFFLE).permute(0, 1, 4, 6, 2, 3, 5)
         return x.reshape(b, c * SHUFFLE * SHUFFLE, f, h // SHUFFLE, w // SHUFFLE)
 
-    def _conv(self, conv: CausalConv3d, x: torch.Tensor, state: ProjectorState, slot: str) -> torch.Tensor:
+    def _conv(self, conv: CausalConv3d, x: torch.Tensor, state: ProjectorState, slot: str, rows) -> torch.Tensor:
         tail = x[:, :, -CACHE_FRAMES:].clone()
         if self.causal:
-            y = conv(x, getattr(state, slot))
+            y = conv(x, getattr(state, slot), rows)
         else:
-            y = conv(x, tail)
+            y = conv(x, tail, rows)
         setattr(state, slot, tail)
         return y
 
     @torch.no_grad()
-    def stream(self, clip: torch.Tensor, state: ProjectorState) -> torch.Tensor | None:
+    def stream(self, clip: torch.Tensor, state: ProjectorState, rows=None) -> torch.Tensor | None:
         """Feed one clip (B, 3, 4, H, W) (B > 1: spatial tiles of one stream each, state for all of them);
         returns (B, h*w, out_dim) tokens, or None for the priming first clip.
 
-        The first clip is a single frame (repeated to 4): it only primes the caches.
+        The first clip is a single frame (repeated to 4): it only primes the caches. ``rows``: the
+        clip is this rank's band of rows, in units of 16-pixel token rows (models/row_bands.py);
+        the tokens are then those of the band's rows and ``state`` holds the band's caches.
         """
         first = state.clips_seen == 0
         if first:
             clip = torch.cat([clip[:, :, :1].expand(-1, -1, 3, -1, -1), clip], dim=2)
-        x = F.silu(self.norm1(self._conv(self.conv1, self._shuffle(clip), state, "cache1")))
+        x = F.silu(self.norm1(self._conv(self.conv1, self._shuffle(clip), state, "cache1", rows)))
         if first:
             state.cache2 = x[:, :, -CACHE_FRAMES:].clone()
             state.clips_seen += 1
             return None
-        x = F.silu(self.norm2(self._conv(self.conv2, x, state, "cache2")))
+        x = F.silu(self.norm2(self._conv(self.conv2, x, state, "cache2", rows)))
         state.clips_seen += 1
         tokens = x.flatten(2).transpose(1, 2)            # (B, f*h*w, hidden2), order (f, y, x)
         return self.linear_layers[0](tokens)

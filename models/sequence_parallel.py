@@ -8,7 +8,7 @@ window means of q and k) and another turns the attention output back. Each rank'
 holds only its heads.
 
 Windows are split as evenly as they go (``window_split``: the first ranks take one more), or with
-fewer for rank 0, which also runs the projector and the decoder (``rank0_share``); the collectives
+fewer for rank 0, which also upsamples, embeds and colour-fixes (``rank0_share``); the collectives
 take per-rank sizes, so nothing is padded and no rank computes a padded row. A rank may get no
 window at all (a small frame on many ranks): it then only serves its heads. The heads always split
 evenly.

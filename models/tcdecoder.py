@@ -51,8 +51,18 @@ class MemBlock(nn.Module):
         super().__init__()
         self.conv = nn.Sequential(_conv(2 * n, n), nn.ReLU(), _conv(n, n), nn.ReLU(), _conv(n, n))
 
-    def forward(self, x: torch.Tensor, past: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.conv(torch.cat([x, past], 1)) + x)
+    def forward(self, x: torch.Tensor, past: torch.Tensor, rows=None) -> torch.Tensor:
+        if rows is None:
+            return F.relu(self.conv(torch.cat([x, past], 1)) + x)
+        y = torch.cat([x, past], 1)
+        for layer in self.conv:
+            y = _layer(layer, y, rows)
+        return F.relu(y + x)
+
+
+def _layer(layer: nn.Module, x: torch.Tensor, rows) -> torch.Tensor:
+    """One layer on a band of rows (models/row_bands.py): convolutions take their neighbours' rows."""
+    return rows.conv(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
 
 
 class TGrow(nn.Module):
@@ -138,10 +148,10 @@ class TCDecoder(nn.Module):
                 stage += 1
         return shapes
 
-    def run_body(self, x: torch.Tensor, memory: list[torch.Tensor]):
+    def run_body(self, x: torch.Tensor, memory: list[torch.Tensor], rows=None):
         """The layers before the full-resolution tail over a chunk of frames (t, C, h, w); memory =
         each MemBlock's previous input. A pure function of its inputs (returns the new memory), so
-        it can be compiled.
+        it can be compiled. ``rows``: ``x`` is this rank's band of rows (models/row_bands.py).
 
         It ends with the last TGrow, moved before the last (nearest) upsampling: a 1x1 convolution
         commutes with nearest upsampling, so this is the same arithmetic on 4x fewer pixels, and
@@ -153,17 +163,17 @@ class TCDecoder(nn.Module):
             if isinstance(layer, MemBlock):
                 past = torch.cat([memory[len(new_memory)], x[:-1]], dim=0)
                 new_memory.append(x[-1:].clone())
-                x = layer(x, past)
+                x = layer(x, past) if rows is None else layer(x, past, rows)
             else:
-                x = layer(x)
+                x = layer(x) if rows is None else _layer(layer, x, rows)
         return self.decoder[start + 1](x), new_memory
 
-    def run_tail(self, x: torch.Tensor) -> torch.Tensor:
+    def run_tail(self, x: torch.Tensor, rows=None) -> torch.Tensor:
         """Last upsampling and the full-resolution convolutions of frames from :meth:`run_body`."""
         start = self.tail_start
         x = self.decoder[start](x)
         for layer in list(self.decoder)[start + 2:]:
-            x = layer(x)
+            x = layer(x) if rows is None else _layer(layer, x, rows)
         return x
 
     def subpixel_weight(self) -> torch.Tensor:
@@ -221,8 +231,13 @@ class TCDecoder(nn.Module):
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, cond: torch.Tensor, state: TCDecoderState,
-                     passes: "TCDecoderPasses | None" = None) -> torch.Tensor:
-        """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1]."""
+                     passes: "TCDecoderPasses | None" = None, rows=None) -> torch.Tensor:
+        """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1].
+
+        ``rows``: the inputs are this rank's band of latent rows (models/row_bands.py); the frames
+        are then the band's rows, ``state`` holds its memory, and the eager layers run (a compiled
+        pass cannot hold the exchanges). Every rank must use the same ``passes`` (each pass exchanges).
+        """
         passes = passes or TCDecoderPasses()
         lat = latents[0].transpose(0, 1)
         if state.memory is None:
@@ -235,7 +250,14 @@ class TCDecoder(nn.Module):
         # 768x1408) and every pass has the same shape in every chunk. Inputs are joined per pass
         # and each pass's features are dropped before the next one starts: Tiny-Long's peak VRAM
         # is set here (docs/performance.md).
-        body, tail = passes.body or self.run_body, passes.tail or self.run_tail
+        if rows is None:
+            body, tail = passes.body or self.run_body, passes.tail or self.run_tail
+        else:
+            def body(x, memory):
+                return self.run_body(x, memory, rows)
+
+            def tail(x):
+                return self.run_tail(x, rows)
         outs = []
         for i in range(0, lat.shape[0], passes.latents):
             n = min(passes.latents, lat.shape[0] - i)

@@ -299,17 +299,21 @@ class WanVAEDecoder(nn.Module):
 
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, state: WanVAEDecodeState, *,
-                     per_latent: bool = False) -> torch.Tensor:
+                     per_latent: bool = False, rows=None) -> torch.Tensor:
         """Decode the next ``t`` latents of the stream in ``state``; returns frames in [-1, 1].
 
         ``per_latent=True`` runs the official loop (one latent per decoder call): the reference
         the batched default is tested against. If this raises (OOM, interrupt), ``state`` is
-        half-updated: start the stream again with a new state.
+        half-updated: start the stream again with a new state. ``rows``: the latents are this
+        rank's band of latent rows (models/row_bands.py); the frames are then the band's rows.
         """
         self._check_chunk(latents, state)
         opts = state.options
         use_cl = opts.channels_last if opts.channels_last is not None else latents.is_cuda
-        run = StepRun(torch.channels_last_3d if use_cl else torch.contiguous_format, opts.compiled_norms)
+        run = StepRun(torch.channels_last_3d if use_cl else torch.contiguous_format, opts.compiled_norms, rows)
+        if rows is not None and opts.tiling is not None:
+            raise ValueError("the Wan VAE's spatial tiles and row bands over several processes do not combine: "
+                             "turn vae_tiling off (each process decodes only its band)")
         if opts.tiling is None:
             out = self._decode_frames(latents, state, state.caches, run, per_latent)
             out = out.clamp_(-1.0, 1.0)

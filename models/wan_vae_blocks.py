@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -36,6 +36,12 @@ class StepRun:
     """Settings of one decode call, the same for every layer."""
     fmt: torch.memory_format  # torch.channels_last_3d or torch.contiguous_format
     compiled_norms: bool = False
+    # This rank's band of rows in a decode over several processes (models/row_bands.py), or None:
+    # then every row-padded convolution takes its neighbours' rows and the attention gathers.
+    rows: object = None
+
+    def conv(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return conv(x) if self.rows is None else self.rows.conv(conv, x)
 
     @property
     def fmt2d(self) -> torch.memory_format:
@@ -134,7 +140,7 @@ class CausalConv3d(nn.Conv3d):
              norm: RMSNorm | None = None) -> torch.Tensor:
         """Convolve ``x`` after its history; with ``norm``, convolve SiLU(norm(x)) instead."""
         if self.history == 0:
-            return self(x)
+            return run.conv(self, x)
         if self.history != HISTORY_FRAMES:
             raise ValueError(f"CausalConv3d supports temporal kernels of 1 or 3, got {self.history + 1}")
         past = caches[self.slot]
@@ -153,7 +159,7 @@ class CausalConv3d(nn.Conv3d):
         # The clone frees the large buffer once the conv is done; zero frames in it stand for the
         # zero padding of a stream that is shorter than the history so far.
         caches[self.slot] = buf[:, :, -HISTORY_FRAMES:].clone(memory_format=run.fmt)
-        return self(buf)
+        return run.conv(self, buf)
 
 
 class ResidualBlock(nn.Module):
@@ -193,6 +199,11 @@ class AttentionBlock(nn.Module):
         return 1.0
 
     def step(self, x: torch.Tensor, caches: list, run: StepRun) -> torch.Tensor:
+        if run.rows is not None:
+            # Over several processes every rank gathers the whole frame (at the lowest resolution),
+            # runs the block on it as one process would, and keeps its own rows.
+            whole = self.step(run.rows.whole(x), caches, replace(run, rows=None))
+            return run.rows.own(whole).contiguous(memory_format=run.fmt)
         b, c, t, h, w = x.shape
         qkv = self.to_qkv(self.norm(frames_view(x)))  # (B*T, 3C, H, W)
         # (B*T, 1, H*W, 3C) made contiguous as upstream does, since SDPA's kernel choice (and so its
@@ -227,7 +238,7 @@ class Resample(nn.Module):
         b, t = x.shape[0], x.shape[2]
         # Nearest x2 only copies values, so running it in bf16 equals the official fp32 round trip.
         up = upsample_nearest2x(frames_view(x), run.fmt2d)
-        return video_view(self.resample[1](up), b, t, run.fmt)
+        return video_view(run.conv(self.resample[1], up), b, t, run.fmt)
 
     def _double_time(self, x: torch.Tensor, caches: list, run: StepRun) -> torch.Tensor:
         slot = self.time_conv.slot
@@ -308,7 +319,12 @@ class Decoder3d(nn.Module):
         steps = self.steps()
         for i in range(start, len(steps)):
             t = x.shape[2]
-            per_frame = x[:, :, :1].numel() * max(1.0, steps[i].expansion())
+            elements = x[:, :, :1].numel()
+            if run.rows is not None:
+                # the whole frame's count: every rank splits in time alike (each pass exchanges
+                # rows), and as one process does
+                elements = elements // x.shape[-2] * run.rows.whole_rows(x.shape[-2])
+            per_frame = elements * max(1.0, steps[i].expansion())
             if t > 1 and per_frame * t > max_elements:
                 group = max(1, int(max_elements // per_frame))
                 parts = [self.run(p, caches, run, max_elements, i) for p in x.split(group, dim=2)]

@@ -5,7 +5,8 @@ The parallel tests start one of these per rank. Every rank builds the same small
 (6 heads of 128, so 2, 3 and 6 ranks split them); rank 0 upscales a clip once in this process alone
 and once over all ranks, and writes both results to ``out/rank0.pt``. Job keys: ``init`` (file://
 store, or env://), ``world``, ``modes``, ``frames``, ``size`` (input h, w), ``scale``, ``heads``,
-``rank0_share`` (given to rank 0 only: the workers take it from rank 0), ``fail_rank`` (that rank raises at its first chunk; with ``fail_at_start`` as soon as it joined),
+``rank0_share`` (given to rank 0 only: the workers take it from rank 0), ``fail_rank`` (that rank raises at its first
+collective of a chunk; with ``fail_at_start`` as soon as it joined),
 ``rank0_sleeps`` (rank 0 sleeps instead of working, as if stuck in a collective),
 ``expect_weights`` (the workers first wait for rank 0's "weights loaded" message, as when rank 0 is
 the ``flashvsr upscale`` command).
@@ -27,7 +28,7 @@ def _register_package() -> None:
 
 def networks(mode: str, heads: int, seed: int = 0):
     """Same values on every rank; the DiT, projector and prompt are drawn before the decoder, so they
-    do not depend on the mode (the workers serve every mode with one pipeline)."""
+    do not depend on the mode."""
     import torch
     from comfyui_flashvsr.flashvsr.engine.random_weights import make_random
     from comfyui_flashvsr.models.dit import DiTConfig, WanDiT
@@ -57,6 +58,7 @@ def main(job_path: str, rank: int) -> None:
     from comfyui_flashvsr.flashvsr.engine.parallel import ParallelConfig, join
     from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
     from comfyui_flashvsr.models.sequence_parallel import SequenceParallel
+    from comfyui_flashvsr.models.row_bands import RowBands
     torch.set_num_threads(1)
     job = json.loads(pathlib.Path(job_path).read_text())
     group = join(ParallelConfig(rank, job["world"], init_method=job["init"], timeout_s=60,
@@ -69,7 +71,8 @@ def main(job_path: str, rank: int) -> None:
     if rank == job.get("fail_rank"):
         def fail(*args, **kwargs):
             raise RuntimeError(f"rank {rank} fails on purpose")
-        SequenceParallel.scatter = fail
+        SequenceParallel.scatter = fail     # the first collective of a chunk: the projector's
+        RowBands.scatter = fail             # bands, or the DiT's windows
 
     def pipeline(mode, parallel):
         return FlashVSR(*networks(mode, job["heads"]), mode, "v1.1", "cpu", torch.float32, parallel=parallel)
@@ -77,17 +80,20 @@ def main(job_path: str, rank: int) -> None:
     if rank != 0:
         if job.get("expect_weights"):        # rank 0 is the real command, which loads weight files
             group.expect("weights")
-        pipeline(job["modes"][0], group).serve()
+        for mode in job["modes"]:            # the decoder's bands need the mode's decoder
+            pipeline(mode, group).serve()
         group.close()
         return
     h, w = job["size"]
     frames = torch.rand((job["frames"], h, w, 3), generator=torch.Generator().manual_seed(5))
     cfg = UpscaleConfig(scale=job["scale"])
     results = {}
-    for mode in job["modes"]:
+    for i, mode in enumerate(job["modes"]):
         alone = pipeline(mode, None).upscale(frames, cfg).frames
         together = pipeline(mode, group).upscale(frames, cfg).frames
         results[mode] = (alone, together)
+        if i + 1 < len(job["modes"]):
+            group.release()                  # the workers load the next mode
     group.close()
     torch.save(results, pathlib.Path(job["out"]) / "rank0.pt")
 

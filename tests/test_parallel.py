@@ -1,10 +1,12 @@
 """One video over several processes (issue #16), on the CPU: gloo ranks, small random networks.
 
-The ranks split the DiT's windows and heads (models/sequence_parallel.py); everything else runs on
-rank 0. In float32 on the CPU the frames equal the one-process frames bit for bit: no reduction
-crosses a rank boundary, and each GEMM row, norm, softmax and attention row is computed from the
-same values in the same order (docs/parallel.md, "Why the frames are the same"). The tests demand
-``torch.equal``.
+The ranks split the DiT's windows and heads (models/sequence_parallel.py) and the projector's and
+decoders' rows (models/row_bands.py, tests/test_parallel_bands.py). The DiT's split is bit for bit
+in float32 on the CPU: each GEMM row, norm, softmax and attention row is computed from the same
+values in the same order. The bands compute every value from the same inputs too, but torch's CPU
+convolutions and SiLU may round a pixel differently when a call has fewer rows (oneDNN picks its
+algorithm by shape; SiLU's scalar tail loop rounds unlike its vector loop), so whole runs are
+checked within ``BAND_TOLERANCE`` (docs/parallel.md, "Why the frames are the same").
 """
 import json
 import os
@@ -20,9 +22,13 @@ import torch
 from comfyui_flashvsr.flashvsr.cli import launch
 from comfyui_flashvsr.flashvsr.engine.schedule import total_chunks
 from comfyui_flashvsr.models import sequence_parallel
+from comfyui_flashvsr.models.row_bands import band_split
 from comfyui_flashvsr.models.sequence_parallel import SequenceParallel, check_heads, window_split
 
 ROOT = Path(__file__).resolve().parent.parent
+# Frames in [0, 1]: float32 rounding (ulp 6e-8 at 1) of sums that another kernel orders
+# differently, through ~30 layers of random weights: up to 6.4e-6 seen; 1/80 of an 8-bit level.
+BAND_TOLERANCE = 5e-5
 RANK_SCRIPT = Path(__file__).with_name("parallel_rank.py")
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
@@ -58,7 +64,12 @@ def _alone_and_together(tmp_path, world, **job):
     return torch.load(tmp_path / "rank0.pt")
 
 
-def test_two_ranks_give_the_one_process_frames_bit_for_bit_in_every_mode(tmp_path):
+def _assert_same_frames(mode: str, alone: torch.Tensor, together: torch.Tensor) -> None:
+    worst = (alone - together).abs().max().item()
+    assert worst <= BAND_TOLERANCE, f"{mode}: max difference {worst}"
+
+
+def test_two_ranks_give_the_one_process_frames_in_every_mode(tmp_path):
     # 128x384 model frame: 3 windows per group; rank 0 takes half a share, so chunk 0 splits 3/6 and
     # later chunks 1/2; 29 frames are 2 chunks, and the second evicts the oldest KV group
     # (3 cached + 1 new > kv_ratio 3)
@@ -67,17 +78,19 @@ def test_two_ranks_give_the_one_process_frames_bit_for_bit_in_every_mode(tmp_pat
                               rank0_share=0.5)
     for mode, (alone, together) in got.items():
         assert alone.shape == (29, 128, 384, 3), mode
-        assert torch.equal(alone, together), f"{mode}: max difference {(alone - together).abs().max()}"
+        _assert_same_frames(mode, alone, together)
 
 
 def test_three_ranks_with_an_idle_rank_give_the_one_process_frames(tmp_path):
     # 128x256: 2 windows per group, so after chunk 0 (2/2/2) the third rank holds no window (1/1/0)
-    # and only serves its heads; 37 frames are 3 chunks, two of them evicting
+    # and only serves its heads; 37 frames are 3 chunks, two of them evicting. Bands of unequal
+    # heights: 16 latent rows are 6/5/5, 8 token rows 3/3/2.
     assert total_chunks(37, False) == 3 and window_split(2, 3) == [1, 1, 0]
+    assert band_split(16, 3) == [6, 5, 5] and band_split(8, 3) == [3, 3, 2]
     got = _alone_and_together(tmp_path, 3, modes=["tiny", "tiny-long"], frames=37, size=[32, 64])
     for mode, (alone, together) in got.items():
         assert alone.shape == (37, 128, 256, 3), mode
-        assert torch.equal(alone, together), f"{mode}: max difference {(alone - together).abs().max()}"
+        _assert_same_frames(mode, alone, together)
 
 
 def test_windows_split_contiguously_with_sizes_differing_by_one_at_most():
@@ -173,6 +186,17 @@ def _pngs(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+def _assert_same_pngs(got: dict[str, bytes], want: dict[str, bytes]) -> None:
+    """8-bit frames of two runs whose values differ within BAND_TOLERANCE: a value at the edge
+    of a rounding step may land one level apart, nothing more."""
+    import io
+    from PIL import Image
+    assert sorted(got) == sorted(want)
+    for name in want:
+        a, b = (np.asarray(Image.open(io.BytesIO(d)), dtype=np.int16) for d in (got[name], want[name]))
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1, name
+
+
 CLI_COMMON = ["--device", "cpu", "--no-download", "--scale", "4"]
 
 
@@ -190,7 +214,7 @@ def test_cli_gpus_2_writes_the_frames_of_one_process(cli_setup, one_process, tmp
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("wrote") == 1      # rank 0 alone writes and reports
     assert len(_pngs(tmp_path / "two")) == 12
-    assert _pngs(tmp_path / "two") == one_process
+    _assert_same_pngs(_pngs(tmp_path / "two"), one_process)
 
 
 def test_torchrun_runs_the_same_command(cli_setup, one_process, tmp_path):
@@ -200,7 +224,7 @@ def test_torchrun_runs_the_same_command(cli_setup, one_process, tmp_path):
                            "--models", str(cli_setup / "models")],
                           capture_output=True, text=True, timeout=180, cwd=tmp_path, env=env)
     assert done.returncode == 0, done.stderr
-    assert _pngs(tmp_path / "out") == one_process
+    _assert_same_pngs(_pngs(tmp_path / "out"), one_process)
 
 
 def test_cli_rank_0_leaves_no_partial_output_when_a_worker_dies(cli_setup, tmp_path):

@@ -91,5 +91,6 @@ def add_gpus_argument(p: argparse.ArgumentParser) -> None:
                         "--device cpu: N CPU processes (a test of the parallel path, not a speed-up)")
     p.add_argument("--rank0-share", type=float, default=1.0, metavar="S",
                    help="with several GPUs: GPU 0's share of the DiT's token windows relative to another "
-                        "GPU's (default 1; below 1 leaves GPU 0 time for the projector and decoder, which "
-                        "only it runs; the frames are the same for any value)")
+                        "GPU's (default 1; below 1 leaves GPU 0 time for the upsampling and colour fix, "
+                        "which only it runs; the projector and decoder bands stay even; the frames are the "
+                        "same for any value)")

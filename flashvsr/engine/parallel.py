@@ -1,9 +1,10 @@
 """One video on several processes (GPUs): the process group, the control messages, the workers' loop.
 
-Rank 0 is the pipeline everybody knows: it reads the frames, runs the LQ projector, the decoder and
-the colour fix, and writes. For the DiT of every chunk it embeds the tokens, hands each rank its
-windows and gets the head's output back (``ParallelDiT``); the blocks run on all ranks at once
-(``models/sequence_parallel.py``). The other ranks only run the DiT's blocks (``serve``).
+Rank 0 is the pipeline everybody knows: it reads the frames, upsamples them, runs the colour fix,
+and writes. For the DiT of every chunk it embeds the tokens, hands each rank its windows and gets
+the head's output back (``ParallelDiT``); the blocks run on all ranks at once
+(``models/sequence_parallel.py``). The LQ projector and the decoder run on every rank's band of
+rows (``parallel_bands.py``). The other ranks answer rank 0's messages (``serve``).
 
 Control messages go through the rendezvous store (torch.distributed's key-value store), never
 through the GPUs' collectives: rank 0 never waits for a worker to read one, and a worker waiting
@@ -50,8 +51,8 @@ class ParallelConfig:
     init_method: str = "env://"
     timeout_s: float = 1800.0      # a collective waiting longer than this fails (torch's default)
     # Rank 0's share of the DiT's windows relative to another rank's: below 1 leaves it time for the
-    # projector and the decoder, which only it runs (sequence_parallel.window_split). Rank 0's
-    # value is the one every rank uses.
+    # LQ upsampling, the embedding and the colour fix, which only it runs (sequence_parallel.window_split;
+    # the projector's and decoder's bands stay even). Rank 0's value is the one every rank uses.
     rank0_share: float = 1.0
 
     def __post_init__(self) -> None:
@@ -204,10 +205,13 @@ def _windows(grid: tuple[int, int, int]) -> int:
     return (f // WINDOW[0]) * (h // WINDOW[1]) * (w // WINDOW[2])
 
 
-def serve(group: ProcessGroup, dit: WanDiT, consts: DiTConstants, exchange, session, steps_for) -> None:
+def serve(group: ProcessGroup, dit: WanDiT, consts: DiTConstants, exchange, session, steps_for,
+          bands=None) -> None:
     """A worker's loop: run the DiT's blocks of every chunk rank 0 announces, until rank 0 closes.
 
-    ``session(mode)``: a new attention session; ``steps_for(compile)``: the block steps rank 0 uses.
+    ``session(mode)``: a new attention session; ``steps_for(compile)``: the block steps rank 0 uses;
+    ``bands``: the worker's projector and decoder bands (``parallel_bands.BandWorker``), which
+    answer the ``project`` and ``decode`` messages.
     """
     state = run = attn = steps = None
     dtype = dit.patch_embedding.weight.dtype
@@ -220,8 +224,12 @@ def serve(group: ProcessGroup, dit: WanDiT, consts: DiTConstants, exchange, sess
             run = message[1]
             state, attn, steps = DiTStreamState(), session(run.sageattention), steps_for(run.compile)
             exchange.rank0_share = run.rank0_share
+        elif kind in ("project", "decode") and bands is not None:
+            bands.handle(message)
         elif kind == "end":
             state = attn = None
+            if bands is not None:
+                bands.reset()
             if group.device.type == "cuda":
                 torch.cuda.empty_cache()
         elif kind == "chunk":
