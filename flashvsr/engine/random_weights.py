@@ -8,7 +8,6 @@ with scale-aware values, so activations keep a sensible range through all layers
 from __future__ import annotations
 
 import math
-import pathlib
 
 import torch
 import torch.nn as nn
