@@ -11,6 +11,9 @@
 //    limits, GET /api/flashvsr/info): ComfyUI can only check one input against another in a
 //    validator whose message lands on every input it names. Values loaded from a saved workflow
 //    are never changed here; the server refuses a bad pair when the node runs, naming tile_overlap.
+// 5. `gpus` (the DiT over several GPUs) shows only on a server with more than one CUDA GPU (the
+//    info route's `gpus`), or when a saved workflow asks for more than one GPU, so that a value
+//    this server refuses is never hidden.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -22,6 +25,7 @@ const PAD = 6;
 let sageInfo = null; // {installed, version, flavour, reason} once the route answered
 let plan = null; // {enable, disable, sage}: what each sageattention choice runs on this server
 let overlapMax = null; // {tile_size: largest tile_overlap}, from the server
+let visibleGpus = null; // CUDA GPUs the server sees
 
 async function loadInfo() {
   try {
@@ -31,11 +35,15 @@ async function loadInfo() {
     sageInfo = info.sageattention;
     plan = info.badge ?? null;
     overlapMax = info.tile_overlap_max ?? null;
+    visibleGpus = info.gpus ?? null;
   } catch (err) {
     sageInfo = { installed: null, reason: `could not ask the server: ${err}` };
   }
   window.__flashvsrSage = sageInfo; // read by the integration test
   window.__flashvsrPlan = plan;
+  for (const node of app.graph?._nodes ?? []) {
+    if ((node.comfyClass ?? node.type) === "FlashVSRBoltAdvanced") showWhatApplies(node);
+  }
   app.graph?.setDirtyCanvas(true, true);
 }
 
@@ -57,6 +65,7 @@ function applies(node, name) {
   if (name === "vae_tiling") return value("mode") === "full";
   if (VAE_SIZES.includes(name)) return value("mode") === "full" && !!value("vae_tiling");
   if (name === "tile_overlap") return Number(value("tile_size")) !== 0;
+  if (name === "gpus") return (visibleGpus ?? 0) > 1 || String(value("gpus") ?? "1") !== "1";
   return true;
 }
 
@@ -93,7 +102,7 @@ function keepOverlapInRange(node, clamp) {
 }
 
 function watchWidgets(node) {
-  for (const name of ["mode", "vae_tiling", "tile_size", "tile_overlap"]) {
+  for (const name of ["mode", "vae_tiling", "tile_size", "tile_overlap", "gpus"]) {
     const w = node.widgets?.find((x) => x.name === name);
     if (!w) continue;
     const callback = w.callback;
