@@ -91,8 +91,11 @@ def release_with_comfy_unload(cache: PipelineCache = PIPELINES) -> None:
 
     setattr(unload_all_models, _CHAINED_MARK, True)
     mm.unload_all_models = unload_all_models
-    # The GPU workers of a multi-GPU pipeline are processes: stop them when the server exits
-    # (a worker whose server was killed exits by itself, see workers.py).
+
+
+def release_at_exit(cache: PipelineCache = PIPELINES) -> None:
+    """Free the pipeline when the server exits: the GPU workers of ``gpus`` > 1 are processes.
+    (A worker whose server was killed exits by itself, see ``workers.py``.)"""
     atexit.register(cache.release, "ComfyUI is exiting")
 
 
