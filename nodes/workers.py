@@ -46,6 +46,7 @@ CANCEL_GRACE_S = 15.0            # a Cancel that no chunk boundary reached by th
 STOP_GRACE_S = 10.0              # released workers exit at once; SIGTERM after this,
 TERM_GRACE_S = 5.0               # and SIGKILL after this
 DEAD_WAIT_S = 2.0                # a collective failed: the time a dying worker may take to exit
+LOG_TAIL_LINES = 20              # a stopped worker's last output lines, for the server log
 
 # ``python -c`` program of a worker: argv = pack folder, package name, WorkerSpec as JSON.
 BOOTSTRAP = """\
@@ -125,7 +126,7 @@ class WorkerPool:
                 env["LOCAL_RANK"] = str(gpu)      # torchrun's LOCAL_RANK picks the GPU (engine.parallel.join)
                 with open(logs / f"worker{rank}.log", "wb") as out:
                     procs[rank] = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=out,
-                                                   stderr=subprocess.STDOUT, cwd=str(PACK_ROOT))
+                                                   stderr=subprocess.STDOUT)
         except BaseException:
             cls(procs, world, logs).stop()
             raise
@@ -151,27 +152,28 @@ class WorkerPool:
             time.sleep(POLL_S)
 
     def stopped(self, dead: tuple[int, str]) -> WorkerStopped:
+        """The node's error for a worker that stopped; its last output goes to the server log."""
         rank, why = dead
+        tail = self.output(rank)[-LOG_TAIL_LINES:]
+        if tail:
+            log.warning("[FlashVSR] GPU worker %d's last output:\n%s", rank, "\n".join(tail))
         return WorkerStopped(f"FlashVSR ⚡: GPU worker {rank} of {self.world} stopped: {why}; the run was cancelled")
 
     def _why(self, rank: int, code: int) -> str:
-        if code < 0:
+        if code < 0:        # a signal: whatever it printed before is not why
             try:
-                how = f"killed by {signal.Signals(-code).name}"
+                return f"killed by {signal.Signals(-code).name}"
             except ValueError:
-                how = f"killed by signal {-code}"
-        else:
-            how = f"exit code {code}"
-        last = self.last_line(rank)
-        return f"{how} ({last})" if last else how
+                return f"killed by signal {-code}"
+        lines = self.output(rank)
+        return f"exit code {code} ({lines[-1].strip()[:300]})" if lines else f"exit code {code}"
 
-    def last_line(self, rank: int) -> str:
-        """The worker's last line of output (its error, when it failed), at most 300 characters."""
+    def output(self, rank: int) -> list[str]:
+        """The worker's output lines (warnings and, when it failed, its traceback)."""
         try:
-            lines = (self.logs / f"worker{rank}.log").read_text(errors="replace").strip().splitlines()
+            return (self.logs / f"worker{rank}.log").read_text(errors="replace").strip().splitlines()
         except OSError:
-            return ""
-        return lines[-1].strip()[:300] if lines else ""
+            return []
 
     def kill(self) -> None:
         """SIGKILL every running worker (they may be stuck: a stopped process ignores SIGTERM)."""
@@ -192,7 +194,7 @@ class WorkerPool:
         for rank, p in self.procs.items():
             if p.returncode not in (0, None, -signal.SIGTERM, -signal.SIGKILL):
                 log.warning("[FlashVSR] GPU worker %d exited with code %s: %s", rank, p.returncode,
-                            self.last_line(rank))
+                            "\n".join(self.output(rank)[-LOG_TAIL_LINES:]))
         shutil.rmtree(self.logs, ignore_errors=True)
 
 
@@ -219,7 +221,8 @@ def start(roots: Sequence[str], version: str, mode: str, device: str, dtype: str
         pipe = FlashVSR.from_pretrained(list(roots), mode=mode, version=version, device=kind,
                                         dtype=torch_dtype(dtype, device), download=True, progress=on_download,
                                         parallel=group)
-    except BaseException:
+    except BaseException:           # a Cancel, a failed download or load: no worker outlives it
+        pool.kill()
         if group is not None:
             _leave(group)
         pool.stop()

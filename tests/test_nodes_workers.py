@@ -8,6 +8,10 @@ one-process frames bit for bit (docs/parallel.md, "Why the frames are the same")
 """
 import os
 import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,3 +192,41 @@ def test_a_worker_that_cannot_start_is_named_with_its_last_words(models, monkeyp
     with pytest.raises(workers.WorkerStopped, match=r"^FlashVSR ⚡: GPU worker 1 of 2 stopped: exit code 1 "
                                                      r"\(no pack here\); the run was cancelled$"):
         _run(PipelineCache(), models)
+
+
+SERVER_KILLED = r"""
+import importlib.util, os, sys, torch
+spec = importlib.util.spec_from_file_location("conftest", sys.argv[1])
+spec.loader.exec_module(importlib.util.module_from_spec(spec))
+from comfyui_flashvsr.flashvsr import devices
+from comfyui_flashvsr.nodes.options import NodeSettings
+from comfyui_flashvsr.nodes.runner import PipelineCache, run_upscale
+devices._cuda_count = lambda: 2
+torch.set_num_threads(1)
+cache = PipelineCache()
+run_upscale(torch.rand(2, 8, 8, 3), NodeSettings(scale=2.0, gpus=2), cache=cache, roots=[sys.argv[2]],
+            auto_device="cpu", on_progress=lambda done, total: None, sage_status=lambda: {})
+[worker] = cache.pipeline.pool.procs.values()
+print(worker.pid, flush=True)
+os._exit(0)      # as when the server is killed: nothing releases the pipeline
+"""
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"     # a zombie has exited
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="reads /proc")
+def test_a_worker_exits_by_itself_when_the_server_process_is_killed(models):
+    done = subprocess.run([sys.executable, "-c", SERVER_KILLED, str(Path(__file__).with_name("conftest.py")),
+                           models[0]], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout.split()[-1])
+    deadline = time.monotonic() + 30
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(pid)
