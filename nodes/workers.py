@@ -371,8 +371,8 @@ class ParallelPipeline:
 
     def unload(self) -> None:
         """Release the workers (their ``serve`` returns), leave the group, free rank 0's weights."""
-        if self.pool.first_dead() is not None or self.broken:
-            self.pool.kill()           # out of step or stuck: nothing to say goodbye to
+        if self.unusable():
+            self.pool.kill()           # gone, stuck or out of step: they could not take "exit"
         _leave(self.pipe.parallel)
         self.pool.stop()
         self.pipe.unload()
