@@ -7,6 +7,7 @@ same models folder and serve rank 0 (this test process). In float32 on the CPU t
 one-process frames bit for bit (docs/parallel.md, "Why the frames are the same").
 """
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,7 +208,7 @@ cache = PipelineCache()
 run_upscale(torch.rand(2, 8, 8, 3), NodeSettings(scale=2.0, gpus=2), cache=cache, roots=[sys.argv[2]],
             auto_device="cpu", on_progress=lambda done, total: None, sage_status=lambda: {})
 [worker] = cache.pipeline.pool.procs.values()
-print(worker.pid, flush=True)
+print(cache.pipeline.pool.logs, worker.pid, flush=True)
 os._exit(0)      # as when the server is killed: nothing releases the pipeline
 """
 
@@ -225,7 +226,9 @@ def test_a_worker_exits_by_itself_when_the_server_process_is_killed(models):
     done = subprocess.run([sys.executable, "-c", SERVER_KILLED, str(Path(__file__).with_name("conftest.py")),
                            models[0]], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    pid = int(done.stdout.split()[-1])
+    logs, pid = done.stdout.split()[-2:]
+    pid = int(pid)
+    shutil.rmtree(logs)                   # a killed server leaves its workers' log folder behind
     deadline = time.monotonic() + 30
     while _running(pid) and time.monotonic() < deadline:
         time.sleep(0.2)
