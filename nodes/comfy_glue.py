@@ -6,6 +6,7 @@ Imported only inside ComfyUI (through ``comfy_entrypoint``); the behaviour itsel
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import logging
 import os
@@ -17,8 +18,10 @@ import comfy.utils
 import folder_paths
 import torch
 
+from ..flashvsr.devices import _cuda_count
 from .options import MODELS_FOLDER, NodeSettings, tile_overlap_limits
 from .runner import PipelineCache, enable_plan, run_upscale
+from .workers import CancelHooks
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +93,18 @@ def release_with_comfy_unload(cache: PipelineCache = PIPELINES) -> None:
     mm.unload_all_models = unload_all_models
 
 
+def release_at_exit(cache: PipelineCache = PIPELINES) -> None:
+    """Free the pipeline when the server exits: the GPU workers of ``gpus`` > 1 are processes.
+    (A worker whose server was killed exits by itself, see ``workers.py``.)"""
+    atexit.register(cache.release, "ComfyUI is exiting")
+
+
+def cancel_hooks() -> CancelHooks:
+    """ComfyUI's Cancel for the GPU workers' watchdog: read without clearing it, and raised as
+    ComfyUI's own interrupt."""
+    return CancelHooks(mm.processing_interrupted, mm.throw_exception_if_processing_interrupted)
+
+
 def progress_and_cancel() -> Callable[[int, int], None]:
     """A per-chunk callback: moves the node's progress bar and raises when the user pressed Cancel."""
     bar = comfy.utils.ProgressBar(1)
@@ -139,7 +154,7 @@ def upscale(frames: torch.Tensor, settings: NodeSettings) -> tuple[torch.Tensor,
                               roots=folder_paths.get_folder_paths(MODELS_FOLDER),
                               auto_device=str(mm.get_torch_device()),
                               on_progress=progress_and_cancel(), sage_status=sage_status,
-                              on_download=download_progress_and_cancel())
+                              on_download=download_progress_and_cancel(), cancel=cancel_hooks())
     finally:
         mm.soft_empty_cache()
     for line in outcome.lines[1:]:  # the first line (the run summary) the engine has logged already
@@ -173,7 +188,8 @@ def register_routes() -> None:
             "sageattention": status,
             "badge": badge,
             "tile_overlap_max": tile_overlap_limits(),
+            "gpus": _cuda_count(),     # the front end shows the Advanced node's gpus above 1
             "loaded": None if loaded is None else {
                 "version": loaded.version, "mode": loaded.mode,
-                "device": loaded.device, "dtype": loaded.dtype},
+                "device": loaded.device, "dtype": loaded.dtype, "gpus": loaded.gpus},
         })

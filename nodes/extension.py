@@ -13,6 +13,7 @@ class FlashVSRExtension(ComfyExtension):
         comfy_glue.register_models_folder()
         comfy_glue.place_sample()
         comfy_glue.release_with_comfy_unload()
+        comfy_glue.release_at_exit()
         comfy_glue.register_routes()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:

@@ -29,6 +29,10 @@ PRESETS = {"Tiny": "tiny", "Tiny-Long": "tiny-long", "Full": "full"}
 # The device dropdown lists what exists on the server (``device_choices``, asked when ComfyUI builds
 # the node list); these are the entries every machine has.
 BASE_DEVICES = ("auto", "cpu")
+# GPU counts the DiT can be split over: its 12 attention heads must split evenly
+# (models/sequence_parallel.check_heads); the dropdown offers those this server has GPUs for.
+DIT_HEADS = 12
+GPU_COUNTS = tuple(n for n in range(1, DIT_HEADS + 1) if DIT_HEADS % n == 0)
 SEED_MAX = 0xFFFF_FFFF_FFFF_FFFF
 VAE_PIXELS_PER_LATENT = 8
 
@@ -51,6 +55,7 @@ class Widget:
     label_off: str | None = None
     control_after_generate: str | None = None  # INT only: the front end's fixed/randomize switch
     machine_options: bool = False  # COMBO whose options depend on the server (checked at run time)
+    optional: bool = False  # may be missing from a prompt (appended after API workflows were saved)
 
 
 def _frames() -> Widget:
@@ -148,6 +153,15 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
            "The run is planned for it: untiled when it fits, else spatial tiles (tile_size > 0 wins); "
            "the node's report gives the plan and its predicted peak.",
            default=0.0, min=0.0, max=1024.0, step=0.5),
+    # A dropdown, so ComfyUI itself refuses a count this server cannot run, on this input alone
+    # (a validator's message would land on every input it names). Optional: API prompts saved
+    # before it existed still run, on one GPU.
+    Widget("COMBO", "gpus", "How many of this server's GPUs run the DiT: 1 = this GPU only. More "
+           "split its attention heads over them (2, 3, 4, 6 or 12, up to the GPUs this server sees): "
+           "the same result within bf16 rounding, faster; the projector and decoder stay on the node's "
+           "device. The other GPUs run worker processes that the node starts and keeps while the model "
+           "stays loaded. Hidden when the server has one GPU.", default="1", options=tuple(map(str, GPU_COUNTS)),
+           machine_options=True, optional=True),
 )
 
 
@@ -177,6 +191,7 @@ class NodeSettings:
     preprocess: str = _DEFAULTS.preprocess
     compile: bool = _DEFAULTS.compile
     vram_budget_gib: float = 0.0       # 0 = "auto"
+    gpus: int = 1                      # processes (GPUs) the DiT is split over; checked when the node runs
 
     def __post_init__(self) -> None:
         problems = problems_with(ADVANCED_INPUTS, {f.name: getattr(self, f.name) for f in fields(self)})
@@ -208,18 +223,57 @@ def advanced_settings(**values: Any) -> NodeSettings:
     unknown = sorted(set(values) - {f.name for f in fields(NodeSettings)})
     if unknown:
         raise TypeError(f"FlashVSR ⚡ Advanced got unknown inputs {unknown}")
+    if "gpus" in values:     # the dropdown's entries are text ("2")
+        values = {**values, "gpus": _whole_number("gpus", values["gpus"])}
     return NodeSettings(**values)
 
 
 def advanced_inputs() -> tuple[Widget, ...]:
-    """``ADVANCED_INPUTS`` with the server's own devices in the ``device`` dropdown."""
-    return tuple(replace(w, options=device_choices()) if w.machine_options else w for w in ADVANCED_INPUTS)
+    """``ADVANCED_INPUTS`` with the server's own devices in ``device`` and its GPU counts in ``gpus``."""
+    machine = {"device": device_choices, "gpus": gpu_choices}
+    return tuple(replace(w, options=machine[w.id]()) if w.machine_options else w for w in ADVANCED_INPUTS)
 
 
 def device_choices() -> tuple[str, ...]:
     from ..flashvsr.devices import existing_devices
 
     return BASE_DEVICES + tuple(d for d in existing_devices() if d not in BASE_DEVICES)
+
+
+def gpu_choices(visible: int | None = None) -> tuple[str, ...]:
+    """The ``gpus`` entries for a server that sees ``visible`` CUDA GPUs (default: this one)."""
+    if visible is None:
+        from ..flashvsr.devices import _cuda_count
+        visible = _cuda_count()
+    return tuple(str(n) for n in GPU_COUNTS if n <= max(1, visible))
+
+
+def gpus_problem(gpus: int, device: str, visible: int) -> str | None:
+    """What is wrong with splitting the DiT over ``gpus`` processes with rank 0 on ``device`` (a
+    resolved device) on a server that sees ``visible`` CUDA GPUs; None when it runs."""
+    if gpus == 1:
+        return None
+    if gpus not in GPU_COUNTS:
+        return (f"gpus is {gpus}; the DiT's {DIT_HEADS} attention heads split evenly only over "
+                f"{', '.join(map(str, GPU_COUNTS))} GPUs")
+    if gpus > visible:
+        return (f"gpus is {gpus}, but this server sees {visible} CUDA GPU{'s' * (visible != 1)}; "
+                f"choose one of {list(gpu_choices(visible))}")
+    kind = device.partition(":")[0]
+    if kind not in ("cuda", "cpu"):       # cpu: gloo processes, a test of the same path
+        return f"gpus is {gpus}, but device {device} is not a CUDA GPU; several GPUs need CUDA"
+    if kind == "cuda":
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_nccl_available()):
+            return f"gpus is {gpus}, but this PyTorch has no NCCL (several GPUs need Linux and a CUDA build)"
+    return None
+
+
+def _whole_number(name: str, value: Any) -> int:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"FlashVSR ⚡: {name} is {value!r}; choose a whole number") from None
 
 
 def cross_field_problems(values: Mapping[str, Any]) -> dict[str, str]:

@@ -14,10 +14,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from ..flashvsr import devices
 from ..flashvsr.devices import resolve_device as _resolve_device
 from ..flashvsr.devices import resolve_precision, torch_dtype
 from ..flashvsr.config import SageAttention
-from .options import NodeSettings
+from .options import NodeSettings, gpus_problem
+from .workers import NO_CANCEL, CancelHooks
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,7 @@ class LoadKey:
     mode: str
     device: str
     dtype: str
+    gpus: int = 1         # processes the DiT is split over: rank 0 on ``device``, workers on other GPUs
 
 
 def load_pipeline(key: LoadKey, on_download: DownloadProgress | None = None) -> Any:
@@ -45,6 +48,14 @@ def load_pipeline(key: LoadKey, on_download: DownloadProgress | None = None) -> 
     return FlashVSR.from_pretrained(list(key.roots), mode=key.mode, version=key.version,
                                     device=key.device, dtype=torch_dtype(key.dtype, key.device), download=True,
                                     progress=on_download)
+
+
+def start_parallel(key: LoadKey, on_download: DownloadProgress | None = None,
+                   cancel: CancelHooks = NO_CANCEL) -> Any:
+    """Start the GPU workers of ``key`` (``key.gpus`` - 1 processes) and load rank 0's pipeline."""
+    from . import workers
+    return workers.start(key.roots, key.version, key.mode, key.device, key.dtype, key.gpus,
+                         visible=devices._cuda_count(), on_download=on_download, cancel=cancel)
 
 
 def switch_mode(pipe: Any, key: LoadKey) -> None:
@@ -60,8 +71,9 @@ class PipelineCache:
     """
 
     def __init__(self, load: Callable[[LoadKey, DownloadProgress | None], Any] = load_pipeline,
-                 switch: Callable[[Any, LoadKey], None] = switch_mode) -> None:
-        self._load, self._switch = load, switch
+                 switch: Callable[[Any, LoadKey], None] = switch_mode,
+                 start: Callable[[LoadKey, DownloadProgress | None, CancelHooks], Any] = start_parallel) -> None:
+        self._load, self._switch, self._start = load, switch, start
         self._lock = threading.RLock()
         self._key: LoadKey | None = None
         self._pipe: Any = None
@@ -70,10 +82,17 @@ class PipelineCache:
     def key(self) -> LoadKey | None:
         return self._key
 
-    def get(self, key: LoadKey, on_download: DownloadProgress | None = None) -> tuple[Any, bool]:
+    @property
+    def pipeline(self) -> Any:
+        """The loaded pipeline (None when nothing is loaded)."""
+        return self._pipe
+
+    def get(self, key: LoadKey, on_download: DownloadProgress | None = None,
+            cancel: CancelHooks = NO_CANCEL) -> tuple[Any, bool]:
         """The pipeline for ``key`` and whether it was already loaded; a load that raises (a
-        cancelled download) leaves nothing loaded."""
+        cancelled download) leaves nothing loaded. ``key.gpus`` > 1 starts the GPU workers too."""
         with self._lock:
+            self.release_if_unusable()
             if self._key == key:
                 return self._pipe, True
             if self._key is not None and replace(self._key, mode=key.mode) == key:
@@ -86,11 +105,19 @@ class PipelineCache:
                     raise
                 self._key = key
                 return self._pipe, True
-            self.release("different weights, device or precision requested")
-            log.info("[FlashVSR] loading %s %s on %s (%s)", key.version, key.mode, key.device, key.dtype)
-            self._pipe = self._load(key, on_download)
+            self.release("different weights, device, precision or GPU count requested")
+            gpus = f", the DiT on {key.gpus} processes" if key.gpus > 1 else ""
+            log.info("[FlashVSR] loading %s %s on %s (%s%s)", key.version, key.mode, key.device, key.dtype, gpus)
+            self._pipe = self._load(key, on_download) if key.gpus == 1 else self._start(key, on_download, cancel)
             self._key = key
             return self._pipe, False
+
+    def release_if_unusable(self) -> bool:
+        """Release a pipeline that cannot run again (its GPU workers stopped or out of step)."""
+        with self._lock:
+            check = getattr(self._pipe, "unusable", None)
+            why = check() if check is not None else None
+            return self.release(why) if why else False
 
     def release(self, reason: str) -> bool:
         """Free the loaded pipeline's device memory; True if one was loaded."""
@@ -120,33 +147,42 @@ class RunOutcome:
 
 def run_upscale(frames: torch.Tensor, settings: NodeSettings, *, cache: PipelineCache,
                 roots: Sequence[str], auto_device: str, on_progress: Progress,
-                sage_status: Callable[[], dict], on_download: DownloadProgress | None = None) -> RunOutcome:
+                sage_status: Callable[[], dict], on_download: DownloadProgress | None = None,
+                cancel: CancelHooks = NO_CANCEL) -> RunOutcome:
     """Upscale ``frames`` (N, H, W, 3) with ``settings``; ``on_progress`` and ``on_download`` may
-    raise to cancel."""
+    raise to cancel; ``cancel`` also reaches the GPU workers of ``settings.gpus`` > 1."""
     if not isinstance(frames, torch.Tensor) or frames.ndim != 4 or frames.shape[0] == 0:
         shape = tuple(frames.shape) if isinstance(frames, torch.Tensor) else type(frames).__name__
         raise ValueError("FlashVSR ⚡ needs video frames as an IMAGE batch (frames, height, width, "
                          f"channels) with at least one frame; got {shape}")
     device = resolve_device(settings.device, auto_device)
+    problem = gpus_problem(settings.gpus, device, devices._cuda_count())
+    if problem:
+        raise ValueError(f"FlashVSR ⚡: {problem}")
     key = LoadKey(tuple(str(r) for r in roots), settings.version, settings.mode, device,
-                  resolve_precision(settings.precision, device))
+                  resolve_precision(settings.precision, device), settings.gpus)
     config = settings.upscale_config()
     from ..flashvsr.engine.frames import BadFrames
     from ..flashvsr.engine.loader import CheckpointMismatch
     from ..flashvsr.engine.stream import NonFiniteOutput
     t0 = time.perf_counter()
     try:
-        pipe, reused = cache.get(key, on_download)
+        pipe, reused = cache.get(key, on_download, cancel)
         load_line = "weights: already loaded" if reused else \
             f"weights: loaded in {time.perf_counter() - t0:.1f} s"
-        result = pipe.upscale(frames, config, on_progress=on_progress)
+        # the GPU workers' watchdog also needs Cancel (see workers.py)
+        extra = {"cancel": cancel} if key.gpus > 1 else {}
+        result = pipe.upscale(frames, config, on_progress=on_progress, **extra)
     except (BadFrames, CheckpointMismatch, NonFiniteOutput) as err:
         raise ValueError(f"FlashVSR ⚡: {err}") from None     # the whole story: no engine traceback
     finally:
         # With keep_model_loaded on, a cancelled or failed run keeps the model as well: the engine
-        # frees only the run's own tensors, so the next run needs no reload.
+        # frees only the run's own tensors, so the next run needs no reload. GPU workers that
+        # stopped or fell out of step are released now, so none is left running.
         if not settings.keep_model_loaded:
             cache.release("keep_model_loaded is off")
+        else:
+            cache.release_if_unusable()
     out = result.frames
     n, h, w = frames.shape[:3]
     if settings.preprocess == "exact":
@@ -157,13 +193,21 @@ def run_upscale(frames: torch.Tensor, settings: NodeSettings, *, cache: Pipeline
     lines = [
         result.stats.summary(),
         f"{settings.version} {settings.mode} x{settings.scale:g}: {n}x{w}x{h} -> "
-        f"{out.shape[0]}x{out.shape[2]}x{out.shape[1]} frames, {key.dtype} on {device}",
+        f"{out.shape[0]}x{out.shape[2]}x{out.shape[1]} frames, {key.dtype} on {device}" + dit_split(key),
         load_line + ("; unloaded after the run" if not settings.keep_model_loaded else ""),
     ]
     why_not = sage_not_used_reason(settings.sageattention, result.stats.attention, sage_status)
     if why_not:
         lines.insert(1, why_not)
     return RunOutcome(out, tuple(lines))
+
+
+def dit_split(key: LoadKey) -> str:
+    """The report's note on how many GPUs ran the DiT (nothing for one)."""
+    if key.gpus == 1:
+        return ""
+    what = "GPUs" if key.device.startswith("cuda") else "CPU processes"
+    return f"; the DiT on {key.gpus} {what}"
 
 
 def sage_not_used_reason(requested: str, attention_line: str,

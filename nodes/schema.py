@@ -14,7 +14,8 @@ def to_io_input(io: Any, w: Widget) -> Any:
     if w.kind == "IMAGE":
         return io.Image.Input(w.id, tooltip=w.tooltip)
     if w.kind == "COMBO":
-        return io.Combo.Input(w.id, options=list(w.options), default=w.default, tooltip=w.tooltip)
+        return io.Combo.Input(w.id, options=list(w.options), default=w.default, tooltip=w.tooltip,
+                              optional=w.optional)
     if w.kind == "BOOLEAN":
         return io.Boolean.Input(w.id, default=w.default, tooltip=w.tooltip,
                                 label_on=w.label_on, label_off=w.label_off)

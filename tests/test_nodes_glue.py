@@ -27,6 +27,7 @@ class FakeComfy:
         mm = types.ModuleType("comfy.model_management")
         mm.unload_all_models = lambda: self.calls.append("comfy unload_all_models")
         mm.throw_exception_if_processing_interrupted = self._check
+        mm.processing_interrupted = lambda: self.interrupted
         mm.get_torch_device = lambda: torch.device("cpu")
         mm.intermediate_device = lambda: torch.device("cpu")
         mm.intermediate_dtype = lambda: torch.float16
@@ -108,6 +109,26 @@ def test_comfy_unload_all_models_also_frees_the_cached_pipeline(glue):
     glue.fake.mm.unload_all_models()
     assert "comfy unload_all_models" in glue.fake.calls  # ComfyUI's own unloading still happens
     assert glue.module.PIPELINES.key is None and glue.pipes[0].unloaded
+
+
+def test_the_pipeline_and_its_gpu_workers_are_released_when_the_server_exits(glue, monkeypatch):
+    at_exit = []
+    monkeypatch.setattr(glue.module.atexit, "register", lambda fn, *args: at_exit.append((fn, args)))
+    glue.module.upscale(torch.rand(2, 8, 8, 3), NodeSettings(scale=2.0))
+    glue.module.release_at_exit(glue.module.PIPELINES)
+    [(fn, args)] = at_exit
+    fn(*args)
+    assert glue.module.PIPELINES.key is None and glue.pipes[0].unloaded
+
+
+def test_the_run_reaches_the_gpu_workers_cancel_through_comfys_interrupt_flag(glue):
+    hooks = glue.module.cancel_hooks()
+    assert not hooks.requested()
+    hooks.raise_if_requested()                  # nothing pressed: nothing raised
+    glue.fake.interrupted = True
+    assert hooks.requested() and hooks.requested()     # reading it leaves it set
+    with pytest.raises(Interrupted):
+        hooks.raise_if_requested()
 
 
 def test_unload_hook_is_chained_only_once(glue):

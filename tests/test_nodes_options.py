@@ -14,12 +14,13 @@ PEER_IDS = {
     "TEFlashVSRModelLoader", "TEFlashVSRTuning", "TEFlashVSRRestore", "FlashVSR", "FlashVSR_Upscale",
 }
 
-# Workflows store widget values by position: this order is part of the public contract.
+# Workflows store widget values by position: this order is part of the public contract. New inputs
+# are appended only (gpus: issue #16).
 ADVANCED_ORDER = [
     "frames", "version", "mode", "scale", "sageattention", "color_fix", "sparse_ratio", "kv_ratio",
     "local_range", "tile_size", "tile_overlap", "vae_tiling", "vae_tile_height", "vae_tile_width",
     "vae_stride_height", "vae_stride_width", "precision", "device", "keep_model_loaded", "preprocess",
-    "compile", "seed", "vram_budget_gib",
+    "compile", "seed", "vram_budget_gib", "gpus",
 ]
 
 
@@ -206,3 +207,37 @@ def test_device_dropdown_lists_only_devices_this_machine_has(monkeypatch):
     assert dev.options == ("auto", "cpu", "cuda:0", "cuda:1")
     # the widget order saved workflows rely on is unchanged
     assert [w.id for w in o.advanced_inputs()] == ADVANCED_ORDER
+
+
+def test_gpus_is_the_last_input_optional_and_one_gpu_by_default():
+    gpus = o.ADVANCED_INPUTS[-1]
+    assert (gpus.id, gpus.kind, gpus.default, gpus.optional) == ("gpus", "COMBO", "1", True)
+    assert not any(w.optional for w in o.ADVANCED_INPUTS[:-1])
+    # an API prompt saved before gpus existed leaves it out: one GPU
+    assert o.advanced_settings().gpus == 1 and o.advanced_settings(gpus="4").gpus == 4
+
+
+@pytest.mark.parametrize("visible,choices", [(0, ["1"]), (1, ["1"]), (2, ["1", "2"]), (3, ["1", "2", "3"]),
+                                             (8, ["1", "2", "3", "4", "6"]),
+                                             (16, ["1", "2", "3", "4", "6", "12"])])
+def test_gpus_offers_the_counts_that_split_the_12_heads_and_this_server_has(monkeypatch, visible, choices):
+    from comfyui_flashvsr.flashvsr import devices
+    monkeypatch.setattr(devices, "_cuda_count", lambda: visible)
+    (gpus,) = [w for w in o.advanced_inputs() if w.id == "gpus"]
+    assert list(gpus.options) == choices
+    assert [w.id for w in o.advanced_inputs()] == ADVANCED_ORDER
+
+
+def test_a_gpu_count_that_cannot_run_is_one_message_about_gpus(monkeypatch):
+    import torch.distributed as dist
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+    assert o.gpus_problem(1, "mps", 0) is None and o.gpus_problem(2, "cuda:0", 2) is None
+    assert o.gpus_problem(4, "cpu", 4) is None          # gloo processes: the tests' path
+    assert o.gpus_problem(5, "cuda:0", 8) == ("gpus is 5; the DiT's 12 attention heads split evenly only over "
+                                              "1, 2, 3, 4, 6, 12 GPUs")
+    assert o.gpus_problem(4, "cuda:0", 2) == "gpus is 4, but this server sees 2 CUDA GPUs; choose one of ['1', '2']"
+    assert o.gpus_problem(2, "cuda", 1) == "gpus is 2, but this server sees 1 CUDA GPU; choose one of ['1']"
+    assert o.gpus_problem(2, "mps", 2) == "gpus is 2, but device mps is not a CUDA GPU; several GPUs need CUDA"
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: False)
+    assert "has no NCCL" in o.gpus_problem(2, "cuda:0", 2)
+

@@ -62,12 +62,18 @@ def _workflow(name):
 
 
 def _flashvsr_values(spec, widgets_values):
-    """Widget values by name; the front end stores a seed's fixed/randomize switch right after it."""
+    """Widget values by name; the front end stores a seed's fixed/randomize switch right after it.
+    A workflow saved before an optional input was appended (gpus) has no value for it: the front end
+    gives it its default, as it does for the user's own saved workflows."""
     values, it = {}, iter(widgets_values)
     for w in spec:
         if w.kind == "IMAGE":
             continue
-        values[w.id] = next(it)
+        value = next(it, None)
+        if value is None:
+            assert w.optional, f"no value for {w.id}"
+            continue
+        values[w.id] = value
         if w.control_after_generate:
             assert next(it) in CONTROL_VALUES
     assert next(it, None) is None, "more widget values than the node has widgets"

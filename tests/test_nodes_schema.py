@@ -29,7 +29,7 @@ def test_each_widget_becomes_the_matching_comfy_input_with_its_options(spec):
         expected = {"IMAGE": "Image", "COMBO": "Combo", "BOOLEAN": "Boolean", "INT": "Int", "FLOAT": "Float"}
         assert kind == expected[w.kind]
         if w.kind == "COMBO":
-            assert (kw["options"], kw["default"]) == (list(w.options), w.default)
+            assert (kw["options"], kw["default"], kw["optional"]) == (list(w.options), w.default, w.optional)
         if w.kind in ("INT", "FLOAT"):
             assert (kw["default"], kw["min"], kw["max"], kw["step"]) == (w.default, w.min, w.max, w.step)
 

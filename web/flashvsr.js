@@ -15,6 +15,9 @@
 //    an "options" map per input (ComfyUI serves every pack's locales at GET /i18n; the front end
 //    itself translates names and tooltips only). Only the label changes: the value, what workflows
 //    save and the server receives, stays the English one.
+// 6. `gpus` (the DiT over several GPUs) shows only on a server with more than one CUDA GPU (the
+//    info route's `gpus`), or when a saved workflow asks for more than one GPU, so that a value
+//    this server refuses is never hidden.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
 
@@ -27,6 +30,7 @@ let sageInfo = null; // {installed, version, flavour, reason} once the route ans
 let plan = null; // {enable, disable, sage}: what each sageattention choice runs on this server
 let overlapMax = null; // {tile_size: largest tile_overlap}, from the server
 let translations = null; // GET /i18n: {lang: {nodeDefs: {...}}}, every pack's locales
+let visibleGpus = null; // CUDA GPUs the server sees
 
 async function loadInfo() {
   try {
@@ -36,11 +40,15 @@ async function loadInfo() {
     sageInfo = info.sageattention;
     plan = info.badge ?? null;
     overlapMax = info.tile_overlap_max ?? null;
+    visibleGpus = info.gpus ?? null;
   } catch (err) {
     sageInfo = { installed: null, reason: `could not ask the server: ${err}` };
   }
   window.__flashvsrSage = sageInfo; // read by the integration test
   window.__flashvsrPlan = plan;
+  for (const node of app.graph?._nodes ?? []) {
+    if ((node.comfyClass ?? node.type) === "FlashVSRBoltAdvanced") showWhatApplies(node);
+  }
   app.graph?.setDirtyCanvas(true, true);
 }
 
@@ -62,6 +70,7 @@ function applies(node, name) {
   if (name === "vae_tiling") return value("mode") === "full";
   if (VAE_SIZES.includes(name)) return value("mode") === "full" && !!value("vae_tiling");
   if (name === "tile_overlap") return Number(value("tile_size")) !== 0;
+  if (name === "gpus") return (visibleGpus ?? 0) > 1 || String(value("gpus") ?? "1") !== "1";
   return true;
 }
 
@@ -135,7 +144,7 @@ function keepOverlapInRange(node, clamp) {
 }
 
 function watchWidgets(node) {
-  for (const name of ["mode", "vae_tiling", "tile_size", "tile_overlap"]) {
+  for (const name of ["mode", "vae_tiling", "tile_size", "tile_overlap", "gpus"]) {
     const w = node.widgets?.find((x) => x.name === name);
     if (!w) continue;
     const callback = w.callback;

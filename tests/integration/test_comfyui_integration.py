@@ -97,9 +97,14 @@ def test_object_info_lists_both_nodes_with_their_ids_names_order_and_tooltips(se
         node = info[node_id]
         assert (node["display_name"], node["category"]) == (display, o.CATEGORY)
         assert node["python_module"] == f"custom_nodes.{PACK_NAME}"
-        assert list(node["input"]["required"]) == [w.id for w in spec]
-        assert node["input_order"]["required"] == [w.id for w in spec]
-        assert all(opts[1]["tooltip"] for opts in node["input"]["required"].values())
+        required = [w.id for w in spec if not w.optional]
+        optional = [w.id for w in spec if w.optional]      # appended after API prompts were saved
+        assert list(node["input"]["required"]) == required
+        assert list(node["input"].get("optional", {})) == optional
+        assert node["input_order"]["required"] == required
+        assert node["input_order"].get("optional", []) == optional
+        assert all(opts[1]["tooltip"] for part in ("required", "optional")
+                   for opts in node["input"].get(part, {}).values())
         assert node["output"] == ["IMAGE"] and node["output_name"] == ["frames"]
     assert "Cannot import" not in server["log"].read_text()
 
@@ -151,6 +156,21 @@ def test_a_value_out_of_range_lands_on_its_own_input(server):
     assert status == 400
     [error] = body["node_errors"]["2"]["errors"]
     assert (error["type"], error["extra_info"]["input_name"]) == ("value_bigger_than_max", "kv_ratio")
+
+
+def test_more_gpus_than_this_cpu_server_has_is_one_error_on_gpus(server):
+    assert http("/flashvsr/info")[1]["gpus"] == 0
+    status, body = http("/prompt", {"prompt": _advanced_prompt(gpus="2")})
+    assert status == 400
+    [error] = body["node_errors"]["2"]["errors"]
+    assert (error["type"], error["extra_info"]["input_name"]) == ("value_not_in_list", "gpus")
+
+
+def test_an_api_prompt_saved_before_gpus_existed_still_runs_on_one_gpu(server):
+    prompt = _advanced_prompt()
+    del prompt["2"]["inputs"]["gpus"]
+    hist = run_prompt(prompt)
+    assert hist["status"]["status_str"] == "success", json.dumps(hist["status"])[:3000]
 
 
 def test_bad_values_are_rejected_before_running_with_messages_that_say_what_to_do(server):
@@ -210,9 +230,10 @@ def test_chinese_front_end_shows_the_nodes_chinese_names(server):
     assert result["toggle_labels"]["keep_model_loaded"] == [True, "保持加载", "运行后卸载"]
     assert result["sent"]["keep_model_loaded"] is True
     vae = ["vae_tiling", "vae_tile_height", "vae_tile_width", "vae_stride_height", "vae_stride_width"]
-    assert result["hidden"] == {"fresh": sorted_like(vae + ["tile_overlap"]),
-                                "mode=full": sorted_like(vae[1:] + ["tile_overlap"]),
-                                "vae_tiling=True": ["tile_overlap"], "tile_size=512": []}
+    # a CPU server sees no GPU: gpus stays hidden (at 1) whatever else is chosen
+    assert result["hidden"] == {"fresh": sorted_like(vae + ["tile_overlap", "gpus"]),
+                                "mode=full": sorted_like(vae[1:] + ["tile_overlap", "gpus"]),
+                                "vae_tiling=True": ["tile_overlap", "gpus"], "tile_size=512": ["gpus"]}
     # tile_overlap follows tile_size as the user edits: 300 with 512-px tiles comes down to 255,
     # smaller tiles bring it down again
     assert result["overlap"] == {"typed 300 at tile_size 512": [255, 255], "tile_size 256": [127, 127],
