@@ -158,8 +158,8 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
     # before it existed still run, on one GPU.
     Widget("COMBO", "gpus", "How many of this server's GPUs run the DiT: 1 = this GPU only. More "
            "split its attention heads over them (2, 3, 4, 6 or 12, up to the GPUs this server sees): "
-           "the same result within bf16 rounding, faster; the projector and decoder stay on the node's "
-           "device. The other GPUs run worker processes that the node starts and keeps while the model "
+           "the same result within bf16 rounding, faster; the projector and decoder split the frame into "
+           "row bands over them. The other GPUs run worker processes that the node starts and keeps while the model "
            "stays loaded. Hidden when the server has one GPU.", default="1", options=tuple(map(str, GPU_COUNTS)),
            machine_options=True, optional=True),
 )

@@ -4,7 +4,8 @@ same parallel path, as `flashvsr --device cpu --gpus 2` does).
 
 The real worker processes run here: they import the pack from its folder, load the weights from the
 same models folder and serve rank 0 (this test process). In float32 on the CPU the frames equal the
-one-process frames bit for bit (docs/parallel.md, "Why the frames are the same").
+one-process frames within the band tolerance (tests/parallel_checks.py; docs/parallel.md, "Why the
+frames are the same").
 """
 import os
 import shutil
@@ -17,11 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from flashvsr_tests_parallel_checks import BAND_TOLERANCE, max_difference
 from flashvsr_tests_tiny_weights import write_tiny_weights
 from comfyui_flashvsr.flashvsr import devices
 from comfyui_flashvsr.nodes import workers
 from comfyui_flashvsr.nodes.options import NodeSettings
 from comfyui_flashvsr.nodes.runner import PipelineCache, run_upscale
+
+
+def _same(frames: torch.Tensor, alone: torch.Tensor) -> bool:
+    return frames.shape == alone.shape and max_difference(frames, alone) <= BAND_TOLERANCE
 
 NO_SAGE = {"installed": False, "version": None, "flavour": None, "reason": "not here"}
 # 37 frames: 3 chunks. Rank 0 hands a chunk's frames on one chunk late, so the first progress call
@@ -92,11 +98,11 @@ def _worker(cache):
 def test_two_processes_give_the_one_process_frames_and_keep_their_worker_until_released(models, alone, two_gpus):
     cache = two_gpus
     first = _run(cache, models)
-    assert torch.equal(first.frames, alone)
+    assert _same(first.frames, alone)
     assert "fp32 on cpu; the DiT on 2 CPU processes" in first.lines[1]
     worker = _worker(cache)
     again = _run(cache, models, mode="tiny-long")      # only rank 0 decodes: the worker stays
-    assert torch.equal(again.frames, alone) and again.lines[-1] == "weights: already loaded"
+    assert _same(again.frames, alone) and again.lines[-1] == "weights: already loaded"
     assert _worker(cache) is worker and worker.poll() is None
     logs = cache.pipeline.pool.logs
     _run(cache, models, gpus=1)                         # another GPU count: the worker is stopped
@@ -107,7 +113,7 @@ def test_keep_model_loaded_off_stops_the_worker_after_the_run(models, alone, two
     seen = []
     out = _run(two_gpus, models, keep_model_loaded=False,
                on_progress=lambda done, total: seen.append(_worker(two_gpus)))
-    assert torch.equal(out.frames, alone)
+    assert _same(out.frames, alone)
     assert two_gpus.pipeline is None and seen[0].wait(timeout=30) == 0
 
 
@@ -127,7 +133,7 @@ def test_a_killed_worker_fails_the_run_with_one_line_and_the_next_run_starts_a_f
     assert err.value.__cause__ is None and err.value.__suppress_context__
     assert cache.pipeline is None                         # nothing half-usable stays cached
     after = _run(cache, models)
-    assert torch.equal(after.frames, alone) and _worker(cache).pid != dead.pid
+    assert _same(after.frames, alone) and _worker(cache).pid != dead.pid
 
 
 def test_a_worker_gone_between_runs_is_replaced_by_the_next_run(models, alone, two_gpus):
@@ -136,7 +142,7 @@ def test_a_worker_gone_between_runs_is_replaced_by_the_next_run(models, alone, t
     gone.kill()
     gone.wait(timeout=30)
     out = _run(two_gpus, models)
-    assert torch.equal(out.frames, alone) and _worker(two_gpus).pid != gone.pid
+    assert _same(out.frames, alone) and _worker(two_gpus).pid != gone.pid
     assert out.lines[-1].startswith("weights: loaded in")
 
 
@@ -152,7 +158,7 @@ def test_cancel_between_chunks_keeps_the_worker_in_step_for_the_next_run(models,
     with pytest.raises(UserCancel):
         _run(two_gpus, models, on_progress=press_cancel, cancel=cancel.hooks())
     after = _run(two_gpus, models, cancel=cancel.hooks())
-    assert torch.equal(after.frames, alone) and _worker(two_gpus) is worker
+    assert _same(after.frames, alone) and _worker(two_gpus) is worker
 
 
 def test_cancel_while_a_worker_does_not_answer_stops_it_and_the_next_run_starts_fresh(models, alone, two_gpus,
@@ -173,7 +179,7 @@ def test_cancel_while_a_worker_does_not_answer_stops_it_and_the_next_run_starts_
         _run(two_gpus, models, on_progress=freeze_worker_and_press_cancel, cancel=cancel.hooks())
     assert stuck.wait(timeout=30) == -signal.SIGKILL and two_gpus.pipeline is None
     after = _run(two_gpus, models, cancel=cancel.hooks())
-    assert torch.equal(after.frames, alone) and _worker(two_gpus).pid != stuck.pid
+    assert _same(after.frames, alone) and _worker(two_gpus).pid != stuck.pid
 
 
 def test_more_gpus_than_the_server_sees_are_refused_before_anything_loads(models, monkeypatch):

@@ -18,14 +18,12 @@ import torch
 
 from comfyui_flashvsr.flashvsr.engine.decoders import DecoderSpec, FullDecoder, decoder_from
 from comfyui_flashvsr.models.row_bands import band_split
+from flashvsr_tests_parallel_checks import BAND_TOLERANCE
 from comfyui_flashvsr.models.tcdecoder import TCDecoder, TCDecoderConfig
 from comfyui_flashvsr.models.wan_vae import WanVAEConfig, WanVAEDecoder
 
 RANK_SCRIPT = Path(__file__).with_name("bands_rank.py")
 CHILD_ENV = {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-# Values of about 1 (frames in [-1, 1], tokens): float32 rounding (ulp 1.2e-7 at 1) of sums that
-# another kernel orders differently, through up to ~30 layers of random weights; up to 6.4e-6 seen.
-BAND_TOLERANCE = 5e-5
 
 
 def _bands(tmp_path, world: int, latent, nets=("projector", "tc", "vae"), chunks=(3, 2, 2),
