@@ -23,7 +23,7 @@ from comfyui_flashvsr.flashvsr.cli import launch
 from comfyui_flashvsr.flashvsr.engine.schedule import total_chunks
 from comfyui_flashvsr.models import sequence_parallel
 from comfyui_flashvsr.models.row_bands import band_split
-from flashvsr_tests_parallel_checks import BAND_TOLERANCE, assert_same_frames  # noqa: F401
+from flashvsr_tests_parallel_checks import assert_same_frames
 from comfyui_flashvsr.models.sequence_parallel import SequenceParallel, check_heads, window_split
 
 ROOT = Path(__file__).resolve().parent.parent
