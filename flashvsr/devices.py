@@ -21,14 +21,15 @@ def _mps_available() -> bool:
     return hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
 
 
-def _cuda_count() -> int:
+def cuda_count() -> int:
+    """CUDA GPUs this process can use (0 without CUDA)."""
     import torch
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def existing_devices() -> list[str]:
     """The devices a user may name on this machine, ``cpu`` first."""
-    found = ["cpu"] + [f"cuda:{i}" for i in range(_cuda_count())]
+    found = ["cpu"] + [f"cuda:{i}" for i in range(cuda_count())]
     return found + (["mps"] if _mps_available() else [])
 
 
@@ -47,7 +48,7 @@ def resolve_device(choice: str | None, auto: str | None = None, *, flag: str = "
     if choice == "auto":
         if auto:
             return auto
-        if _cuda_count():
+        if cuda_count():
             return "cuda"
         return "mps" if _mps_available() else "cpu"
     if choice == "cpu":
@@ -58,7 +59,7 @@ def resolve_device(choice: str | None, auto: str | None = None, *, flag: str = "
             raise ValueError(f"{flag} mps: Apple's MPS is not available here; use one of: {others}")
         return "mps"
     if choice == "cuda" or choice.startswith("cuda:"):
-        count = _cuda_count()
+        count = cuda_count()
         if not count:
             raise ValueError(f"{flag} {choice}: no CUDA GPU is visible ({why_no_cuda()}); use {flag} cpu "
                              "(very slow) or install a CUDA build of PyTorch")

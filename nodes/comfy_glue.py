@@ -18,7 +18,7 @@ import comfy.utils
 import folder_paths
 import torch
 
-from ..flashvsr.devices import _cuda_count
+from ..flashvsr import devices
 from .options import MODELS_FOLDER, NodeSettings, tile_overlap_limits
 from .runner import PipelineCache, enable_plan, run_upscale
 from .workers import CancelHooks
@@ -188,7 +188,7 @@ def register_routes() -> None:
             "sageattention": status,
             "badge": badge,
             "tile_overlap_max": tile_overlap_limits(),
-            "gpus": _cuda_count(),     # the front end shows the Advanced node's gpus above 1
+            "gpus": devices.cuda_count(),     # the front end shows the Advanced node's gpus above 1
             "loaded": None if loaded is None else {
                 "version": loaded.version, "mode": loaded.mode,
                 "device": loaded.device, "dtype": loaded.dtype, "gpus": loaded.gpus},

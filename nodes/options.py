@@ -243,8 +243,8 @@ def device_choices() -> tuple[str, ...]:
 def gpu_choices(visible: int | None = None) -> tuple[str, ...]:
     """The ``gpus`` entries for a server that sees ``visible`` CUDA GPUs (default: this one)."""
     if visible is None:
-        from ..flashvsr.devices import _cuda_count
-        visible = _cuda_count()
+        from ..flashvsr.devices import cuda_count
+        visible = cuda_count()
     return tuple(str(n) for n in GPU_COUNTS if n <= max(1, visible))
 
 

@@ -55,7 +55,7 @@ def start_parallel(key: LoadKey, on_download: DownloadProgress | None = None,
     """Start the GPU workers of ``key`` (``key.gpus`` - 1 processes) and load rank 0's pipeline."""
     from . import workers
     return workers.start(key.roots, key.version, key.mode, key.device, key.dtype, key.gpus,
-                         visible=devices._cuda_count(), on_download=on_download, cancel=cancel)
+                         visible=devices.cuda_count(), on_download=on_download, cancel=cancel)
 
 
 def switch_mode(pipe: Any, key: LoadKey) -> None:
@@ -156,7 +156,7 @@ def run_upscale(frames: torch.Tensor, settings: NodeSettings, *, cache: Pipeline
         raise ValueError("FlashVSR ⚡ needs video frames as an IMAGE batch (frames, height, width, "
                          f"channels) with at least one frame; got {shape}")
     device = resolve_device(settings.device, auto_device)
-    problem = gpus_problem(settings.gpus, device, devices._cuda_count())
+    problem = gpus_problem(settings.gpus, device, devices.cuda_count())
     if problem:
         raise ValueError(f"FlashVSR ⚡: {problem}")
     key = LoadKey(tuple(str(r) for r in roots), settings.version, settings.mode, device,

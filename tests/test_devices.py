@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def cpu_only(monkeypatch):
-    monkeypatch.setattr(devices, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 0)
     monkeypatch.setattr(devices, "_mps_available", lambda: False)
 
 
@@ -24,7 +24,7 @@ def test_auto_prefers_the_callers_device_then_cuda_then_mps_then_cpu(monkeypatch
     assert devices.resolve_device("auto") == "cpu"
     monkeypatch.setattr(devices, "_mps_available", lambda: True)
     assert devices.resolve_device(None) == "mps"
-    monkeypatch.setattr(devices, "_cuda_count", lambda: 1)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 1)
     assert devices.resolve_device("auto") == "cuda"
 
 
@@ -37,7 +37,7 @@ def test_cuda_without_a_gpu_is_one_line_that_says_why_and_what_to_do(cpu_only):
 
 
 def test_a_gpu_index_past_the_last_one_names_those_that_exist(monkeypatch, cpu_only):
-    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 2)
     with pytest.raises(ValueError, match=r"--device cuda:2: this machine has 2 CUDA GPUs; use one of: "
                                          r"cpu, cuda:0, cuda:1$"):
         devices.resolve_device("cuda:2")

@@ -198,11 +198,11 @@ def test_kv_ratio_is_a_whole_number_and_a_saved_float_still_loads():
 
 def test_device_dropdown_lists_only_devices_this_machine_has(monkeypatch):
     from comfyui_flashvsr.flashvsr import devices
-    monkeypatch.setattr(devices, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 0)
     monkeypatch.setattr(devices, "_mps_available", lambda: False)
     (dev,) = [w for w in o.advanced_inputs() if w.id == "device"]
     assert dev.options == ("auto", "cpu")
-    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 2)
     (dev,) = [w for w in o.advanced_inputs() if w.id == "device"]
     assert dev.options == ("auto", "cpu", "cuda:0", "cuda:1")
     # the widget order saved workflows rely on is unchanged
@@ -222,7 +222,7 @@ def test_gpus_is_the_last_input_optional_and_one_gpu_by_default():
                                              (16, ["1", "2", "3", "4", "6", "12"])])
 def test_gpus_offers_the_counts_that_split_the_12_heads_and_this_server_has(monkeypatch, visible, choices):
     from comfyui_flashvsr.flashvsr import devices
-    monkeypatch.setattr(devices, "_cuda_count", lambda: visible)
+    monkeypatch.setattr(devices, "cuda_count", lambda: visible)
     (gpus,) = [w for w in o.advanced_inputs() if w.id == "gpus"]
     assert list(gpus.options) == choices
     assert [w.id for w in o.advanced_inputs()] == ADVANCED_ORDER

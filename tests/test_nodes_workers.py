@@ -79,7 +79,7 @@ def alone(models):
 
 @pytest.fixture
 def two_gpus(monkeypatch):
-    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 2)
     cache = PipelineCache()
     yield cache
     cache.release("test over")
@@ -183,18 +183,18 @@ def test_cancel_while_a_worker_does_not_answer_stops_it_and_the_next_run_starts_
 
 
 def test_more_gpus_than_the_server_sees_are_refused_before_anything_loads(models, monkeypatch):
-    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 2)
     cache = PipelineCache(load=pytest.fail, start=pytest.fail)
     with pytest.raises(ValueError, match=r"^FlashVSR ⚡: gpus is 4, but this server sees 2 CUDA GPUs; "
                                          r"choose one of \['1', '2'\]$"):
         _run(cache, models, gpus=4)
-    monkeypatch.setattr(devices, "_cuda_count", lambda: 0)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 0)
     with pytest.raises(ValueError, match="gpus is 2, but this server sees 0 CUDA GPUs; choose one of \\['1'\\]"):
         _run(cache, models, gpus=2)
 
 
 def test_a_worker_that_cannot_start_is_named_with_its_last_words(models, monkeypatch):
-    monkeypatch.setattr(devices, "_cuda_count", lambda: 2)
+    monkeypatch.setattr(devices, "cuda_count", lambda: 2)
     monkeypatch.setattr(workers, "BOOTSTRAP", "raise SystemExit('no pack here')")
     with pytest.raises(workers.WorkerStopped, match=r"^FlashVSR ⚡: GPU worker 1 of 2 stopped: exit code 1 "
                                                      r"\(no pack here\); the run was cancelled$"):
@@ -208,7 +208,7 @@ spec.loader.exec_module(importlib.util.module_from_spec(spec))
 from comfyui_flashvsr.flashvsr import devices
 from comfyui_flashvsr.nodes.options import NodeSettings
 from comfyui_flashvsr.nodes.runner import PipelineCache, run_upscale
-devices._cuda_count = lambda: 2
+devices.cuda_count = lambda: 2
 torch.set_num_threads(1)
 cache = PipelineCache()
 run_upscale(torch.rand(2, 8, 8, 3), NodeSettings(scale=2.0, gpus=2), cache=cache, roots=[sys.argv[2]],
