@@ -285,7 +285,7 @@ class FlashVSR:
     def _memory_inputs(self, cfg: UpscaleConfig) -> memory.MemoryInputs:
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
         int8 = self.device.type == "cuda" and self.attention.key_rows(cfg.sageattention, probe) is not None
-        values = int8 and self._int8_values(cfg) and self.attention.value_rows(cfg.sageattention, True, probe) is not None
+        values = int8 and self._int8_values(cfg)      # int8 values go with the int8 keys (value_rows)
         return memory.MemoryInputs(self._weight_bytes(), self.mode, torch.finfo(self.dtype).bits // 8, int8,
                                    int(cfg.kv_ratio), self.dit.cfg.dim, self.dit.cfg.num_layers,
                                    block_bytes(self.dit.blocks), values)
