@@ -47,6 +47,53 @@ class QuantizedKeys:
         return keys.to(self.dtype)
 
 
+@dataclass(frozen=True)
+class QuantizedValues:
+    """Values kept as int8 (a KV ring's, for the INT8 kernel): ``value = values * scale``.
+
+    values (B, H, L, D) int8 in any layout with a contiguous last dim; scales (B, H, L / rows, D)
+    float32, one per (``rows`` values, head, channel), contiguous; dtype: the values' own dtype.
+
+    Why per channel of a tile of ``rows`` (the INT8 kernel's key tile, 64 on Hopper): a value's
+    channels differ in range (Sage-class methods scale V per channel for this reason), so one scale
+    per tile and head would let the widest channel set the step of all 128; and one tile is the
+    smallest unit the kernel loads, so the scales cost one 128-float load per tile. The bytes: one
+    float32 per 64 values, 1/16 byte per value (0.70 GiB at 720p->4K untiled, against the 11.2 GiB
+    that int8 saves). Symmetric, no shift: the per-channel scales already follow each channel's own
+    range, and a shift would need adding back after the softmax (docs/performance.md, "Int8 values").
+    """
+    values: torch.Tensor
+    scales: torch.Tensor
+    rows: int
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.values.shape
+
+    def dequantize(self) -> torch.Tensor:
+        """The values as a (B, H, L, D) tensor of ``dtype`` (int8 rounding included)."""
+        b, h, length, d = self.values.shape
+        tiles = self.values.float().reshape(b, h, length // self.rows, self.rows, d)
+        return (tiles * self.scales[:, :, :, None, :]).reshape(b, h, length, d).to(self.dtype)
+
+    def like(self) -> torch.Tensor:
+        """A stand-in of the values' shape and dtype that holds one row of memory (an expanded view),
+        for the checks that look only at shapes, dtypes and the last stride."""
+        b, h, length, d = self.values.shape
+        return self.scales.new_zeros((1, 1, 1, d), dtype=self.dtype).expand(b, h, length, d)
+
+
+def quantize_value_tiles_reference(x: torch.Tensor, rows: int):
+    """Torch version of ``triton_kernels.quantize_value_tiles``, same rounding: int8 (B, H, L, D) and
+    float32 scales (B, H, L / rows, D), one per ``rows`` rows, head and channel. Out of place."""
+    b, h, length, d = x.shape
+    tiles = x.float().reshape(b, h, length // rows, rows, d)
+    scales = tiles.abs().amax(3).clamp_min(1e-8) / 127.0
+    values = torch.floor(tiles / scales[:, :, :, None, :] + 0.5).to(torch.int8)
+    return values.reshape(b, h, length, d), scales
+
+
 def quantize_tiles_reference(x: torch.Tensor, rows: int, multiplier: float = 1.0,
                              shift: Optional[torch.Tensor] = None):
     """Torch version of the Triton quantiser (``triton_kernels.quantize_tiles``), same rounding:

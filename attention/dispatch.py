@@ -23,8 +23,9 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, QuantizedKeys, build_lut,
-                           check_block_sparse_inputs, masked_reference, quantize_tiles_reference)
+from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, QuantizedKeys, QuantizedValues, build_lut,
+                           check_block_sparse_inputs, masked_reference, quantize_tiles_reference,
+                           quantize_value_tiles_reference)
 from .compile_guard import opaque_to_compile
 from .fa4 import SPARSE_ARCHS as FA4_ARCHS, FA4Probe, fa4_block_sparse, fa4_refusal, probe_fa4
 from .gathered import (GATHER_BUDGET_BYTES, gathered_attention, paged_attention, paged_refusal,
@@ -73,11 +74,13 @@ class AttentionConfig:
 class AttentionSession:
     """One run's view of the dispatcher: the user's mode plus the record of what ran."""
 
-    def __init__(self, dispatcher: "AttentionDispatcher", mode: str) -> None:
+    def __init__(self, dispatcher: "AttentionDispatcher", mode: str, int8_values: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"sageattention mode must be one of {MODES}, got {mode!r}")
         self.dispatcher = dispatcher
         self.mode = mode
+        self.int8_values = int8_values     # UpscaleConfig.kv_int8_values: the KV cache's values in int8 too
+        self.int8_values_kept = False      # whether a KV ring of this run took them (value_rows said yes)
         self._report = RunReport(time_calls=dispatcher.config.time_calls)
         self.dense = opaque_to_compile(self._dense)
         self.block_sparse = opaque_to_compile(self._block_sparse)
@@ -93,8 +96,8 @@ class AttentionSession:
 
         ``key_mean`` (B, H, D), optional: the keys' mean, if the caller has it for free; the INT8
         kernel subtracts it before quantising K (any vector gives the same softmax). ``k`` may be a
-        ``QuantizedKeys`` (int8 keys of a KV cache, see ``key_rows``); backends that need real keys
-        dequantise them.
+        ``QuantizedKeys`` (int8 keys of a KV cache, see ``key_rows``) and ``v`` a ``QuantizedValues``
+        (see ``value_rows``); backends that need real keys or values dequantise them.
         """
         return self.dispatcher.run_block_sparse(self._report, self.mode, q, k, v, block_mask, key_mean)
 
@@ -105,8 +108,20 @@ class AttentionSession:
     def quantize_keys(self, keys: torch.Tensor, shift: torch.Tensor, rows: int, out) -> None:
         self.dispatcher.quantize_keys(keys, shift, rows, out)
 
+    def value_rows(self, values: torch.Tensor) -> Optional[int]:
+        """Values per int8 scale if this run keeps the KV cache's values in int8 (asked for, and the
+        INT8 kernel runs here), else None (the reason, when asked for, is logged once)."""
+        rows = self.dispatcher.value_rows(self.mode, self.int8_values, values)
+        self.int8_values_kept = self.int8_values_kept or rows is not None
+        return rows
+
+    def quantize_values(self, values: torch.Tensor, rows: int, out) -> None:
+        self.dispatcher.quantize_values(values, rows, out)
+
     def summary(self) -> str:
         line = self._report.summary()
+        if self.int8_values_kept:
+            line += "; KV cache values in int8"
         slow = self.dispatcher.sage_slower_than_sdpa()
         if slow and "sage" in self._report.backends("dense"):
             line += f"; note: {slow}"
@@ -115,6 +130,7 @@ class AttentionSession:
     def report(self) -> dict:
         out = self._report.as_dict()
         out["mode"] = self.mode
+        out["int8_values"] = {"asked": self.int8_values, "kept": self.int8_values_kept}
         if self.mode == SageAttention.ENABLE:
             out["sage"] = self.dispatcher.sage.describe()
         return out
@@ -145,8 +161,8 @@ class AttentionDispatcher:
             "gather": (lambda q, k, v, mode: None, self._run_gather),
         }
 
-    def session(self, mode: str = SageAttention.ENABLE.value) -> AttentionSession:
-        return AttentionSession(self, mode)
+    def session(self, mode: str = SageAttention.ENABLE.value, int8_values: bool = False) -> AttentionSession:
+        return AttentionSession(self, mode, int8_values)
 
     @property
     def fa4(self) -> FA4Probe:
@@ -243,15 +259,18 @@ class AttentionDispatcher:
 
     def run_block_sparse(self, report: RunReport, mode: str, q, k, v, block_mask, key_mean=None) -> torch.Tensor:
         quantized = isinstance(k, QuantizedKeys)
-        # int8 keys stand for keys of v's shape and of their own dtype: v stands in for them in checks
-        check_block_sparse_inputs(q, v if quantized else k, v, block_mask)
+        # int8 values stand for values of their shape and own dtype (QuantizedValues.like, no memory);
+        # int8 keys for keys of v's shape and of their own dtype: v stands in for them in checks
+        v_like = v.like() if isinstance(v, QuantizedValues) else v
+        k_like = v_like if quantized else k
+        check_block_sparse_inputs(q, k_like, v_like, block_mask)
         lut, counts = self.block_lut(block_mask)
-        signature = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), quantized)
+        signature = (q.device, q.dtype, tuple(q.shape), tuple(k.shape), quantized, isinstance(v, QuantizedValues))
         for name in self.sparse_order(q.device):
             if name == "reference":
                 break
             refusal, run = self.sparse_runners[name]
-            why = refusal(q, v if quantized else k, v, mode)
+            why = refusal(q, k_like, v_like, mode)
             if why is not None:
                 self.say_once(logging.INFO, (name, why), f"block-sparse backend {name} not used: {why}")
                 continue
@@ -271,8 +290,7 @@ class AttentionDispatcher:
                               f"block-sparse backend {name} failed for q {tuple(q.shape)} k {tuple(k.shape)} "
                               f"{q.dtype}: {type(exc).__name__}: {exc}; using the next backend for this shape")
         with report.record("block_sparse", "reference", q.device):
-            keys = k.dequantize() if quantized else k
-            return masked_reference(q, keys, v, block_mask, mask_budget=self.config.reference_mask_budget)
+            return masked_reference(q, _plain(k), _plain(v), block_mask, mask_budget=self.config.reference_mask_budget)
 
     def key_rows(self, mode: str, keys: torch.Tensor) -> Optional[int]:
         """Keys per int8 scale when this mode's block-sparse calls take int8 keys like ``keys`` (a KV
@@ -282,6 +300,55 @@ class AttentionDispatcher:
         device = keys.device
         from . import triton_kernels as tk
         return tk.default_config(self.capability(device) or (0, 0), int8=True).block_n
+
+    def value_rows(self, mode: str, asked: bool, values: torch.Tensor) -> Optional[int]:
+        """Values per int8 scale when the KV cache's values are asked for in int8 and this mode's
+        block-sparse calls run the INT8 kernel (the only one that reads int8 values), else None.
+
+        Elsewhere the option is ignored, not refused, with the reason logged once: int8 values only
+        save memory beside the INT8 kernel (any other backend would dequantise every value of the
+        cache per call), and a setting whose effect depends on the GPU found should not fail a run
+        that works without it.
+        """
+        if not asked:
+            return None
+        rows = self.key_rows(mode, values)
+        if rows is None:
+            self.say_once(logging.INFO, ("int8 values", mode, values.device.type),
+                          f"kv_int8_values ignored: the KV cache's values are kept in int8 only where the INT8 "
+                          f"block-sparse kernel runs (sageattention=enable, Hopper GPU, no FA4, fp16/bf16); "
+                          f"here: {self._int8_absent(mode, values)}")
+        return rows
+
+    def _int8_absent(self, mode: str, values: torch.Tensor) -> str:
+        if mode != SageAttention.ENABLE:
+            return f"sageattention={mode}"
+        if values.device.type != "cuda":
+            return f"device {values.device.type}"
+        if values.dtype not in HALF_DTYPES:
+            return f"dtype {values.dtype}"
+        if self.fa4_serves(values.device, values.dtype):
+            return "FA4 serves the block-sparse calls"
+        if not probe_triton().available:
+            return f"Triton unavailable ({probe_triton().reason})"
+        return f"GPU capability {self.capability(values.device)}"
+
+    def quantize_values(self, values: torch.Tensor, rows: int, out) -> None:
+        """Write int8 ``values`` and their per-channel scales into ``out`` = (values, scales) views."""
+        if values.device.type == "cuda" and probe_triton().available and ("quantize", "values") not in self._failed:
+            try:
+                from . import triton_kernels as tk
+                tk.quantize_value_tiles(values, rows, out=out)
+                return
+            except torch.cuda.OutOfMemoryError:
+                raise
+            except Exception as exc:          # the torch version gives the same values
+                self._failed.add(("quantize", "values"))
+                self.say_once(logging.WARNING, ("quantize", "values"),
+                              f"Triton value quantiser failed ({type(exc).__name__}: {exc}); using torch")
+        v8, scales = quantize_value_tiles_reference(values, rows)
+        out[0].copy_(v8)
+        out[1].copy_(scales)
 
     def quantize_keys(self, keys: torch.Tensor, shift: torch.Tensor, rows: int, out) -> None:
         """Write int8 ``keys - shift`` and their scales into ``out`` = (values, scales) views."""
@@ -383,8 +450,8 @@ class AttentionDispatcher:
         from . import triton_kernels as tk
 
         int8 = self.uses_int8(mode, q.device)
-        if isinstance(k, QuantizedKeys) and not int8:
-            k = k.dequantize()
+        if not int8:
+            k, v = _plain(k), _plain(v)
         config = tk.default_config(self.capability(q.device), int8=int8)
         order = self.launch_order(counts) if config.longest_first else None
         if int8:
@@ -402,7 +469,7 @@ class AttentionDispatcher:
         return None if probe.available else f"compiled flex_attention needs Triton ({probe.reason})"
 
     def _run_flex(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
-        return self._flex(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts)
+        return self._flex(q, _plain(k), _plain(v), lut, counts)
 
 
     def _fa4_refusal(self, q, k, v, mode) -> Optional[str]:
@@ -412,18 +479,23 @@ class AttentionDispatcher:
         return why
 
     def _run_fa4(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
-        return fa4_block_sparse(self.fa4, q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts)
+        return fa4_block_sparse(self.fa4, q, _plain(k), _plain(v), lut, counts)
 
     def _run_paged(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
-        return paged_attention(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts)
+        return paged_attention(q, _plain(k), _plain(v), lut, counts)
 
     def _run_gather_varlen(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
-        return gathered_attention(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts,
+        return gathered_attention(q, _plain(k), _plain(v), lut, counts,
                                   budget_bytes=self.config.gather_budget_bytes, method="varlen")
 
     def _run_gather(self, q, k, v, lut, counts, mode, key_mean=None) -> torch.Tensor:
-        return gathered_attention(q, k.dequantize() if isinstance(k, QuantizedKeys) else k, v, lut, counts,
+        return gathered_attention(q, _plain(k), _plain(v), lut, counts,
                                   budget_bytes=self.config.gather_budget_bytes, method="padded")
+
+
+def _plain(t):
+    """Keys or values as a tensor: ``QuantizedKeys`` / ``QuantizedValues`` dequantised, a tensor as it is."""
+    return t.dequantize() if isinstance(t, (QuantizedKeys, QuantizedValues)) else t
 
 
 __all__ = ["AttentionConfig", "AttentionDispatcher", "AttentionSession", "BLOCK", "MODES"]

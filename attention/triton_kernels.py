@@ -100,6 +100,16 @@ def _softmax_step(qk, qk_scale, v, m_i, l_i, acc):
 
 
 @triton.jit
+def _value_tile(v, VS, vs_base, tile, offs_d, DTYPE: tl.constexpr, V_INT8: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """A loaded V tile in the compute dtype: as it is, or int8 times its tile's per-channel scales
+    (``VS``: float32 (B, H, LK / BLOCK_N, D) contiguous; ``vs_base``: this batch*head's first scale)."""
+    if V_INT8:
+        scales = tl.load(VS + vs_base + tile * HEAD_DIM + offs_d)
+        v = (v.to(tl.float32) * scales[None, :]).to(DTYPE)
+    return v
+
+
+@triton.jit
 def _normalised(acc, l_i):
     # l_i is 0 only for a query block with no selected key block; acc is 0 there too.
     return acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -166,22 +176,25 @@ def _bsa_fwd_tma(
 
 @triton.jit
 def _bsa_fwd_int8_tma(
-    q_desc, k_desc, v_desc, o_desc, QS, KS, LUT, CNT, ORDER, NQ, slb, slh, slm, scb, sch, H, LQ, LK,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
+    q_desc, k_desc, v_desc, o_desc, QS, KS, VS, LUT, CNT, ORDER, NQ, slb, slh, slm, scb, sch, H, LQ, LK,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr, V_INT8: tl.constexpr = False,
 ):
     # _bsa_fwd_int8 with tensor-descriptor loads: int8 Q/K descriptors over the contiguous
-    # quantised copies, V and O over the caller's (possibly permuted) tensors.
+    # quantised copies, V (int8 with V_INT8) and O over the caller's (possibly permuted) tensors.
     qblk, bh, b, h, q, lut, n_steps = _tma_program(q_desc, LUT, CNT, ORDER, NQ, slb, slh, slm, scb, sch, H,
                                                    HEAD_DIM, BLOCK_N, MBLOCK)
     SUB: tl.constexpr = MBLOCK // BLOCK_N
     q_scale = tl.load(QS + bh.to(tl.int64) * (LQ // MBLOCK) + qblk)
     ks_ptr = KS + bh.to(tl.int64) * (LK // BLOCK_N)
+    vs_base = bh.to(tl.int64) * (LK // BLOCK_N) * HEAD_DIM
+    offs_d = tl.arange(0, HEAD_DIM)
 
     m_i, l_i, acc = _empty_rows(MBLOCK, HEAD_DIM)
     for j in range(0, n_steps):
         tile = tl.load(lut + j // SUB) * SUB + j % SUB
         k = k_desc.load([b, h, tile * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
         v = v_desc.load([b, h, tile * BLOCK_N, 0]).reshape(BLOCK_N, HEAD_DIM)
+        v = _value_tile(v, VS, vs_base, tile, offs_d, o_desc.dtype, V_INT8, HEAD_DIM)
         qk = tl.dot(q, k.T).to(tl.float32)
         m_i, l_i, acc = _softmax_step(qk, q_scale * tl.load(ks_ptr + tile), v, m_i, l_i, acc)
     out = _normalised(acc, l_i)
@@ -220,6 +233,26 @@ def quantize_tiles_kernel(
 
 
 @triton.jit
+def quantize_value_tiles_kernel(
+    X, Y, S, sxb, sxh, sxl, syb, syh, syl, ssb, ssh, sst, H,
+    ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+):
+    """One program per (tile of ROWS rows, batch*head): int8 values with one scale per channel of
+    the tile, into (B, H, L, D) int8 and (B, H, L / ROWS, D) float32 of any strides (a KV ring's
+    slots included; the scales' last dim contiguous)."""
+    tile = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    dims = tl.arange(0, HEAD_DIM)
+    x = tl.load(X + b * sxb + h * sxh + rows[:, None].to(tl.int64) * sxl + dims[None, :]).to(tl.float32)
+    scale = tl.maximum(tl.max(tl.abs(x), 0), 1e-8) / 127.0          # (D,): one per channel
+    q = tl.floor(x / scale[None, :] + 0.5)
+    tl.store(Y + b * syb + h * syh + rows[:, None].to(tl.int64) * syl + dims[None, :], q.to(tl.int8))
+    tl.store(S + b * ssb + h * ssh + tile * sst + dims, scale)
+
+
+@triton.jit
 def quantize_q_and_k_kernel(
     Q, K, MEAN, Q8, QS, K8, KS, sqb, sqh, sql, skb, skh, skl, H, LQ, LK, q_multiplier, Q_TILES,
     Q_ROWS: tl.constexpr, K_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
@@ -239,12 +272,13 @@ def quantize_q_and_k_kernel(
 
 @triton.jit
 def _bsa_fwd_int8(
-    Q8, QS, K8, KS, V, O, LUT, CNT, ORDER, NQ,
+    Q8, QS, K8, KS, V, VS, O, LUT, CNT, ORDER, NQ,
     svb, svh, svn, sob, soh, som, slb, slh, slm, scb, sch, H, LQ, LK,
-    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, MBLOCK: tl.constexpr, V_INT8: tl.constexpr = False,
 ):
     # Q8/K8 are contiguous (B, H, L, D) int8; QS holds one scale per 128 query rows (softmax scale
-    # and log2(e) folded in), KS one per BLOCK_N key rows, both contiguous (B, H, L / tile).
+    # and log2(e) folded in), KS one per BLOCK_N key rows, both contiguous (B, H, L / tile). With
+    # V_INT8, V is int8 in any layout and VS its per-channel scales (B, H, LK / BLOCK_N, D).
     qblk, bh, b, h, offs_m, offs_n, offs_d = _pointer_program(ORDER, NQ, H, HEAD_DIM, BLOCK_N, MBLOCK)
     SUB: tl.constexpr = MBLOCK // BLOCK_N
     q = tl.load(Q8 + bh.to(tl.int64) * LQ * HEAD_DIM + offs_m[:, None] * HEAD_DIM + offs_d[None, :])
@@ -252,6 +286,7 @@ def _bsa_fwd_int8(
     k_ptrs = K8 + bh.to(tl.int64) * LK * HEAD_DIM + offs_n[None, :] * HEAD_DIM + offs_d[:, None]
     ks_ptr = KS + bh.to(tl.int64) * (LK // BLOCK_N)
     v_ptrs = V + b * svb + h * svh + offs_n[:, None] * svn + offs_d[None, :]
+    vs_base = bh.to(tl.int64) * (LK // BLOCK_N) * HEAD_DIM
     lut, n_steps = _key_list(LUT, CNT, b, h, qblk, slb, slh, slm, scb, sch, SUB)
 
     m_i, l_i, acc = _empty_rows(MBLOCK, HEAD_DIM)
@@ -259,7 +294,8 @@ def _bsa_fwd_int8(
         tile = tl.load(lut + j // SUB) * SUB + j % SUB
         start = tile * BLOCK_N
         k = tl.load(k_ptrs + start * HEAD_DIM)
-        v = tl.load(v_ptrs + start * svn)
+        v = _value_tile(tl.load(v_ptrs + start * svn), VS, vs_base, tile, offs_d, O.dtype.element_ty, V_INT8,
+                        HEAD_DIM)
         qk = tl.dot(q, k).to(tl.float32)
         m_i, l_i, acc = _softmax_step(qk, q_scale * tl.load(ks_ptr + tile), v, m_i, l_i, acc)
     out = _normalised(acc, l_i)
@@ -350,6 +386,27 @@ def quantize_tiles(x: torch.Tensor, rows: int, multiplier: float = 1.0, mean: to
     return q8, scales
 
 
+def quantize_value_tiles(x: torch.Tensor, rows: int, out: tuple[torch.Tensor, torch.Tensor] | None = None):
+    """Int8 values with one scale per (``rows`` rows, head, channel) in one Triton pass
+    (``block_sparse.quantize_value_tiles_reference`` is the torch version, same rounding).
+
+    Reads ``x`` in any layout with a contiguous last dim; never writes to it. ``out`` = (int8
+    (B, H, L, D), float32 (B, H, L / rows, D)) views to write into (a KV ring's slots), else new
+    contiguous tensors.
+    """
+    _check_last_dim(x)
+    bsz, heads, length, dim = x.shape
+    if out is None:
+        out = (torch.empty((bsz, heads, length, dim), dtype=torch.int8, device=x.device),
+               torch.empty((bsz, heads, length // rows, dim), dtype=torch.float32, device=x.device))
+    v8, scales = out
+    _check_last_dim(v8, scales)
+    quantize_value_tiles_kernel[(length // rows, bsz * heads)](
+        x, v8, scales, x.stride(0), x.stride(1), x.stride(2), v8.stride(0), v8.stride(1), v8.stride(2),
+        scales.stride(0), scales.stride(1), scales.stride(2), heads, ROWS=rows, HEAD_DIM=dim, num_warps=4)
+    return v8, scales
+
+
 def quantize_q_and_k(q: torch.Tensor, k: torch.Tensor, key_rows: int, q_multiplier: float, key_mean: torch.Tensor):
     """``quantize_tiles(q, 128, q_multiplier)`` and ``quantize_tiles(k, key_rows, 1.0, key_mean)`` in one launch."""
     _check_last_dim(q, k)
@@ -377,6 +434,10 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
     ``key_mean`` (B, H, D) may be any estimate of the keys' mean (the DiT passes its window means);
     without it the mean is computed. ``quantized`` may carry a precomputed :func:`quantize_q_and_k`
     result (benchmarks time the kernel alone); ``order`` a precomputed :func:`task_order`.
+
+    ``v`` may be int8 too (``block_sparse.QuantizedValues`` of a KV ring, quantised per
+    ``config.block_n`` rows): each V tile is turned into the compute dtype with its per-channel
+    scales as it is loaded, and P·V runs as before (fp32 accumulation).
     """
     _, heads, lq, dim = q.shape
     lk = k.shape[2]
@@ -391,24 +452,32 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
         # float32 accumulation without a float32 copy of K (which would cost 4x the kernel's reads)
         mean = k.mean(dim=2, dtype=torch.float32) if key_mean is None else key_mean
         quantized = quantize_q_and_k(q, k, config.block_n, multiplier, mean)
-    _check_last_dim(q, v)
     q8, q_scales, k8, k_scales = quantized
+    v_int8 = hasattr(v, "scales")
+    if v_int8:
+        # values already int8 (block_sparse.QuantizedValues of a KV ring)
+        if v.rows != config.block_n:
+            raise ValueError(f"values quantised per {v.rows} rows, the kernel walks {config.block_n}-key tiles")
+        v, v_scales = v.values, v.scales.contiguous()      # a ring's scales are contiguous already
+    else:
+        v_scales = k_scales                                # not read (V_INT8 False): any float32 pointer
+    _check_last_dim(q, v)
     out = torch.empty_like(q)
     order = task_order(counts, config.longest_first) if order is None else order
     grid = (order.numel(),)
     lut_strides = (lut.stride(0), lut.stride(1), lut.stride(2), counts.stride(0), counts.stride(1))
     common = dict(HEAD_DIM=dim, BLOCK_N=config.block_n, MBLOCK=MASK_BLOCK,
-                  num_warps=config.num_warps, num_stages=config.num_stages)
+                  num_warps=config.num_warps, num_stages=config.num_stages, V_INT8=v_int8)
     if config.tma:
         descs = (_descriptor(q8, MASK_BLOCK), _descriptor(k8, config.block_n),
                  _descriptor(v, config.block_n), _descriptor(out, MASK_BLOCK))
         if all(d is not None for d in descs):
-            _bsa_fwd_int8_tma[grid](*descs, q_scales, k_scales, lut, counts, order, lq // MASK_BLOCK,
+            _bsa_fwd_int8_tma[grid](*descs, q_scales, k_scales, v_scales, lut, counts, order, lq // MASK_BLOCK,
                                     *lut_strides, heads, lq, lk, **common)
             return out
     k8 = k8.contiguous()           # the pointer kernel addresses K as contiguous (B, H, L, D)
     _bsa_fwd_int8[grid](
-        q8, q_scales, k8, k_scales, v, out, lut, counts, order, lq // MASK_BLOCK,
+        q8, q_scales, k8, k_scales, v, v_scales, out, lut, counts, order, lq // MASK_BLOCK,
         v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
         *lut_strides, heads, lq, lk, **common,
     )
@@ -418,5 +487,5 @@ def block_sparse_attention_int8(q, k, v, lut, counts, config: KernelConfig, scal
 __all__ = [
     "KernelConfig", "MASK_BLOCK", "SM90_CONFIG", "SAFE_CONFIG", "default_config",
     "block_sparse_attention", "block_sparse_attention_int8", "quantize_tiles",
-    "quantize_q_and_k",
+    "quantize_q_and_k", "quantize_value_tiles",
 ]

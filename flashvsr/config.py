@@ -96,6 +96,11 @@ class UpscaleConfig:
     compile: bool = True          # CUDA only: torch.compile the DiT's elementwise glue (falls back to eager)
     overlap_decode: bool = True   # CUDA, Tiny/Full: projector and decoder on a second stream, beside the DiT
     vram_budget: "str | float" = "auto"   # CUDA: GiB the run may use, or "auto" (free memory); picks the tiling
+    # The KV cache's values in int8 too (keys are already, under the INT8 kernel): ~1/3 less cache.
+    # Opt-in until its accuracy is measured on a GPU (docs/performance.md, "Int8 values"); takes
+    # effect only where the INT8 block-sparse kernel runs (enable, Hopper, no FA4), else ignored
+    # with the reason logged.
+    kv_int8_values: bool = False
 
     def __post_init__(self) -> None:
         problems = self.problems()
@@ -118,6 +123,11 @@ class UpscaleConfig:
             out["color_fix"] = f"color_fix must be one of {COLOR_FIXES}, got {self.color_fix!r}"
         if self.sageattention not in SAGE_CHOICES:
             out["sageattention"] = f"sageattention must be one of {SAGE_CHOICES}, got {self.sageattention!r}"
+        if not isinstance(self.kv_int8_values, bool):
+            out["kv_int8_values"] = f"kv_int8_values must be True or False, got {self.kv_int8_values!r}"
+        elif self.kv_int8_values and self.sageattention != SageAttention.ENABLE.value:
+            out["kv_int8_values"] = ("kv_int8_values needs sageattention='enable' (int8 values are read only by "
+                                     f"the INT8 block-sparse kernel), got sageattention={self.sageattention!r}")
         if self.preprocess not in PREPROCESS_MODES:
             out["preprocess"] = f"preprocess must be one of {PREPROCESS_MODES}, got {self.preprocess!r}"
         try:

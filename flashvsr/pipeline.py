@@ -285,9 +285,21 @@ class FlashVSR:
     def _memory_inputs(self, cfg: UpscaleConfig) -> memory.MemoryInputs:
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
         int8 = self.device.type == "cuda" and self.attention.key_rows(cfg.sageattention, probe) is not None
+        values = int8 and self._int8_values(cfg)      # int8 values go with the int8 keys (value_rows)
         return memory.MemoryInputs(self._weight_bytes(), self.mode, torch.finfo(self.dtype).bits // 8, int8,
                                    int(cfg.kv_ratio), self.dit.cfg.dim, self.dit.cfg.num_layers,
-                                   block_bytes(self.dit.blocks))
+                                   block_bytes(self.dit.blocks), values)
+
+    def _int8_values(self, cfg: UpscaleConfig) -> bool:
+        """``cfg.kv_int8_values`` where this pipeline can honour it: one process only (the workers of
+        a parallel run are not told yet, so the option is ignored there, with the reason logged)."""
+        if cfg.kv_int8_values and self.parallel is not None:
+            log.info("[FlashVSR] kv_int8_values ignored: not passed to the processes of a parallel run yet")
+            return False
+        return cfg.kv_int8_values
+
+    def _session(self, cfg: UpscaleConfig):
+        return self.attention.session(cfg.sageattention, int8_values=self._int8_values(cfg))
 
     def _weight_bytes(self, on_device: bool = False) -> int:
         """The networks' and prompt constants' bytes, as if all on the device (what the memory model
@@ -333,7 +345,7 @@ class FlashVSR:
         weight = torch.zeros((1, geom.out_h, geom.out_w, 1), dtype=torch.float32) if len(tiles) > 1 else None
         overlap = plan.tiles.overlap if plan.tiles else 0
         ramps = {tile: _ramp(tile, geom, overlap) for tile in tiles} if weight is not None else {}
-        attn = self.attention.session(cfg.sageattention)
+        attn = self._session(cfg)
         done = 0
         downloads = DeferredDownload()
         starts = []                   # per batch of tiles: each chunk's DiT-start event (steady_fps)
@@ -397,7 +409,7 @@ class FlashVSR:
         log.info("[FlashVSR] %dx%d -> %dx%d (%s): %s", geom.in_w, geom.in_h, geom.out_w, geom.out_h,
                  self.mode.value, plan.describe())
         total = total_chunks(n_frames, geom.official) if n_frames else 0
-        attn = self.attention.session(cfg.sageattention)
+        attn = self._session(cfg)
         self.last_stats = None
         self._stream_blocks(plan.streamed)
         start, done, count, starts = self._start_timing(), 0, 0, []

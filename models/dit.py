@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn as nn
 
-from ..attention.block_sparse import QuantizedKeys
+from ..attention.block_sparse import QuantizedKeys, QuantizedValues
 from . import dit_ops, tile_batch
 from .dit_ops import QKV, BlockSteps, Rope, affine, heads_view, merge_heads
 from .lcsa import WINDOW, draft_block_mask, local_bias, local_block_mask, topk_count
@@ -193,7 +193,7 @@ class KVRing:
     The attention kernels only read selected key blocks, so slot order does not matter to them.
     """
     k: torch.Tensor           # (slots*s1, 128, C), int8 when key_rows is set
-    v: torch.Tensor
+    v: torch.Tensor           # (slots*s1, 128, C), int8 when value_rows is set
     pooled: torch.Tensor      # (slots*s1, C) window means of the keys
     order: list[int]          # slots of the cached groups, oldest first
     _index: dict = field(default_factory=dict)   # (slots, device, inverse) -> device index tensor, built once
@@ -204,6 +204,10 @@ class KVRing:
     k_scales: torch.Tensor | None = None      # (1, H, slots*s1*128 / key_rows)
     k_shift: torch.Tensor | None = None       # (1, H, D)
     key_rows: int = 0
+    # int8 values (UpscaleConfig.kv_int8_values, read by the INT8 kernel): value = v * scale, one
+    # float32 scale per (value_rows values, head, channel); quantised once, as they enter the ring.
+    v_scales: torch.Tensor | None = None      # (1, H, slots*s1*128 / value_rows, D)
+    value_rows: int = 0
 
     def _slots_index(self, groups, s1: int, device, inverse: bool = False) -> torch.Tensor:
         """Physical rows of the logical windows of ``groups``, or with ``inverse`` the logical
@@ -222,25 +226,35 @@ class KVRing:
 
     @classmethod
     def allocate(cls, k_w: torch.Tensor, pooled: torch.Tensor, s1: int, kv_groups: int,
-                 heads: int = 1, key_rows: int | None = None) -> "KVRing":
+                 heads: int = 1, key_rows: int | None = None, value_rows: int | None = None) -> "KVRing":
         # Chunk 0 brings 3 groups; later chunks attend to up to max(kv_groups, 2) cached groups + 1 new.
         slots = max(3, max(kv_groups, 2) + 1)
         shape = (slots * s1,) + tuple(k_w.shape[1:])
         # zeros, not empty: a dense fallback multiplies unselected values by 0, and 0 * NaN is NaN
         keys = torch.zeros(shape, dtype=torch.int8 if key_rows else k_w.dtype, device=k_w.device)
-        ring = cls(keys, k_w.new_zeros(shape), pooled.new_zeros((slots * s1, pooled.shape[1])), [])
+        values = torch.zeros(shape, dtype=torch.int8 if value_rows else k_w.dtype, device=k_w.device)
+        ring = cls(keys, values, pooled.new_zeros((slots * s1, pooled.shape[1])), [])
         if key_rows:
             ring.k_scales = torch.zeros((1, heads, shape[0] * shape[1] // key_rows), dtype=torch.float32,
                                         device=k_w.device)
             ring.key_rows = key_rows
+        if value_rows:
+            ring.v_scales = torch.zeros((1, heads, shape[0] * shape[1] // value_rows, shape[2] // heads),
+                                        dtype=torch.float32, device=k_w.device)
+            ring.value_rows = value_rows
         return ring
 
-    def add(self, k_w, v_w, pooled, s1: int, heads: int = 1, quantize=None) -> list[int]:
+    def add(self, k_w, v_w, pooled, s1: int, heads: int = 1, quantize=None, quantize_values=None) -> list[int]:
         """Put a chunk's new groups into free slots; returns the groups in logical order. Int8 keys
-        need ``quantize(keys, shift, rows, out)`` (the attention session's)."""
+        need ``quantize(keys, shift, rows, out)``, int8 values ``quantize_values(values, rows, out)``
+        (the attention session's)."""
         free = [s for s in range(self.k.shape[0] // s1) if s not in self.order]
         new = free[: k_w.shape[0] // s1]
-        pairs = ((self.v, v_w), (self.pooled, pooled)) if self.key_rows else ((self.k, k_w), (self.v, v_w), (self.pooled, pooled))
+        pairs = ((self.pooled, pooled),)
+        if not self.value_rows:
+            pairs = ((self.v, v_w),) + pairs
+        if not self.key_rows:
+            pairs = ((self.k, k_w),) + pairs
         if new == list(range(new[0], new[0] + len(new))):
             # adjacent slots (always so for one new group): a plain copy runs at full bandwidth,
             # index_copy_ well below it (docs/performance.md, "KV ring by plain copy")
@@ -253,6 +267,8 @@ class KVRing:
                 dst.index_copy_(0, idx, src)
         if self.key_rows:
             self._quantize_into(new, k_w, pooled, s1, heads, quantize)
+        if self.value_rows:
+            self._quantize_values_into(new, v_w, s1, heads, quantize_values)
         return self.order + new
 
     def _quantize_into(self, new, k_w, pooled, s1: int, heads: int, quantize) -> None:
@@ -266,11 +282,25 @@ class KVRing:
                    self.k_scales[:, :, slot * s1 * per_window:(slot + 1) * s1 * per_window])
             quantize(heads_view(k_w[i * s1:(i + 1) * s1], heads), self.k_shift, self.key_rows, out)
 
+    def _quantize_values_into(self, new, v_w, s1: int, heads: int, quantize_values) -> None:
+        per_window = v_w.shape[1] // self.value_rows
+        for i, slot in enumerate(new):           # each slot is a contiguous run of rows
+            rows = slice(slot * s1, (slot + 1) * s1)
+            out = (heads_view(self.v[rows], heads),
+                   self.v_scales[:, :, slot * s1 * per_window:(slot + 1) * s1 * per_window])
+            quantize_values(heads_view(v_w[i * s1:(i + 1) * s1], heads), self.value_rows, out)
+
     def keys(self, heads: int):
         """The ring's keys for the attention call: a (1, H, L, D) view, or ``QuantizedKeys``."""
         if not self.key_rows:
             return heads_view(self.k, heads)
-        return QuantizedKeys(heads_view(self.k, heads), self.k_scales, self.k_shift, self.key_rows, self.v.dtype)
+        return QuantizedKeys(heads_view(self.k, heads), self.k_scales, self.k_shift, self.key_rows, self.pooled.dtype)
+
+    def values(self, heads: int):
+        """The ring's values for the attention call: a (1, H, L, D) view, or ``QuantizedValues``."""
+        if not self.value_rows:
+            return heads_view(self.v, heads)
+        return QuantizedValues(heads_view(self.v, heads), self.v_scales, self.value_rows, self.pooled.dtype)
 
     def columns(self, groups: list[int], s1: int) -> torch.Tensor:
         return self._slots_index(groups, s1, self.k.device)
@@ -366,8 +396,10 @@ class ChunkPass:
         state, attn, s1 = self.state, self.attn, self.windows_per_group
         ring = state.kv[layer]
         if ring is None:
-            ring = state.kv[layer] = KVRing.allocate(k_w, pooled_k, s1, self.kv_groups, heads, attn.key_rows(k_w))
-        groups = ring.add(k_w, v_w, pooled_k, s1, heads, attn.quantize_keys)   # logical order, oldest first
+            ring = state.kv[layer] = KVRing.allocate(k_w, pooled_k, s1, self.kv_groups, heads, attn.key_rows(k_w),
+                                                     attn.value_rows(v_w))
+        groups = ring.add(k_w, v_w, pooled_k, s1, heads, attn.quantize_keys,     # logical order, oldest first
+                          attn.quantize_values)
         pooled_k = ring.pooled.index_select(0, ring.columns(groups, s1))
         mask = draft_block_mask(pooled_q, pooled_k, heads, self.query_groups, state.local_mask, self.topk,
                                 bias=state.draft_bias(self.query_groups, len(groups)), select=attn.select_blocks)
@@ -378,7 +410,7 @@ class ChunkPass:
                 state.observe(layer, "pooled_k", pooled_k)
         # No key mean to pass: the INT8 kernel runs only where the ring holds int8 keys, which carry
         # their own shift (session.key_rows is set exactly when the session uses that kernel).
-        o = attn.block_sparse(heads_view(q_w, heads), ring.keys(heads), heads_view(ring.v, heads),
+        o = attn.block_sparse(heads_view(q_w, heads), ring.keys(heads), ring.values(heads),
                               ring.physical_mask(mask, groups, s1))
         ring.evict(groups, self.kv_groups)
         return merge_heads(o)

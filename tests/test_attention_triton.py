@@ -155,18 +155,26 @@ def test_int8_quantisation_is_per_block_and_out_of_place():
     assert float((restored - centred).abs().max()) <= float(k_scales.max()) / 2 + 1e-6   # half a step
 
 
-def aot_compile(kernels, name, arch, config, dtype="bf16"):
-    """triton.compile for a CUDA target on this CPU-only machine; returns the PTX."""
+def aot_compile(kernels, name, arch, config, dtype="bf16", v_int8=False):
+    """triton.compile for a CUDA target on this CPU-only machine; returns the PTX. ``v_int8``: the
+    INT8 kernel reading int8 values (the KV cache's, UpscaleConfig.kv_int8_values)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     fn = getattr(kernels, name)
     pointers = {"Q": dtype, "K": dtype, "V": dtype, "O": dtype, "LUT": "i32", "CNT": "i32", "ORDER": "i32",
-                "Q8": "i8", "K8": "i8", "QS": "fp32", "KS": "fp32"}
+                "Q8": "i8", "K8": "i8", "QS": "fp32", "KS": "fp32", "VS": "fp32"}
+    if v_int8:
+        pointers["V"] = "i8"
     rows = {"q_desc": 128, "o_desc": 128, "k_desc": config.block_n, "v_desc": config.block_n}
     # the INT8 kernel's Q and K descriptors address the quantised int8 copies
     desc_dtype = {"q_desc": "i8", "k_desc": "i8"} if "int8" in name else {}
+    if v_int8:
+        desc_dtype["v_desc"] = "i8"
+    constexprs = {"HEAD_DIM": 128, "BLOCK_N": config.block_n, "MBLOCK": 128}
+    if "int8" in name:
+        constexprs["V_INT8"] = v_int8
     signature, attrs = {}, {}
     for i, arg in enumerate(fn.arg_names):
         if arg in rows:
@@ -174,12 +182,11 @@ def aot_compile(kernels, name, arch, config, dtype="bf16"):
         elif arg in pointers:
             signature[arg] = "*" + pointers[arg]
             attrs[(i,)] = [["tt.divisibility", 16]]            # as the JIT specialises torch tensors
-        elif arg in ("HEAD_DIM", "BLOCK_N", "MBLOCK"):
+        elif arg in constexprs:
             signature[arg] = "constexpr"
         else:
             signature[arg] = "fp32" if arg == "qk_scale" else "i32"
-    src = ASTSource(fn=fn, signature=signature, attrs=attrs,
-                    constexprs={"HEAD_DIM": 128, "BLOCK_N": config.block_n, "MBLOCK": 128})
+    src = ASTSource(fn=fn, signature=signature, attrs=attrs, constexprs=constexprs)
     compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": config.num_warps, "num_stages": config.num_stages})
     return compiled.asm["ptx"]
@@ -198,6 +205,15 @@ def test_kernels_compile_for_ampere_and_hopper_with_tensor_core_instructions(nam
     assert instruction in aot_compile(tk, name, arch, config)
 
 
+@pytest.mark.parametrize("name, arch", [("_bsa_fwd_int8", 90), ("_bsa_fwd_int8", 80), ("_bsa_fwd_int8_tma", 90)])
+def test_int8_kernel_reading_int8_values_compiles_and_still_runs_int8_qk_on_tensor_cores(name, arch):
+    from comfyui_flashvsr.attention import triton_kernels as tk
+
+    ptx = aot_compile(tk, name, arch, tk.default_config((arch // 10, arch % 10), int8=True), v_int8=True)
+    assert ("wgmma" if arch == 90 else "mma.sync") in ptx
+    assert "cvt.rn.f32.s32" in ptx or "cvt.rn.f32.s8" in ptx or "cvt.rn.bf16" in ptx   # int8 values turned into floats
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 def test_quantiser_compiles_for_ampere_and_hopper(arch):
     import triton
@@ -209,7 +225,7 @@ def test_quantiser_compiles_for_ampere_and_hopper(arch):
     kinds = {"X": "*bf16", "Q": "*bf16", "K": "*bf16", "MEAN": "*fp32", "Y": "*i8", "Q8": "*i8", "K8": "*i8",
              "S": "*fp32", "QS": "*fp32", "KS": "*fp32", "multiplier": "fp32", "q_multiplier": "fp32"}
     constexprs = {"ROWS": 64, "HEAD_DIM": 128, "CENTRE": True, "Q_ROWS": 128, "K_ROWS": 64}
-    for fn in (tk.quantize_tiles_kernel, tk.quantize_q_and_k_kernel):
+    for fn in (tk.quantize_tiles_kernel, tk.quantize_q_and_k_kernel, tk.quantize_value_tiles_kernel):
         signature = {a: kinds.get(a, "constexpr" if a in constexprs else "i32") for a in fn.arg_names}
         src = ASTSource(fn=fn, signature=signature, constexprs={a: constexprs[a] for a in fn.arg_names if a in constexprs})
         ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": 4}).asm["ptx"]

@@ -55,7 +55,9 @@ def test_every_input_has_a_tooltip_and_a_valid_default(spec):
 def test_advanced_covers_every_engine_option():
     # color_fix_float32 only chooses the arithmetic of the colour fix (fp32 avoids bf16 banding);
     # overlap_decode only schedules the same kernels on two streams (identical frames, measured).
-    engine_fields = {f.name for f in dataclasses.fields(UpscaleConfig)} - {"color_fix_float32", "overlap_decode"}
+    # kv_int8_values stays CLI-only until its accuracy is measured on a GPU (docs/performance.md, "Int8 values").
+    engine_fields = ({f.name for f in dataclasses.fields(UpscaleConfig)}
+                     - {"color_fix_float32", "overlap_decode", "kv_int8_values"})
     widget_ids = {w.id for w in o.ADVANCED_INPUTS}
     covered = widget_ids | {"vae_tile", "vae_stride", "vram_budget"}     # vram_budget from vram_budget_gib
     assert engine_fields <= covered

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import config
-from .common import add_gpus_argument, add_weights_argument, pixels
+from .common import add_gpus_argument, add_int8_values_argument, add_weights_argument, pixels
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class BenchParams:
     gpus: int = 1          # processes (GPUs) the DiT is split over; peak VRAM is rank 0's (it also decodes)
     rank0_share: float = 1.0   # rank 0's share of the DiT's windows (ParallelConfig)
     inject_oom: int = 0    # > 0: each measured run raises an out-of-memory error once, at this chunk
+    kv_int8_values: bool = False   # UpscaleConfig.kv_int8_values (--int8-kv-values)
 
     @property
     def in_h(self) -> int:
@@ -195,7 +196,8 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
             cfg = config.UpscaleConfig(scale=params.scale, sageattention=sage, seed=params.seed,
                                        compile=params.compile, tile_size=params.tile_size,
                                        tile_overlap=params.tile_overlap,
-                                       vram_budget=params.vram_budget if params.vram_budget is not None else "auto")
+                                       vram_budget=params.vram_budget if params.vram_budget is not None else "auto",
+                                       kv_int8_values=params.kv_int8_values and sage == "enable")
             if params.warmup_frames:
                 pipe.upscale(warm, cfg)
             runs = sorted((measure(pipe, frames, cfg, params.device, mode, params.inject_oom)
@@ -337,6 +339,7 @@ def table(data: dict, markdown: bool = False) -> str:
                 + (f"VRAM budget {p['vram_budget']:g} GiB"
                    + (" (allocator capped), " if p["device"].startswith("cuda") else " (no effect off CUDA), ")
                    if p.get("vram_budget") else "")
+                + ("KV values in int8 asked for (enable runs), " if p.get("kv_int8_values") else "")
                 + (f"an out-of-memory error injected after chunk {p['inject_oom']} of every measured run, "
                    if p.get("inject_oom") else "")
                 + f"median of {p['repeat']} run(s), range = slowest-fastest")
@@ -415,6 +418,7 @@ def add_parser(sub) -> None:
                    help="full: the real networks (default); tiny: reduced widths for a CPU smoke test")
     add_weights_argument(p)
     add_gpus_argument(p)
+    add_int8_values_argument(p)
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cuda, "
                                                      "cuda:1, mps, cpu")
     p.add_argument("--precision", default="auto", choices=config.PRECISIONS,
@@ -444,7 +448,8 @@ def command(args: argparse.Namespace) -> int:
                          warmup_frames=min(args.warmup_frames, args.frames), repeat=repeat,
                          compile=args.compile, tile_size=args.tile_size, tile_overlap=args.tile_overlap,
                          vram_budget=args.vram_budget, gpus=parallel.world if parallel else 1,
-                         rank0_share=args.rank0_share, inject_oom=args.inject_oom)
+                         rank0_share=args.rank0_share, inject_oom=args.inject_oom,
+                         kv_int8_values=args.kv_int8_values)
     group = None
     if parallel is not None:
         from ..engine.parallel import join

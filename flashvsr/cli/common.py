@@ -73,6 +73,7 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="enable: Sage-style quantised attention where it is faster (our INT8 block-sparse "
                         "kernel on Hopper; SageAttention for dense calls where installed, eligible and not "
                         "slower than SDPA); disable: bf16 attention only")
+    add_int8_values_argument(p)
     p.add_argument("--device", default="auto", help="auto (CUDA if available, else MPS, else CPU), cuda, "
                                                      "cuda:1, mps, cpu")
     p.add_argument("--precision", default="auto", choices=config.PRECISIONS,
@@ -82,6 +83,14 @@ def add_engine_arguments(p: argparse.ArgumentParser) -> None:
                    help="models folder (repeatable; default $FLASHVSR_MODELS or "
                         "~/.cache/flashvsr/models; a ComfyUI models/FlashVSR folder works)")
     add_gpus_argument(p)
+
+
+def add_int8_values_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--int8-kv-values", dest="kv_int8_values", action="store_true",
+                   help="experimental: keep the KV cache's values in int8 too (about a third less cache "
+                        "memory; accuracy not yet measured on a GPU). Takes effect only where the INT8 "
+                        "block-sparse kernel runs (--sageattention enable, Hopper, no FA4); ignored "
+                        "elsewhere, with the reason logged")
 
 
 def add_gpus_argument(p: argparse.ArgumentParser) -> None:

@@ -293,7 +293,7 @@ def job_from_args(args: argparse.Namespace) -> UpscaleJob:
         sageattention=args.sageattention, preprocess=args.preprocess, tile_size=args.tile_size,
         tile_overlap=args.tile_overlap, vae_tiling=args.vae_tiling, vram_budget=args.vram_budget,
         vae_tile=latent_units(args.vae_tile, "--vae-tile"), vae_stride=latent_units(args.vae_stride, "--vae-stride"),
-        compile=args.compile)
+        compile=args.compile, kv_int8_values=args.kv_int8_values)
     return UpscaleJob(
         input=Path(args.input), output=Path(args.output), upscale=upscale,
         mode=config.Mode.parse(args.mode).value, version=config.Version.parse(args.weights).value,

@@ -5,8 +5,8 @@ The peak of a run (``torch.cuda.max_memory_allocated``) is the sum of:
 * the loaded networks and the prompt's cross-attention constants (counted from the modules); with
   the DiT's blocks streamed from host memory (models/block_stream.py) only 2 of its 30 blocks;
 * the DiT's KV cache: per layer, ``slots`` groups of 2 latent frames of keys and values (keys in
-  int8 under the INT8 block-sparse kernel), exact from the sizes (models/dit.py ``KVRing``), once
-  per tile of a batch;
+  int8 under the INT8 block-sparse kernel, values too with ``kv_int8_values``, plus their float32
+  scales), exact from the sizes (models/dit.py ``KVRing``), once per tile of a batch;
 * the working set of one chunk (DiT activations of chunk 0, upsampled LQ frames, decoder passes),
   which grows with the pixels one stream covers: ``base + per_pixel * pixels``, calibrated per mode
   on the H100 (docs/benchmarks.md, "VRAM planner"). A batch of tiles counts all its pixels: the
@@ -35,6 +35,8 @@ MIN_TILE = 256                 # UpscaleConfig's smallest tile (two 128-pixel wi
 TOKEN_PIXELS = 16              # one DiT token = 16x16 output pixels (VAE 8x, patch 2x2)
 WINDOW_TOKENS = 128            # (2, 8, 8) tokens per attention window (models/lcsa.py)
 STREAMED_BLOCKS = 2            # DiT blocks on the device while streaming: the running one and the next
+VALUE_SCALE_ROWS = 64          # int8 values per float32 scale and channel: the INT8 kernel's key tile on
+                               # Hopper (attention/triton_kernels.py, SM90_INT8_CONFIG.block_n)
 
 # Working set per stream: bytes = BASE + PER_PIXEL * model pixels at 2-byte compute precision
 # (float32 doubles it). Fitted to the H100 peaks of Tiny, Tiny-Long and Full at 768x1408 and Tiny at
@@ -70,6 +72,7 @@ class MemoryInputs:
     dim: int = 1536            # DiT width
     layers: int = 30
     block_bytes: int = 0       # one DiT block's weights (0: streaming saves nothing, never planned)
+    int8_values: bool = False  # KV values in int8 too (UpscaleConfig.kv_int8_values where it takes effect)
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,13 @@ def kv_cache_bytes(inputs: MemoryInputs, model_h: int, model_w: int) -> int:
     slots = max(3, max(inputs.kv_groups, 2) + 1)
     rows = slots * tokens_per_group
     key_bytes = 1 if inputs.int8_keys else inputs.dtype_bytes
+    if inputs.int8_values:           # one byte per value and a float32 scale per 64 values of a channel
+        value_bytes = rows * inputs.dim + rows // VALUE_SCALE_ROWS * inputs.dim * 4
+    else:
+        value_bytes = rows * inputs.dim * inputs.dtype_bytes
     windows = rows // WINDOW_TOKENS
     pooled = windows * inputs.dim * inputs.dtype_bytes
-    return inputs.layers * (rows * inputs.dim * (key_bytes + inputs.dtype_bytes) + pooled)
+    return inputs.layers * (rows * inputs.dim * key_bytes + value_bytes + pooled)
 
 
 def working_bytes(inputs: MemoryInputs, model_h: int, model_w: int, batch: int = 1) -> int:
