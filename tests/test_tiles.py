@@ -197,3 +197,31 @@ def test_streamed_blocks_feed_the_traced_block_steps_like_resident_ones(small, m
     finally:
         set_streaming(small.dit, False, small.device)
     assert torch.equal(streamed, resident)
+
+
+def test_compiled_tcdecoder_passes_take_a_batch_in_one_graph_per_batch_size():
+    """The CUDA passes (FlashVSR._compiled_tc: the body and the folded tail) traced by dynamo with a
+    counting eager backend: a batch of tiles is one graph without breaks (fullgraph), compiled once
+    per batch size, with the eager functions' results."""
+    gen = torch.Generator().manual_seed(8)
+    net = make_random(lambda: TCDecoder(MICRO_TCDECODER), "cpu", torch.float32, gen)
+    weights = net.fast_tail_weights()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    body = torch.compile(net.run_body, backend=backend, fullgraph=True, dynamic=False)
+    tail = torch.compile(lambda x: net.run_tail_subpixel(x, weights), backend=backend, fullgraph=True, dynamic=False)
+    for tiles in (2, 3):
+        memory = [torch.randn(s, generator=gen) for s in net.memory_shapes(2, 3, tiles)]
+        for _ in range(3):                       # one latent per pass, as the pipeline runs
+            x = torch.randn(tiles, MICRO_TCDECODER.latent_channels, 2, 3, generator=gen)
+            y, new = body(x, memory)
+            y_eager, new_eager = net.run_body(x, memory)
+            assert torch.equal(y, y_eager) and all(map(torch.equal, new, new_eager))
+            assert torch.equal(tail(y), net.run_tail_subpixel(y, weights))
+            memory = new
+    assert len(graphs) == 4                      # body and tail, for 2 and for 3 tiles
