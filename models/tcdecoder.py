@@ -286,11 +286,30 @@ class TCDecoder(nn.Module):
             y, state.memory = body(x, state.memory)
             del x
             y = y.unflatten(0, (tiles, -1))           # (tiles, frames, C, h, w)
-            outs += [tail(y[:, j:j + passes.tail_frames].flatten(0, 1)).unflatten(0, (tiles, -1))
+            outs += [tail(y[:, j:j + passes.tail_frames].flatten(0, 1))
                      for j in range(0, y.shape[1], passes.tail_frames)]
             del y
-        x = torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]      # (tiles, T, 3, H, W)
+        x = _join_passes(outs, tiles)              # (tiles, T, 3, H, W)
         if not state.started:
             state.started = True
             x = x[:, TRIM_FRAMES:]
         return x.transpose(1, 2)
+
+
+def _join_passes(outs: list[torch.Tensor], tiles: int) -> torch.Tensor:
+    """Tail passes (tiles*k, 3, H, W), tile-major, -> (tiles, T, 3, H, W) in the passes' memory
+    layout (channels-last from the compiled tail: one plain copy, as a cat of 4-D frames would be)."""
+    if len(outs) == 1:
+        return outs[0].unflatten(0, (tiles, -1))
+    first = outs[0]
+    fmt = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) \
+        and not first.is_contiguous() else torch.contiguous_format
+    frames = sum(o.shape[0] for o in outs)
+    x = torch.empty((frames, *first.shape[1:]), dtype=first.dtype, device=first.device,
+                    memory_format=fmt).unflatten(0, (tiles, -1))
+    start = 0
+    for o in outs:
+        k = o.shape[0] // tiles
+        x[:, start:start + k].copy_(o.unflatten(0, (tiles, k)))
+        start += k
+    return x

@@ -240,6 +240,7 @@ class WanVAEDecodeState:
     latent_inv_std: torch.Tensor
     latents_done: int = 0
     latent_hw: tuple[int, int] | None = None
+    batch: int | None = None  # tile streams the caches hold on their batch axis (B of the first chunk)
     tiles: list[_TileStream] = field(default_factory=list)
     tile_weight: torch.Tensor | None = None  # (1, 1, 1, H, W) float32 sum of the tile masks
 
@@ -343,6 +344,10 @@ class WanVAEDecoder(nn.Module):
             raise ValueError(f"chunk latents are {hw} but this stream started at {state.latent_hw}; "
                              f"use a new state for a new video")
         state.latent_hw = hw
+        if state.batch is not None and state.batch != latents.shape[0]:
+            raise ValueError(f"this decode state holds {state.batch} tiles' caches, but the chunk has "
+                             f"{latents.shape[0]}; use one state per batch")
+        state.batch = latents.shape[0]
 
     def _decode_frames(self, latents: torch.Tensor, state: WanVAEDecodeState, caches: list,
                        run: StepRun, per_latent: bool) -> torch.Tensor:

@@ -112,6 +112,23 @@ def test_tcdecoder_state_refuses_another_batch_size():
         net.decode_chunk(torch.zeros(1, 16, 1, 2, 2), torch.zeros(1, 3, 4, 16, 16), state)
 
 
+def test_wan_vae_state_refuses_another_batch_size():
+    net = make_random(lambda: WanVAEDecoder(WanVAEConfig(base_dim=8)), "cpu", torch.float32,
+                      torch.Generator().manual_seed(1))
+    state = net.new_state()
+    net.decode_chunk(torch.zeros(2, 16, 1, 2, 2), state)
+    with pytest.raises(ValueError, match="holds 2 tiles' caches, but the chunk has 1"):
+        net.decode_chunk(torch.zeros(1, 16, 1, 2, 2), state)
+
+
+def test_tcdecoder_passes_join_in_the_tails_memory_layout():
+    from comfyui_flashvsr.models.tcdecoder import _join_passes
+    outs = [torch.randn(2 * k, 3, 4, 5).contiguous(memory_format=torch.channels_last) for k in (1, 2)]
+    x = _join_passes(outs, 2)
+    assert x.shape == (2, 3, 3, 4, 5) and x.stride(2) == 1          # channels stay innermost
+    assert torch.equal(x[1, 1:], outs[1][2:])
+
+
 @pytest.mark.parametrize("options", [WanVAEDecodeOptions(), WanVAEDecodeOptions(max_pass_elements=2000),
                                      WanVAEDecodeOptions(tiling=VAETiling((4, 4), (2, 2)))],
                          ids=["one-pass", "time-split", "vae-tiles"])
