@@ -8,6 +8,10 @@ Streaming: every MemBlock mixes its input with its own *previous* input (zeros a
 so the memory of a layer depends only on the order of the inputs it has seen. Running a layer over
 all frames of a chunk at once (with the previous input shifted in) therefore gives the same result
 as the official frame-by-frame work queue, and is much faster.
+
+A batch of B spatial tiles (issue #14) runs as B independent streams in one call: frames are
+tile-major on dim 0 (tile b's frames b*t .. b*t+t-1), every MemBlock's memory holds B frames (one
+per tile) and shifts within each tile's frames, and each tile drops its own warm-up frames.
 """
 from __future__ import annotations
 
@@ -99,7 +103,7 @@ class TCDecoderPasses:
 
 @dataclass
 class TCDecoderState:
-    memory: list[torch.Tensor] | None = None   # per MemBlock: its last input frame
+    memory: list[torch.Tensor] | None = None   # per MemBlock: its last input frame, (tiles, C, h, w)
     started: bool = False
 
 
@@ -136,33 +140,37 @@ class TCDecoder(nn.Module):
         x = cond.view(b, c, count, ft, h // fh, fh, w // fw, fw).permute(0, 2, 1, 3, 5, 7, 4, 6)
         return x.reshape(b * count, c * ft * fh * fw, h // fh, w // fw)
 
-    def memory_shapes(self, h: int, w: int) -> list[tuple[int, int, int, int]]:
-        """Shape of each MemBlock's remembered input for latents of h x w (one frame)."""
+    def memory_shapes(self, h: int, w: int, tiles: int = 1) -> list[tuple[int, int, int, int]]:
+        """Shape of each MemBlock's remembered input for latents of h x w (one frame per tile)."""
         shapes, c, scale = [], self.cfg.channels, 1
         stage = 0
         for layer in self.decoder:
             if isinstance(layer, MemBlock):
-                shapes.append((1, c[stage], h * scale, w * scale))
+                shapes.append((tiles, c[stage], h * scale, w * scale))
             elif isinstance(layer, nn.Upsample):
                 scale *= 2
                 stage += 1
         return shapes
 
     def run_body(self, x: torch.Tensor, memory: list[torch.Tensor], rows=None):
-        """The layers before the full-resolution tail over a chunk of frames (t, C, h, w); memory =
-        each MemBlock's previous input. A pure function of its inputs (returns the new memory), so
-        it can be compiled. ``rows``: ``x`` is this rank's band of rows (models/row_bands.py).
+        """The layers before the full-resolution tail over a chunk of frames (tiles*t, C, h, w),
+        tile-major; memory = each MemBlock's previous input per tile, (tiles, C, h, w). A pure
+        function of its inputs (returns the new memory), so it can be compiled (one graph per
+        number of tiles). ``rows``: ``x`` is this rank's band of rows (models/row_bands.py), or a
+        ``tile_batch.PerTile`` that runs the convolutions tile by tile.
 
         It ends with the last TGrow, moved before the last (nearest) upsampling: a 1x1 convolution
         commutes with nearest upsampling, so this is the same arithmetic on 4x fewer pixels, and
         its output holds separate frames that the tail can take one by one.
         """
         start = self.tail_start
+        tiles = memory[0].shape[0]
         new_memory = []
         for layer in list(self.decoder)[:start]:
             if isinstance(layer, MemBlock):
-                past = torch.cat([memory[len(new_memory)], x[:-1]], dim=0)
-                new_memory.append(x[-1:].clone())
+                frames = x.unflatten(0, (tiles, -1))                  # (tiles, t, C, h, w)
+                past = torch.cat([memory[len(new_memory)].unsqueeze(1), frames[:, :-1]], dim=1).flatten(0, 1)
+                new_memory.append(frames[:, -1].clone())
                 x = layer(x, past) if rows is None else layer(x, past, rows)
             else:
                 x = layer(x) if rows is None else _layer(layer, x, rows)
@@ -232,18 +240,31 @@ class TCDecoder(nn.Module):
     @torch.no_grad()
     def decode_chunk(self, latents: torch.Tensor, cond: torch.Tensor, state: TCDecoderState,
                      passes: "TCDecoderPasses | None" = None, rows=None) -> torch.Tensor:
-        """latents (1, 16, t, h, w), cond (1, 3, T, 8h, 8w) -> frames (1, 3, 4t [-3 once], 8h, 8w) in ~[0, 1].
+        """latents (B, 16, t, h, w), cond (B, 3, T, 8h, 8w) -> frames (B, 3, 4t [-3 once], 8h, 8w) in ~[0, 1].
+
+        B > 1: a batch of spatial tiles, each its own stream (``state`` holds all their memories;
+        keep B for the whole stream). Each pass takes its latents of every tile, each tail pass its
+        frames of every tile. Off CUDA the convolutions run tile by tile (tile_batch.PerTile) so
+        each tile's frames are bitwise those of the tile alone.
 
         ``rows``: the inputs are this rank's band of latent rows (models/row_bands.py); the frames
         are then the band's rows, ``state`` holds its memory, and the eager layers run (a compiled
         pass cannot hold the exchanges). Every rank must use the same ``passes`` (each pass exchanges).
         """
+        from .tile_batch import PerTile, split_convs
         passes = passes or TCDecoderPasses()
-        lat = latents[0].transpose(0, 1)
+        tiles = latents.shape[0]
+        lat = latents.transpose(1, 2)                 # (tiles, t, 16, h, w)
         if state.memory is None:
             h, w = latents.shape[-2:]
             # The official decoder's first "past" is zeros (input * 0).
-            state.memory = [torch.zeros(s, dtype=lat.dtype, device=lat.device) for s in self.memory_shapes(h, w)]
+            state.memory = [torch.zeros(s, dtype=lat.dtype, device=lat.device)
+                            for s in self.memory_shapes(h, w, tiles)]
+        if state.memory[0].shape[0] != tiles:
+            raise ValueError(f"this decoder state holds {state.memory[0].shape[0]} tiles' memory, "
+                             f"but the chunk has {tiles}; use one state per batch")
+        if split_convs(latents):
+            rows = PerTile(tiles, rows)
         # A few latents per pass, a few frames per tail pass: the MemBlocks carry their memory across
         # passes and the tail is frame-local, so this is exact; it caps the full-resolution
         # activations (chunk 0 has 6 latents = 24 frames, ~6.6 GB per 128-channel bf16 tensor at
@@ -259,15 +280,36 @@ class TCDecoder(nn.Module):
             def tail(x):
                 return self.run_tail(x, rows)
         outs = []
-        for i in range(0, lat.shape[0], passes.latents):
-            n = min(passes.latents, lat.shape[0] - i)
-            x = torch.cat([self.shuffle_condition(cond, i, n), lat[i:i + n]], dim=1)
+        for i in range(0, lat.shape[1], passes.latents):
+            n = min(passes.latents, lat.shape[1] - i)
+            x = torch.cat([self.shuffle_condition(cond, i, n), lat[:, i:i + n].flatten(0, 1)], dim=1)
             y, state.memory = body(x, state.memory)
             del x
-            outs += [tail(y[j:j + passes.tail_frames]) for j in range(0, y.shape[0], passes.tail_frames)]
+            y = y.unflatten(0, (tiles, -1))           # (tiles, frames, C, h, w)
+            outs += [tail(y[:, j:j + passes.tail_frames].flatten(0, 1))
+                     for j in range(0, y.shape[1], passes.tail_frames)]
             del y
-        x = torch.cat(outs, dim=0) if len(outs) > 1 else outs[0]
+        x = _join_passes(outs, tiles)              # (tiles, T, 3, H, W)
         if not state.started:
             state.started = True
-            x = x[TRIM_FRAMES:]
-        return x.transpose(0, 1).unsqueeze(0)
+            x = x[:, TRIM_FRAMES:]
+        return x.transpose(1, 2)
+
+
+def _join_passes(outs: list[torch.Tensor], tiles: int) -> torch.Tensor:
+    """Tail passes (tiles*k, 3, H, W), tile-major, -> (tiles, T, 3, H, W) in the passes' memory
+    layout (channels-last from the compiled tail: one plain copy, as a cat of 4-D frames would be)."""
+    if len(outs) == 1:
+        return outs[0].unflatten(0, (tiles, -1))
+    first = outs[0]
+    fmt = torch.channels_last if first.is_contiguous(memory_format=torch.channels_last) \
+        and not first.is_contiguous() else torch.contiguous_format
+    frames = sum(o.shape[0] for o in outs)
+    x = torch.empty((frames, *first.shape[1:]), dtype=first.dtype, device=first.device,
+                    memory_format=fmt).unflatten(0, (tiles, -1))
+    start = 0
+    for o in outs:
+        k = o.shape[0] // tiles
+        x[:, start:start + k].copy_(o.unflatten(0, (tiles, k)))
+        start += k
+    return x

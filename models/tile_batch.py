@@ -35,3 +35,30 @@ def self_attention(chunk, layer: int, q_w, k_w, v_w, pooled_q, pooled_k) -> torc
     one = replace(chunk, heads=chunk.heads * tiles, tiles=1)
     o = one.self_attention(layer, *(fold(t, tiles) for t in (q_w, k_w, v_w, pooled_q, pooled_k)))
     return unfold(o, tiles)
+
+
+class PerTile:
+    """The convolutions of a decoder batch of ``tiles`` tiles, one tile's frames at a time.
+
+    A convolution off CUDA sums in another order for another batch size (the CPU's kernels even
+    differ between 1 and 2 images), so a batch could not give the frames of its tiles run alone.
+    The decoders route every spatial convolution through ``conv`` there (the ``rows`` slot of
+    models/row_bands.py; ``rows`` composes an actual band under it); elementwise layers, norms and
+    attention are per frame and run on the whole batch. Inputs are tile-major on dim 0.
+    """
+
+    def __init__(self, tiles: int, rows=None) -> None:
+        self.tiles, self.rows = tiles, rows
+
+    def conv(self, conv, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] % self.tiles:
+            raise ValueError(f"{x.shape[0]} frames cannot be split into {self.tiles} tiles")
+        run = conv if self.rows is None else (lambda part: self.rows.conv(conv, part))
+        return torch.cat([run(part) for part in x.chunk(self.tiles)])
+
+
+def split_convs(x: torch.Tensor) -> bool:
+    """Whether a decoder batch of tiles on ``x``'s device runs its convolutions tile by tile (off
+    CUDA: see PerTile; on CUDA the batch is the point, and cuDNN's choice of algorithm by shape
+    is rounding noise, checked in tests/gpu/test_tiles_gpu.py)."""
+    return x.shape[0] > 1 and x.device.type != "cuda"

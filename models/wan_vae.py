@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .tile_batch import split_convs
 from .wan_vae_blocks import Decoder3d, StepRun
 
 # Per-channel latent statistics of Wan 2.1's VAE: ``mean`` and ``std`` of ``WanVideoVAE.__init__``
@@ -239,6 +240,7 @@ class WanVAEDecodeState:
     latent_inv_std: torch.Tensor
     latents_done: int = 0
     latent_hw: tuple[int, int] | None = None
+    batch: int | None = None  # tile streams the caches hold on their batch axis (B of the first chunk)
     tiles: list[_TileStream] = field(default_factory=list)
     tile_weight: torch.Tensor | None = None  # (1, 1, 1, H, W) float32 sum of the tile masks
 
@@ -306,11 +308,17 @@ class WanVAEDecoder(nn.Module):
         the batched default is tested against. If this raises (OOM, interrupt), ``state`` is
         half-updated: start the stream again with a new state. ``rows``: the latents are this
         rank's band of latent rows (models/row_bands.py); the frames are then the band's rows.
+
+        B > 1: a batch of spatial tiles of one shape, each its own stream (the caches in ``state``
+        hold B frames on their batch axis; keep B for the whole stream). Off CUDA the
+        convolutions run tile by tile (tile_batch.PerTile): each tile's frames are bitwise those
+        of the tile alone.
         """
         self._check_chunk(latents, state)
         opts = state.options
         use_cl = opts.channels_last if opts.channels_last is not None else latents.is_cuda
-        run = StepRun(torch.channels_last_3d if use_cl else torch.contiguous_format, opts.compiled_norms, rows)
+        split = latents.shape[0] if split_convs(latents) else 1
+        run = StepRun(torch.channels_last_3d if use_cl else torch.contiguous_format, opts.compiled_norms, rows, split)
         if rows is not None and opts.tiling is not None:
             raise ValueError("the Wan VAE's spatial tiles and row bands over several processes do not combine: "
                              "turn vae_tiling off (each process decodes only its band)")
@@ -336,12 +344,16 @@ class WanVAEDecoder(nn.Module):
             raise ValueError(f"chunk latents are {hw} but this stream started at {state.latent_hw}; "
                              f"use a new state for a new video")
         state.latent_hw = hw
+        if state.batch is not None and state.batch != latents.shape[0]:
+            raise ValueError(f"this decode state holds {state.batch} tiles' caches, but the chunk has "
+                             f"{latents.shape[0]}; use one state per batch")
+        state.batch = latents.shape[0]
 
     def _decode_frames(self, latents: torch.Tensor, state: WanVAEDecodeState, caches: list,
                        run: StepRun, per_latent: bool) -> torch.Tensor:
         """De-normalise, conv2 and run the decoder over one chunk; unclamped, weight dtype."""
         z = latents.to(self.conv2.weight.dtype) / state.latent_inv_std + state.latent_mean
-        x = self.conv2(z.contiguous(memory_format=run.fmt))
+        x = run.conv(self.conv2, z.contiguous(memory_format=run.fmt))
         max_elements = state.options.max_pass_elements
         if not per_latent:
             return self.decoder.run(x, caches, run, max_elements)

@@ -39,8 +39,14 @@ class StepRun:
     # This rank's band of rows in a decode over several processes (models/row_bands.py), or None:
     # then every row-padded convolution takes its neighbours' rows and the attention gathers.
     rows: object = None
+    # A batch of this many tiles whose convolutions run tile by tile (off CUDA: models/tile_batch.py,
+    # PerTile), so each tile's frames are those it gets alone; 1: the batch in one call.
+    split_tiles: int = 1
 
     def conv(self, conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        if self.split_tiles > 1:
+            from .tile_batch import PerTile
+            return PerTile(self.split_tiles, self.rows).conv(conv, x)
         return conv(x) if self.rows is None else self.rows.conv(conv, x)
 
     @property
@@ -180,7 +186,7 @@ class ResidualBlock(nn.Module):
 
     def step(self, x: torch.Tensor, caches: list, run: StepRun) -> torch.Tensor:
         norm_a, _, conv_a, norm_b, _, _, conv_b = self.residual
-        skip = x if self.shortcut is None else self.shortcut(x)
+        skip = x if self.shortcut is None else run.conv(self.shortcut, x)
         y = conv_a.step(x, caches, run, norm=norm_a)
         y = conv_b.step(y, caches, run, norm=norm_b)
         return y.add_(skip)
@@ -205,13 +211,13 @@ class AttentionBlock(nn.Module):
             whole = self.step(run.rows.whole(x), caches, replace(run, rows=None))
             return run.rows.own(whole).contiguous(memory_format=run.fmt)
         b, c, t, h, w = x.shape
-        qkv = self.to_qkv(self.norm(frames_view(x)))  # (B*T, 3C, H, W)
+        qkv = run.conv(self.to_qkv, self.norm(frames_view(x)))  # (B*T, 3C, H, W)
         # (B*T, 1, H*W, 3C) made contiguous as upstream does, since SDPA's kernel choice (and so its
         # rounding) follows the strides; free when qkv is channels-last.
         qkv = qkv.permute(0, 2, 3, 1).reshape(b * t, 1, h * w, 3 * c).contiguous()
         q, k, v = qkv.chunk(3, dim=-1)
         o = F.scaled_dot_product_attention(q, k, v)  # (B*T, 1, H*W, C)
-        o = self.proj(o.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w))
+        o = run.conv(self.proj, o.squeeze(1).permute(0, 2, 1).reshape(b * t, c, h, w))
         return video_view(o, b, t, run.fmt).add_(x)
 
 
@@ -314,12 +320,14 @@ class Decoder3d(nn.Module):
         """Run steps ``start..`` over ``x``; split it in time wherever a step would exceed the budget.
 
         Every step is causal with its history in ``caches``, so running consecutive time slices
-        through the remaining steps one after the other gives the same frames as one pass.
+        through the remaining steps one after the other gives the same frames as one pass. The
+        budget is per tile of a batch (B > 1): a batch splits in time as each of its tiles alone
+        would (the same passes, so the same frames; the memory model counts every tile's share).
         """
         steps = self.steps()
         for i in range(start, len(steps)):
             t = x.shape[2]
-            elements = x[:, :, :1].numel()
+            elements = x[:1, :, :1].numel()
             if run.rows is not None:
                 # the whole frame's count: every rank splits in time alike (each pass exchanges
                 # rows), and as one process does

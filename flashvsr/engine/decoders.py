@@ -27,7 +27,9 @@ class Decoder(Protocol):
     def new_state(self) -> object: ...
 
     def decode(self, latents: torch.Tensor, cond: torch.Tensor, state: object, rows=None) -> torch.Tensor:
-        """latents (1, 16, t, h, w), cond = aligned LQ frames (1, 3, T, 8h, 8w) -> (1, 3, T, 8h, 8w) in [-1, 1].
+        """latents (B, 16, t, h, w), cond = aligned LQ frames (B, 3, T, 8h, 8w) -> (B, 3, T, 8h, 8w) in [-1, 1].
+        B > 1: a batch of spatial tiles, each its own causal stream, all in ``state`` (one state per
+        batch, B fixed for its life); each tile's frames are those it would get alone.
         ``rows``: the inputs are this rank's band of latent rows (models/row_bands.py)."""
 
     def spec(self) -> DecoderSpec: ...

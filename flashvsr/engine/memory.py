@@ -10,8 +10,10 @@ The peak of a run (``torch.cuda.max_memory_allocated``) is the sum of:
 * the working set of one chunk (DiT activations of chunk 0, upsampled LQ frames, decoder passes),
   which grows with the pixels one stream covers: ``base + per_pixel * pixels``, calibrated per mode
   on the H100 (docs/benchmarks.md, "VRAM planner"). A batch of tiles counts all its pixels: the
-  DiT and projector hold the whole batch (the decoder takes one tile at a time, so this is an
-  upper bound).
+  DiT, the projector and the decoder hold the whole batch. The decoder's share is linear in the
+  batch too, not only an upper bound: its causal state holds every tile's frames, a TCDecoder pass
+  takes its latents (and a tail pass its frames) of every tile, and the Wan VAE's pass budget
+  (``max_pass_elements``) is per tile, so a batch's passes are B tiles' passes side by side.
 
 Each tile upsamples only its own window of the LQ frame (preprocess.Upsampler), so tiling adds
 nothing for the whole frame.

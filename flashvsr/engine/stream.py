@@ -81,8 +81,10 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
 
     With ``tiles`` (spatial tiling, all of one shape) the run covers only those windows of the model
     frame, as one batch: each tile is a stream of its own (its own projector cache, KV rings, decoder
-    state), run in lockstep with the others through the projector and the DiT (models/tile_batch.py);
-    the decoder takes them one by one. Each chunk yields one output per tile, in ``tiles`` order.
+    state), run in lockstep with the others through the projector, the DiT (models/tile_batch.py)
+    and the decoder (one call per chunk; its causal state holds every tile's on its batch axis);
+    the colour fix and the output are per tile. Each chunk yields one output per tile, in
+    ``tiles`` order.
     ``geom`` is still the whole frame's geometry; the tiles' own sizes come from ``tiles``. With
     ``decode_stream`` (CUDA, the "side stream") everything but the noise and the DiT runs on that
     stream: chunk k+1's LQ upsampling and projector beside chunk k's DiT, chunk k's decoding and
@@ -119,7 +121,7 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
     if observer is not None:
         dit_state.observe = lambda layer, name, t: observer(f"layer{layer}/{name}", dit_state.chunk_index, t)
     proj_state = ProjectorState()
-    dec_states = [models.decoder.new_state() for _ in tiles]
+    dec_state = models.decoder.new_state()       # all tiles' causal state, stacked on the batch axis
     lat_h, lat_w = geom.model_h // 8, geom.model_w // 8
     if geom.official and not source.has(MIN_OFFICIAL_INPUT - 1):
         raise ValueError(f"official preprocessing needs at least {MIN_OFFICIAL_INPUT} input frames; "
@@ -162,9 +164,9 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
         outs = []
         with _decoding_on(decode_stream, latents):
             conds = lq(ck.out_start, ck.out_end)
-            for i, (tile_geom, dec_state) in enumerate(zip(geoms, dec_states)):
-                cond = conds[i:i + 1]
-                frames = models.decoder.decode(latents[i:i + 1], cond, dec_state)   # (1, 3, t, H, W) in [-1, 1]
+            decoded = models.decoder.decode(latents, conds, dec_state)   # (tiles, 3, t, H, W) in [-1, 1]
+            for i, tile_geom in enumerate(geoms):
+                frames, cond = decoded[i:i + 1], conds[i:i + 1]
                 if observer is not None:
                     observer("frames_decoded", k, frames)
                 frames, ref = _crop(frames[0].transpose(0, 1), tile_geom), _crop(cond[0].transpose(0, 1), tile_geom)
@@ -177,7 +179,7 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
                 # Nothing of this chunk but its output may stay alive while the caller works and the
                 # next chunk runs (a generator keeps its locals): ~0.3 GB at 768x1408.
                 del cond, frames, ref, out
-            del latents, conds
+            del latents, conds, decoded
         while outs:
             yield outs.pop(0)
         for i in [i for i in hr if i < ck.out_end]:

@@ -1,5 +1,6 @@
 """GPU checks of the cheaper tiles (issue #14): a batch of tiles (folded into the attention heads,
-through every block-sparse backend the dispatcher picks here) and DiT blocks streamed from pinned
+through every block-sparse backend the dispatcher picks here; one decoder call per chunk for the
+batch, TCDecoder and Wan VAE) and DiT blocks streamed from pinned
 host memory give the frames of one tile at a time, blocks resident. bf16 on CUDA: cuBLAS and cuDNN
 may pick other algorithms for other batch shapes, so "equal" is "as close to the float32 run as one
 tile at a time is" (within 1 dB); the streamed blocks are the same weights, copied, so the same
@@ -35,11 +36,12 @@ def _run(pipe, monkeypatch, sage, batch, streamed=False):
     return result.frames, result.stats.attention
 
 
-@pytest.mark.parametrize("sage", ["disable", "enable"])
-def test_batched_and_streamed_tiles_give_the_frames_of_one_tile_at_a_time(sage, monkeypatch):
-    reference, _ = _run(FlashVSR.random(mode="tiny", device="cuda", dtype=torch.float32, size="tiny"),
+@pytest.mark.parametrize("mode, sage", [("tiny", "disable"), ("tiny", "enable"), ("tiny-long", "disable"),
+                                        ("full", "disable")])
+def test_batched_and_streamed_tiles_give_the_frames_of_one_tile_at_a_time(mode, sage, monkeypatch):
+    reference, _ = _run(FlashVSR.random(mode=mode, device="cuda", dtype=torch.float32, size="tiny"),
                         monkeypatch, "disable", batch=1)
-    pipe = FlashVSR.random(mode="tiny", device="cuda", dtype=torch.bfloat16, size="tiny")
+    pipe = FlashVSR.random(mode=mode, device="cuda", dtype=torch.bfloat16, size="tiny")
     alone, attention = _run(pipe, monkeypatch, sage, batch=1)
     batched, _ = _run(pipe, monkeypatch, sage, batch=5)
     try:
@@ -48,7 +50,7 @@ def test_batched_and_streamed_tiles_give_the_frames_of_one_tile_at_a_time(sage, 
         set_streaming(pipe.dit, False, pipe.device)
     db = {"batched vs alone": _psnr(batched, alone), "alone vs fp32": _psnr(alone, reference),
           "batched vs fp32": _psnr(batched, reference)}
-    print(f"sage={sage} ({attention}): " + ", ".join(f"{k} {v:.1f} dB" for k, v in db.items())
+    print(f"{mode}, sage={sage} ({attention}): " + ", ".join(f"{k} {v:.1f} dB" for k, v in db.items())
           + f"; streamed == batched: {torch.equal(streamed, batched)}")
     assert not torch.isnan(batched).any() and "reference" not in attention
     assert db["batched vs fp32"] >= db["alone vs fp32"] - 1.0
