@@ -62,7 +62,9 @@ def test_every_subpackage_of_the_repo_is_packaged():
     assert setuptools["package-dir"] == {"comfyui_flashvsr": "."}
     on_disk = {"comfyui_flashvsr." + ".".join(p.parent.relative_to(ROOT).parts)
                for p in ROOT.glob("**/__init__.py")
-               if p.parent != ROOT and p.parts[len(ROOT.parts)] not in {"tests", ".venv"}}
+               # hidden folders (.venv, a developer's scratch copies) are never packaged
+               if p.parent != ROOT and p.parts[len(ROOT.parts)] != "tests"
+               and not p.parts[len(ROOT.parts)].startswith(".")}
     assert set(setuptools["packages"]) == on_disk | {"comfyui_flashvsr"}
     assert PYPROJECT["project"]["scripts"]["flashvsr"] == "comfyui_flashvsr.flashvsr.cli.main:main"
 
