@@ -145,6 +145,18 @@ def test_gpus_flag_is_removed_from_the_childrens_arguments():
     assert launch.without_gpus(["bench", "--gpus=4"]) == ["bench"]
 
 
+def test_a_gpu_count_the_heads_do_not_split_over_is_refused_before_any_process_starts(monkeypatch, capsys):
+    from comfyui_flashvsr.flashvsr.cli import main as cli
+
+    def no_process(*args, **kwargs):
+        raise AssertionError("a process was started")
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    code = cli.main(["bench", "--widths", "tiny", "--device", "cpu", "--gpus", "5"])
+    assert code != 0
+    assert "the DiT has 12 attention heads, which do not split over 5 processes: use 1, 2, 3, 4, 6, 12 GPUs" \
+        in capsys.readouterr().err
+
+
 def test_gpus_must_match_torchrun(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -34,7 +34,17 @@ def parallel_config(gpus: int, rank0_share: float = 1.0):
     if parallel is not None and gpus not in (1, parallel.world):
         raise ValueError(f"--gpus {gpus} under a launcher of {parallel.world} processes (torchrun "
                          f"--nproc-per-node): leave --gpus out, the launcher decides")
+    if parallel is not None:
+        refuse_unsplittable(parallel.world)
     return parallel
+
+
+def refuse_unsplittable(world: int) -> None:
+    """Refuse a process count the official DiT's heads do not split over, before any weights load
+    (the pipeline checks the loaded DiT's own head count again)."""
+    from ...models.dit import DiTConfig
+    from ...models.sequence_parallel import check_heads
+    check_heads(DiTConfig.num_heads, world)
 
 
 def without_gpus(argv: Sequence[str]) -> list[str]:
@@ -65,7 +75,10 @@ def rank_env(rank: int, world: int, port: int, base: "dict[str, str] | None" = N
 
 
 def launch(argv: Sequence[str], world: int, cleanup: Callable[[], None] | None = None) -> int:
-    """Run ``flashvsr <argv>`` as ``world`` ranks on this machine; the exit code of the run."""
+    """Run ``flashvsr <argv>`` as ``world`` ranks on this machine; the exit code of the run.
+    A count the official DiT's heads do not split over is refused before any process starts (the
+    ranks would otherwise each load the weights first)."""
+    refuse_unsplittable(world)
     command = [sys.executable, "-m", PACKAGE, *without_gpus(argv)]
     port = free_port()
     log.info("starting %d processes (one per GPU); rank 0 reads and writes", world)
