@@ -20,6 +20,13 @@ BLOCK = 128
 REFERENCE_MASK_BUDGET = 1 << 25
 
 
+def _scaled_tiles(values: torch.Tensor, rows: int, scales: torch.Tensor) -> torch.Tensor:
+    """int8 (B, H, L, D) ``values`` times ``scales`` broadcast over tiles of ``rows`` (B, H, L/rows,
+    rows, D), in float32, back as (B, H, L, D)."""
+    b, h, length, d = values.shape
+    return (values.float().reshape(b, h, length // rows, rows, d) * scales).reshape(b, h, length, d)
+
+
 @dataclass(frozen=True)
 class QuantizedKeys:
     """Keys kept as int8 (a KV ring's, for the INT8-QK kernel): ``key = values * scale + shift``.
@@ -41,9 +48,7 @@ class QuantizedKeys:
     def dequantize(self) -> torch.Tensor:
         """The keys as a (B, H, L, D) tensor of ``dtype`` (for the backends that need them: int8
         rounding included)."""
-        b, h, length, d = self.values.shape
-        tiles = self.values.float().reshape(b, h, length // self.rows, self.rows, d)
-        keys = (tiles * self.scales[..., None, None]).reshape(b, h, length, d) + self.shift[:, :, None, :]
+        keys = _scaled_tiles(self.values, self.rows, self.scales[..., None, None]) + self.shift[:, :, None, :]
         return keys.to(self.dtype)
 
 
@@ -73,9 +78,7 @@ class QuantizedValues:
 
     def dequantize(self) -> torch.Tensor:
         """The values as a (B, H, L, D) tensor of ``dtype`` (int8 rounding included)."""
-        b, h, length, d = self.values.shape
-        tiles = self.values.float().reshape(b, h, length // self.rows, self.rows, d)
-        return (tiles * self.scales[:, :, :, None, :]).reshape(b, h, length, d).to(self.dtype)
+        return _scaled_tiles(self.values, self.rows, self.scales[:, :, :, None, :]).to(self.dtype)
 
     def like(self) -> torch.Tensor:
         """A stand-in of the values' shape and dtype that holds one row of memory (an expanded view),

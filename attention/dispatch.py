@@ -335,37 +335,32 @@ class AttentionDispatcher:
 
     def quantize_values(self, values: torch.Tensor, rows: int, out) -> None:
         """Write int8 ``values`` and their per-channel scales into ``out`` = (values, scales) views."""
-        if values.device.type == "cuda" and probe_triton().available and ("quantize", "values") not in self._failed:
-            try:
-                from . import triton_kernels as tk
-                tk.quantize_value_tiles(values, rows, out=out)
-                return
-            except torch.cuda.OutOfMemoryError:
-                raise
-            except Exception as exc:          # the torch version gives the same values
-                self._failed.add(("quantize", "values"))
-                self.say_once(logging.WARNING, ("quantize", "values"),
-                              f"Triton value quantiser failed ({type(exc).__name__}: {exc}); using torch")
-        v8, scales = quantize_value_tiles_reference(values, rows)
-        out[0].copy_(v8)
-        out[1].copy_(scales)
+        self._quantize_into("values", values.device, out,
+                            lambda tk: tk.quantize_value_tiles(values, rows, out=out),
+                            lambda: quantize_value_tiles_reference(values, rows))
 
     def quantize_keys(self, keys: torch.Tensor, shift: torch.Tensor, rows: int, out) -> None:
         """Write int8 ``keys - shift`` and their scales into ``out`` = (values, scales) views."""
-        if keys.device.type == "cuda" and probe_triton().available and ("quantize", "keys") not in self._failed:
+        self._quantize_into("keys", keys.device, out,
+                            lambda tk: tk.quantize_tiles(keys, rows, 1.0, shift, out=out),
+                            lambda: quantize_tiles_reference(keys, rows, shift=shift))
+
+    def _quantize_into(self, kind: str, device: torch.device, out, triton, reference) -> None:
+        """``triton(triton_kernels)`` writes into ``out`` on CUDA; elsewhere, or once it has failed,
+        ``reference()``'s (int8, scales), the same values, are copied into ``out``."""
+        if device.type == "cuda" and probe_triton().available and ("quantize", kind) not in self._failed:
             try:
                 from . import triton_kernels as tk
-                tk.quantize_tiles(keys, rows, 1.0, shift, out=out)
+                triton(tk)
                 return
             except torch.cuda.OutOfMemoryError:
                 raise
             except Exception as exc:          # the torch version gives the same values
-                self._failed.add(("quantize", "keys"))
-                self.say_once(logging.WARNING, ("quantize", "keys"),
-                              f"Triton key quantiser failed ({type(exc).__name__}: {exc}); using torch")
-        values, scales = quantize_tiles_reference(keys, rows, shift=shift)
-        out[0].copy_(values)
-        out[1].copy_(scales)
+                self._failed.add(("quantize", kind))
+                self.say_once(logging.WARNING, ("quantize", kind),
+                              f"Triton {kind[:-1]} quantiser failed ({type(exc).__name__}: {exc}); using torch")
+        for dst, src in zip(out, reference()):
+            dst.copy_(src)
 
     # ---- block-mask bookkeeping ----------------------------------------------------------------
 

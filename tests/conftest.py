@@ -23,7 +23,7 @@ def _register_package() -> None:
 
 # Test helpers, in import order: each becomes ``flashvsr_tests_<file>`` (importlib mode puts no test
 # directory on sys.path). They live in tests/, not in the shipped package.
-TEST_HELPERS = ("fake_hub", "tiny_weights", "fixture_weights", "fixture_run", "comfy_client", "parallel_checks")
+TEST_HELPERS = ("fake_hub", "tiny_weights", "fixture_weights", "fixture_run", "comfy_client", "parallel_checks", "triton_child")
 
 
 def register_test_helpers() -> None:

@@ -8,13 +8,11 @@ operands as raw bit patterns (triton-lang/triton#11584, "we just don't support i
 is checked on the GPU (tests/gpu/test_attention_gpu.py).
 """
 import json
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from flashvsr_tests_triton_child import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -100,11 +98,7 @@ CHILD = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def interpreted():
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", CHILD, str(TESTS), json.dumps(CONFIGS)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_interpreted(CHILD, str(TESTS), json.dumps(CONFIGS), timeout=300)
 
 
 @pytest.mark.parametrize("layout", ["bhld", "blhd"])

@@ -4,12 +4,8 @@ the dispatcher's other backends dequantising them, the option ignored where the 
 not run, and the memory model. The interpreter runs in a child process as in
 test_attention_triton.py (TRITON_INTERPRET must be set before triton is imported), float16 only.
 """
-import json
 import logging
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -22,6 +18,7 @@ from comfyui_flashvsr.flashvsr import config
 from comfyui_flashvsr.flashvsr.engine import memory
 from comfyui_flashvsr.flashvsr.pipeline import FlashVSR
 from comfyui_flashvsr.models.dit import DiTStreamState, KVRing, SparseParams
+from flashvsr_tests_triton_child import run_interpreted
 
 TESTS = pathlib.Path(__file__).resolve().parent
 
@@ -95,11 +92,7 @@ CHILD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", CHILD, str(TESTS)], env=env, capture_output=True, text=True,
-                         timeout=300)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_interpreted(CHILD, str(TESTS), timeout=300)
 
 
 @pytest.mark.parametrize("config", ["ptr64", "tma64", "ptr128"])

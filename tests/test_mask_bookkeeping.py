@@ -3,13 +3,9 @@ threshold and mask, the tiled local bias, the physical (ring-slot) mask, the LUT
 launch order. The previous implementations are copied here as ``old_*``; the Triton kernels of
 ``attention/mask_kernels.py`` run in Triton's interpreter (a child process, as in
 test_attention_triton.py) and are compiled ahead of time for sm_80 / sm_90."""
-import json
 import logging
 import math
-import os
 import pathlib
-import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -23,6 +19,7 @@ from comfyui_flashvsr.models import dit as dit_module
 from comfyui_flashvsr.models.dit import DiTStreamState, KVRing, SparseParams
 from comfyui_flashvsr.models.lcsa import (draft_block_mask, local_bias, local_block_mask, select_above_kth,
                                           topk_count, topk_ratio_for)
+from flashvsr_tests_triton_child import run_interpreted
 
 TESTS = pathlib.Path(__file__).resolve().parent
 # The real layer at 768x1408: 12 heads, 2 query groups of 6 x 11 windows, 4 key groups.
@@ -309,11 +306,7 @@ CHILD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-c", CHILD, str(TESTS)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout.strip().splitlines()[-1])
+    return run_interpreted(CHILD, str(TESTS), timeout=600)
 
 
 def test_triton_selection_gives_the_sort_threshold_and_mask_bit_for_bit(interpreted):

@@ -23,12 +23,11 @@ from comfyui_flashvsr.flashvsr.cli import launch
 from comfyui_flashvsr.flashvsr.engine.schedule import total_chunks
 from comfyui_flashvsr.models import sequence_parallel
 from comfyui_flashvsr.models.row_bands import band_split
-from flashvsr_tests_parallel_checks import assert_same_frames
+from flashvsr_tests_parallel_checks import CHILD_ENV, assert_same_frames, run_ranks
 from comfyui_flashvsr.models.sequence_parallel import SequenceParallel, check_heads, window_split
 
 ROOT = Path(__file__).resolve().parent.parent
 RANK_SCRIPT = Path(__file__).with_name("parallel_rank.py")
-CHILD_ENV = {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def _job(tmp_path, world, **overrides) -> Path:
@@ -40,19 +39,7 @@ def _job(tmp_path, world, **overrides) -> Path:
 
 
 def _ranks(job: Path, world: int, timeout: float = 120) -> list[tuple[int, str]]:
-    """Start every rank of ``job``; (exit code, output) per rank. Nothing outlives the call."""
-    env = os.environ | CHILD_ENV
-    procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(job), str(r)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-    deadline = time.monotonic() + timeout
-    try:
-        outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    return [(p.returncode, out) for p, out in zip(procs, outs)]
+    return run_ranks(RANK_SCRIPT, job, world, timeout)
 
 
 def _alone_and_together(tmp_path, world, **job):

@@ -7,10 +7,6 @@ the bands must give the one-process values bit for bit; with torch's own kernels
 float32 rounding that a kernel chosen by shape brings (``BAND_TOLERANCE``).
 """
 import json
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,12 +14,11 @@ import torch
 
 from comfyui_flashvsr.flashvsr.engine.decoders import DecoderSpec, FullDecoder, decoder_from
 from comfyui_flashvsr.models.row_bands import band_split
-from flashvsr_tests_parallel_checks import BAND_TOLERANCE
+from flashvsr_tests_parallel_checks import BAND_TOLERANCE, run_ranks
 from comfyui_flashvsr.models.tcdecoder import TCDecoder, TCDecoderConfig
 from comfyui_flashvsr.models.wan_vae import WanVAEConfig, WanVAEDecoder
 
 RANK_SCRIPT = Path(__file__).with_name("bands_rank.py")
-CHILD_ENV = {"OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 def _bands(tmp_path, world: int, latent, nets=("projector", "tc", "vae"), chunks=(3, 2, 2),
@@ -32,18 +27,8 @@ def _bands(tmp_path, world: int, latent, nets=("projector", "tc", "vae"), chunks
            "latent": list(latent), "chunks": list(chunks), "row_stable": row_stable}
     path = tmp_path / "job.json"
     path.write_text(json.dumps(job))
-    procs = [subprocess.Popen([sys.executable, str(RANK_SCRIPT), str(path), str(r)], env=os.environ | CHILD_ENV,
-                              text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(world)]
-    deadline = time.monotonic() + 90
-    try:
-        outs = [p.communicate(timeout=max(1.0, deadline - time.monotonic()))[0] for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for rank, (p, out) in enumerate(zip(procs, outs)):
-        assert p.returncode == 0, f"rank {rank}:\n{out}"
+    for rank, (code, out) in enumerate(run_ranks(RANK_SCRIPT, path, world, timeout=90)):
+        assert code == 0, f"rank {rank}:\n{out}"
     got = torch.load(tmp_path / "bands.pt")
     assert sorted(got) == sorted(nets)
     return got
