@@ -107,7 +107,8 @@ def run_stream(models: EngineModels, source: FrameSource, geom: Geometry, cfg: U
         for i in range(a, b):
             if i not in hr:
                 frame = source.get(i if source.has(i) else _last(source))
-                hr[i] = torch.stack([up(frame) for up in ups])
+                # one tile (or none): a view with a batch axis, not a stacked copy of every frame
+                hr[i] = ups[0](frame)[None] if len(ups) == 1 else torch.stack([up(frame) for up in ups])
             out.append(hr[i])
         return torch.stack(out, dim=2)
 
