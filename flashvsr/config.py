@@ -96,10 +96,10 @@ class UpscaleConfig:
     compile: bool = True          # CUDA only: torch.compile the DiT's elementwise glue (falls back to eager)
     overlap_decode: bool = True   # CUDA, Tiny/Full: projector and decoder on a second stream, beside the DiT
     vram_budget: "str | float" = "auto"   # CUDA: GiB the run may use, or "auto" (free memory); picks the tiling
-    # The KV cache's values in int8 too (keys are already, under the INT8 kernel): ~1/3 less cache.
-    # Opt-in until its accuracy is measured on a GPU (docs/performance.md, "Int8 values"); takes
-    # effect only where the INT8 block-sparse kernel runs (enable, Hopper, no FA4), else ignored
-    # with the reason logged.
+    # The KV cache's values in int8 too (keys are already, under the INT8 kernel): ~1/3 less cache,
+    # ~8 % slower at 720p->4K (docs/performance.md, "Int8 values"). True: always, where the INT8
+    # block-sparse kernel runs (enable, Hopper, no FA4; else ignored with the reason logged). False:
+    # only where the planner needs them to keep a run untiled within vram_budget (memory.plan_run).
     kv_int8_values: bool = False
 
     def __post_init__(self) -> None:

@@ -9,6 +9,7 @@ torch is imported inside the functions, so ``flashvsr --help`` stays fast.
 from __future__ import annotations
 
 import os
+import sys
 
 from .config import PRECISIONS
 
@@ -89,3 +90,17 @@ def torch_dtype(precision: str, device: str):
     """The torch dtype of :func:`resolve_precision`."""
     import torch
     return getattr(torch, DTYPE_NAMES[resolve_precision(precision, device)])
+
+
+# PyTorch reads its CUDA allocator settings from these variables (the second is the newer name).
+ALLOC_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "PYTORCH_ALLOC_CONF")
+
+
+def allocator_settings() -> str:
+    """This process's CUDA allocator settings as they take effect (empty: PyTorch's defaults).
+    Expandable segments exist on Linux only; elsewhere PyTorch ignores them, so they are left out."""
+    text = ",".join(os.environ[name] for name in ALLOC_ENV if os.environ.get(name))
+    if not sys.platform.startswith("linux"):
+        text = ",".join(item for item in text.split(",") if not item.strip().startswith("expandable_segments"))
+    return text
+

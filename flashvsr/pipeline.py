@@ -20,7 +20,7 @@ import torch
 from ..attention import AttentionDispatcher
 from ..models.block_stream import block_bytes, set_streaming
 from .config import Mode, UpscaleConfig, Version, budget_gib
-from .devices import resolve_device
+from .devices import allocator_settings, resolve_device
 from .engine import memory
 from .engine.parallel import ParallelConfig, ParallelDiT, ProcessGroup, join, serve
 from .engine.stream import EngineModels, Tile, check_finite, run_stream, steady_period_ms
@@ -288,7 +288,9 @@ class FlashVSR:
         values = int8 and self._int8_values(cfg)      # int8 values go with the int8 keys (value_rows)
         return memory.MemoryInputs(self._weight_bytes(), self.mode, torch.finfo(self.dtype).bits // 8, int8,
                                    int(cfg.kv_ratio), self.dit.cfg.dim, self.dit.cfg.num_layers,
-                                   block_bytes(self.dit.blocks), values)
+                                   block_bytes(self.dit.blocks), values,
+                                   int8_values_allowed=int8 and self.parallel is None,
+                                   usable_share=memory.usable_share(allocator_settings()))
 
     def _int8_values(self, cfg: UpscaleConfig) -> bool:
         """``cfg.kv_int8_values`` where this pipeline can honour it: one process only (the workers of
@@ -298,8 +300,10 @@ class FlashVSR:
             return False
         return cfg.kv_int8_values
 
-    def _session(self, cfg: UpscaleConfig):
-        return self.attention.session(cfg.sageattention, int8_values=self._int8_values(cfg))
+    def _session(self, cfg: UpscaleConfig, plan: memory.Plan):
+        # int8 values asked for (ignored with a logged reason where the INT8 kernel does not run), or
+        # chosen by the plan to keep the run untiled
+        return self.attention.session(cfg.sageattention, int8_values=plan.int8_values or self._int8_values(cfg))
 
     def _weight_bytes(self, on_device: bool = False) -> int:
         """The networks' and prompt constants' bytes, as if all on the device (what the memory model
@@ -345,7 +349,7 @@ class FlashVSR:
         weight = torch.zeros((1, geom.out_h, geom.out_w, 1), dtype=torch.float32) if len(tiles) > 1 else None
         overlap = plan.tiles.overlap if plan.tiles else 0
         ramps = {tile: _ramp(tile, geom, overlap) for tile in tiles} if weight is not None else {}
-        attn = self._session(cfg)
+        attn = self._session(cfg, plan)
         done = 0
         downloads = DeferredDownload()
         starts = []                   # per batch of tiles: each chunk's DiT-start event (steady_fps)
@@ -409,7 +413,7 @@ class FlashVSR:
         log.info("[FlashVSR] %dx%d -> %dx%d (%s): %s", geom.in_w, geom.in_h, geom.out_w, geom.out_h,
                  self.mode.value, plan.describe())
         total = total_chunks(n_frames, geom.official) if n_frames else 0
-        attn = self._session(cfg)
+        attn = self._session(cfg, plan)
         self.last_stats = None
         self._stream_blocks(plan.streamed)
         start, done, count, starts = self._start_timing(), 0, 0, []

@@ -96,14 +96,15 @@ def _decoder_kind(case: Case) -> str:
 
 
 def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention: str = "disable",
-             fast: bool = False) -> CaseRun:
+             fast: bool = False, kv_int8_values: bool = False) -> CaseRun:
     """``fast`` (CUDA): the pipeline's own fast path (``FlashVSR.engine_models``: compiled DiT glue, the
     projector's stacked-tap convolutions, the compiled TCDecoder passes with the folded tail), to
     check it against the official outputs too."""
     p = case.meta["case_params"]
     cfg = UpscaleConfig(scale=float(p["scale"]), sparse_ratio=float(p["sparse_ratio"]),
                         kv_ratio=float(p["kv_ratio"]), local_range=int(p["local_range"]),
-                        color_fix="adain", preprocess="official", sageattention=sageattention)
+                        color_fix="adain", preprocess="official", sageattention=sageattention,
+                        kv_int8_values=kv_int8_values)
     dit = build_dit(case.weights("weights/dit/"), device, dtype)
     projector = build_projector(case.weights("weights/lq_proj/"), p["version"], device, dtype)
     if _decoder_kind(case) == "full":
@@ -140,7 +141,7 @@ def run_case(case: Case, dtype: torch.dtype, device: str = "cpu", sageattention:
         else:
             run.stage.setdefault(name, []).append(t.detach().float().cpu())
 
-    attn = AttentionDispatcher().session(sageattention)
+    attn = AttentionDispatcher().session(sageattention, int8_values=kv_int8_values)
     list(run_stream(models, FrameSource(frames), geom, cfg, attn, noise=case.tensors["input/noise"], observer=observe))
     run.attention = attn.report()
     run.decoded = torch.cat([f[0] for f in run.stage["frames_decoded"]], dim=1)

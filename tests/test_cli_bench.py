@@ -193,3 +193,13 @@ def test_oom_at_raises_once_at_its_chunk():
         hook(2, 5)
     hook(3, 5)                       # once only: the re-planned run goes on
     assert bench.oom_at(0) is None
+
+
+def test_table_shows_the_reserved_peak_and_the_cuda_allocator_settings():
+    params = _params(modes=("tiny",), sage=("enable",))
+    result = bench.BenchResult("tiny", "enable", 41, 10.0, 4.1, 9 * 2**30, 2**30, "triton-int8",
+                               peak_reserved_bytes=11 * 2**30)
+    env = dict(bench.environment("cpu"), gpu="NVIDIA H100 80GB HBM3", allocator="expandable_segments:True")
+    text = bench.table(bench.report(params, [result], env), markdown=True)
+    assert "| peak VRAM | predicted VRAM | peak reserved |" in text and "| 11.00 GiB |" in text
+    assert "NVIDIA H100 80GB HBM3" in text and "CUDA allocator expandable_segments:True" in text

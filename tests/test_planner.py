@@ -2,6 +2,8 @@
 pipeline (CPU, micro networks, an injected out-of-memory error)."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -74,7 +76,7 @@ def test_a_budget_too_small_for_untiled_picks_the_cheapest_tiles_that_fit():
             assert n * min(tile.height, 2176) * min(tile.width, 3840) >= cost
 
 
-@pytest.mark.parametrize("gib, strips", [(8, 3), (12, 2)])
+@pytest.mark.parametrize("gib, strips", [(8, 3), (10, 2)])
 def test_small_cards_run_768x1408_in_full_height_strips(gib, strips):
     plan = plan_run(inputs(), 768, 1408, gib * GiB, 128)
     assert plan.fits and plan.tiles is not None
@@ -220,10 +222,11 @@ def computed(plan, h, w):
 # (model h, w, budget GiB) -> (tile height, width, count, batch, streamed) with int8 keys (sage enable).
 CHOICES = [
     (2176, 3840, 24, (1152, 2048, 4, 1, False)),      # 720p/1080p -> 4K: 1.13x the frame's pixels
-    (2176, 3840, 16, (1152, 896, 10, 1, False)),
+    (2176, 3840, 16, (1152, 1408, 6, 1, False)),
     (2176, 3840, 8, (640, 768, 24, 1, False)),
     (768, 1408, 16, None),                            # untiled
-    (768, 1408, 12, (768, 768, 2, 1, False)),         # two full-height strips, not squares
+    (768, 1408, 12, None),                            # 9.77 GiB: 81 % of 12, within USABLE_SHARE
+    (768, 1408, 10, (768, 768, 2, 1, False)),         # two full-height strips, not squares
     (768, 1408, 8, (768, 640, 3, 1, False)),
     (768, 1408, 4, (768, 384, 5, 1, True)),           # nothing fits without streaming
 ]
@@ -291,3 +294,90 @@ def test_the_pipeline_counts_one_block_for_streaming(micro):
     mem = micro._memory_inputs(UpscaleConfig())
     block = sum(p.numel() * 4 for p in micro.dit.blocks[0].parameters())
     assert mem.block_bytes == block and mem.layers == len(micro.dit.blocks)
+
+
+# ---- int8 values chosen to keep a run untiled (issue #14 item 3) ----------------------------------
+
+def int8_capable(**kw):
+    return MemoryInputs(TINY_WEIGHTS, Mode.TINY, 2, True, 3, block_bytes=BLOCK, int8_values_allowed=True, **kw)
+
+
+def test_int8_values_keep_4k_untiled_where_bf16_values_would_need_tiles():
+    h, w = 2176, 3840
+    with_int8 = predict_peak(replace(int8_capable(), int8_values=True), h, w)
+    bf16 = predict_peak(int8_capable(), h, w)
+    assert bf16 / GiB == pytest.approx(52.36, abs=0.05) and with_int8 / GiB == pytest.approx(41.85, abs=0.05)
+    budget = int(with_int8 / memory.USABLE_SHARE) + 1            # fits with int8 values only
+    plan = plan_run(int8_capable(), h, w, budget, 128)
+    assert plan.tiles is None and plan.int8_values and plan.predicted_peak == with_int8
+    assert "untiled, KV cache values in int8" in plan.describe()
+    # where the INT8 kernel cannot read them (FA4, sage disable, several processes, no Hopper): tiles
+    tiled = plan_run(replace(int8_capable(), int8_values_allowed=False), h, w, budget, 128)
+    assert tiled.tiles is not None and not tiled.int8_values
+
+
+def test_int8_values_are_not_chosen_where_bf16_values_fit_or_tiles_are_needed_anyway():
+    h, w = 2176, 3840
+    roomy = plan_run(int8_capable(), h, w, 80 * GiB, 128)
+    assert roomy.tiles is None and not roomy.int8_values and "int8" not in roomy.describe()
+    tight = plan_run(int8_capable(), h, w, 24 * GiB, 128)
+    assert tight.tiles is not None and not tight.int8_values
+    asked = plan_run(int8_capable(int8_values=True), h, w, 24 * GiB, 128)     # the user's setting holds
+    assert asked.tiles is not None and asked.int8_values                       # fewer, larger tiles fit
+    assert memory.plan_cost(h, w, asked.tiles, asked.batch) < memory.plan_cost(h, w, tight.tiles, tight.batch)
+
+
+def test_the_pipeline_offers_int8_values_only_beside_int8_keys(micro, monkeypatch):
+    assert micro._memory_inputs(UpscaleConfig()).int8_values_allowed is False      # CPU: no INT8 kernel
+    chosen = memory.Plan(None, 1, 0, None, True, int8_values=True)
+    assert micro._session(UpscaleConfig(), chosen).int8_values is True
+    assert micro._session(UpscaleConfig(), replace(chosen, int8_values=False)).int8_values is False
+
+
+# ---- the allocator's headroom (docs/benchmarks.md, "Allocator headroom") --------------------------
+
+@pytest.mark.parametrize("conf, share", [
+    ("", memory.USABLE_SHARE),
+    ("expandable_segments:True", memory.EXPANDABLE_SHARE),
+    ("max_split_size_mb:512, expandable_segments:True", memory.EXPANDABLE_SHARE),
+    ("expandable_segments:False", memory.USABLE_SHARE),
+    ("backend:cudaMallocAsync", memory.USABLE_SHARE),            # ComfyUI's default: not measured
+    ("expandable_segments:True,backend:cudaMallocAsync", memory.USABLE_SHARE),
+])
+def test_the_usable_share_follows_the_allocator_settings(conf, share):
+    assert memory.usable_share(conf) == share
+
+
+def test_with_expandable_segments_4k_runs_untiled_on_a_48_gib_card_with_int8_values():
+    h, w, budget = 2176, 3840, 48 * GiB
+    roomy = replace(int8_capable(), usable_share=memory.EXPANDABLE_SHARE)
+    plan = plan_run(roomy, h, w, budget, 128)
+    assert plan.tiles is None and plan.int8_values and plan.share == memory.EXPANDABLE_SHARE
+    assert plan.predicted_peak / budget == pytest.approx(0.872, abs=0.002)     # measured: completes at 87 %
+    fixed = plan_run(int8_capable(), h, w, budget, 128)                        # fixed segments: ran out there
+    assert fixed.tiles is not None
+
+
+def test_a_retry_keeps_the_allocators_share():
+    roomy = replace(int8_capable(), usable_share=memory.EXPANDABLE_SHARE)
+    plan = plan_run(roomy, 2176, 3840, 48 * GiB, 128)
+    retry = plan_run(roomy, 2176, 3840, memory.shrink_budget(plan), 128)
+    assert retry.predicted_peak <= memory.RETRY_SHARE * plan.predicted_peak
+    assert memory.shrink_budget(plan) == int(plan.predicted_peak * memory.RETRY_SHARE / memory.EXPANDABLE_SHARE)
+
+
+def test_the_pipeline_plans_with_the_allocator_settings_of_its_process(micro, monkeypatch):
+    from comfyui_flashvsr.flashvsr import devices
+    for name in devices.ALLOC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    assert micro._memory_inputs(UpscaleConfig()).usable_share == memory.USABLE_SHARE
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    assert micro._memory_inputs(UpscaleConfig()).usable_share == memory.EXPANDABLE_SHARE
+    monkeypatch.setattr(devices.sys, "platform", "win32")             # PyTorch ignores them there
+    assert devices.allocator_settings() == ""
+    assert micro._memory_inputs(UpscaleConfig()).usable_share == memory.USABLE_SHARE
+    monkeypatch.setattr(devices.sys, "platform", "linux")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # the newer name
+    assert devices.allocator_settings() == "expandable_segments:True"

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Callable
 
 from .. import config
+from ..devices import allocator_settings
 from .common import add_gpus_argument, add_int8_values_argument, add_weights_argument, pixels
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,9 @@ class BenchResult:
     predicted_vram_bytes: int | None = None   # the planner's prediction for the run (RunStats)
     plan: str = ""
     replans: int = 0                          # out-of-memory re-plans in the run (RunStats.replans)
+    # The caching allocator's reserved peak: what a card of a given size must hold (the planner keeps
+    # the allocated peak within a share of the budget because of the difference: memory.usable_share).
+    peak_reserved_bytes: int | None = None
 
 
 def default_repeat(device: str) -> int:
@@ -172,13 +176,15 @@ def measure(pipe, frames, cfg: config.UpscaleConfig, device: str, mode: str, inj
             torch.cuda.synchronize(device)
         seconds = time.perf_counter() - start
     vram = torch.cuda.max_memory_allocated(device) if cuda else None
+    reserved = torch.cuda.max_memory_reserved(device) if cuda else None
     stats = getattr(result, "stats", None)
     attention = getattr(stats, "attention", "") or ""
     n = int(result.frames.shape[0])
     return BenchResult(mode, cfg.sageattention, n, seconds, n / seconds, vram, ram.peak_bytes,
                        str(attention), getattr(stats, "steady_fps", None),
                        predicted_vram_bytes=getattr(stats, "predicted_peak_bytes", None) or None,
-                       plan=getattr(stats, "plan", ""), replans=len(getattr(stats, "replans", ()) or ()))
+                       plan=getattr(stats, "plan", ""), replans=len(getattr(stats, "replans", ()) or ()),
+                       peak_reserved_bytes=reserved)
 
 
 def run(params: BenchParams, build: Callable[[str], object] | None = None) -> list[BenchResult]:
@@ -204,6 +210,7 @@ def run(params: BenchParams, build: Callable[[str], object] | None = None) -> li
                            for _ in range(params.repeat)), key=lambda r: r.seconds)
             median = runs[len(runs) // 2]
             results.append(replace(median, peak_vram_bytes=_max(r.peak_vram_bytes for r in runs),
+                                   peak_reserved_bytes=_max(r.peak_reserved_bytes for r in runs),
                                    peak_ram_bytes=_max(r.peak_ram_bytes for r in runs),
                                    steady_fps=_median(r.steady_fps for r in runs), runs=len(runs),
                                    replans=max(r.replans for r in runs),
@@ -285,6 +292,7 @@ def environment(device: str) -> dict:
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(device)
         env["compute_capability"] = "sm%d%d" % torch.cuda.get_device_capability(device)
+        env["allocator"] = allocator_settings() or "default"
     else:
         env["cpu"] = platform.processor() or platform.machine()
     for pkg in ("triton", "sageattention"):
@@ -328,7 +336,8 @@ def table(data: dict, markdown: bool = False) -> str:
     where = env.get("gpu") or env.get("cpu") or env["device"]
     head = [f"FlashVSR bench: {label}" for label in data["labels"]]
     head.append(f"{where}, torch {env['torch']}, triton {env['triton'] or '-'}, "
-                f"sageattention {env['sageattention'] or '-'}")
+                f"sageattention {env['sageattention'] or '-'}"
+                + (f", CUDA allocator {env['allocator']}" if env.get("allocator") else ""))
     head.append(f"output {p['out_h']}x{p['out_w']} (input {round(p['out_h'] / p['scale'])}x"
                 f"{round(p['out_w'] / p['scale'])}, x{p['scale']:g}), {p['frames']} frames, "
                 f"{p['precision']}, weights {p['version']}, "
@@ -344,11 +353,11 @@ def table(data: dict, markdown: bool = False) -> str:
                    if p.get("inject_oom") else "")
                 + f"median of {p['repeat']} run(s), range = slowest-fastest")
     cols = ["mode", "sageattention", "e2e fps", "e2e range", "steady fps", "steady range", "s/frame",
-            "peak VRAM", "predicted VRAM", "peak RAM", "attention ran", "plan"]
+            "peak VRAM", "predicted VRAM", "peak reserved", "peak RAM", "attention ran", "plan"]
     rows = [[r["mode"], r["sageattention"], f"{r['fps']:.2f}", _spread(r, "fps_range"),
              _fps(r.get("steady_fps")), _spread(r, "steady_fps_range"),
              f"{r['seconds'] / r['frames']:.3f}", _gib(r["peak_vram_bytes"]), _gib(r.get("predicted_vram_bytes")),
-             _gib(r["peak_ram_bytes"]), r["attention"] or "?", _plan(r.get("plan"), r.get("replans", 0))]
+             _gib(r.get("peak_reserved_bytes")), _gib(r["peak_ram_bytes"]), r["attention"] or "?", _plan(r.get("plan"), r.get("replans", 0))]
             for r in data["results"]]
     if markdown:
         lines = [f"**{h}**  " if i < len(data["labels"]) else f"{h}  " for i, h in enumerate(head)]

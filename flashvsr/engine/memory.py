@@ -18,7 +18,8 @@ The peak of a run (``torch.cuda.max_memory_allocated``) is the sum of:
 Each tile upsamples only its own window of the LQ frame (preprocess.Upsampler), so tiling adds
 nothing for the whole frame.
 
-The planner is a pure function of sizes: untiled when it fits the budget; else, among the tilings
+The planner is a pure function of sizes: untiled when it fits the budget; else untiled with the KV
+cache's values in int8 where the INT8 kernel can read them (``int8_values_allowed``); else, among the tilings
 (tile height and width chosen separately) and batch sizes (tiles per batch) that fit, the cheapest
 by :func:`plan_cost`; else the same with the DiT's blocks streamed from host memory; else the
 smallest tiles, streamed, with ``fits=False`` (the run is tried anyway; an out-of-memory error
@@ -27,7 +28,7 @@ re-plans).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..config import Mode
 from .preprocess import MULTIPLE
@@ -56,11 +57,24 @@ STREAM_FLOOR_PIXELS = 900_000
 MAX_BATCH = 16
 
 
-# The caching allocator reserves more than it hands out (split blocks, per-stream pools, cuDNN and
-# compile work buffers), and a card runs out when its *reserved* memory reaches the budget: plans
-# keep their predicted allocated peak to this share of the budget (docs/benchmarks.md, "VRAM planner").
-USABLE_SHARE = 0.8
+# A card runs out when the caching allocator's *reserved* memory reaches the budget, and it reserves
+# more than it hands out: plans keep their predicted allocated peak to a share of the budget that
+# depends on the allocator (docs/benchmarks.md, "Allocator headroom"). PyTorch's default (fixed
+# segments: split blocks, per-stream pools): plans at 81 % of a capped allocator completed, at
+# 85-90 % they ran out. With expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,
+# the user's choice) untiled plans at 87-95 % completed. ComfyUI's cudaMallocAsync: not measured.
+USABLE_SHARE = 0.82
+EXPANDABLE_SHARE = 0.9
 RETRY_SHARE = 0.85     # after an out-of-memory error: the next plan predicts at most this share of the failed one
+
+
+def usable_share(alloc_conf: str) -> float:
+    """The share of a budget a plan may predict, for the allocator settings ``alloc_conf``
+    (``PYTORCH_CUDA_ALLOC_CONF``'s text: comma-separated ``key:value`` pairs)."""
+    settings = dict(item.split(":", 1) for item in alloc_conf.replace(" ", "").split(",") if ":" in item)
+    native = settings.get("backend", "native") == "native"
+    expandable = settings.get("expandable_segments", "").lower() == "true"
+    return EXPANDABLE_SHARE if native and expandable else USABLE_SHARE
 
 
 @dataclass(frozen=True)
@@ -75,6 +89,10 @@ class MemoryInputs:
     layers: int = 30
     block_bytes: int = 0       # one DiT block's weights (0: streaming saves nothing, never planned)
     int8_values: bool = False  # KV values in int8 too (UpscaleConfig.kv_int8_values where it takes effect)
+    # The INT8 kernel can read int8 values here (int8 keys, one process): the planner may then keep a
+    # run untiled with int8 values rather than tile it (plan_run).
+    int8_values_allowed: bool = False
+    usable_share: float = USABLE_SHARE   # of a budget, for this process's allocator (usable_share())
 
 
 @dataclass(frozen=True)
@@ -97,6 +115,8 @@ class Plan:
     forced: bool = False       # the user's tile_size, not the planner's choice
     batch: int = 1             # tiles per batch (run in lockstep through projector and DiT)
     streamed: bool = False     # the DiT's blocks stream from host memory, two on the device
+    int8_values: bool = False  # the KV cache's values in int8 (asked for, or chosen to stay untiled)
+    share: float = USABLE_SHARE   # the share of the budget the plan kept its predicted peak to
 
     def describe(self) -> str:
         how = "untiled" if self.tiles is None else f"{self.tile_count} {self.tiles.describe()}"
@@ -104,6 +124,8 @@ class Plan:
             how += f" in batches of {self.batch}"
         if self.streamed:
             how += ", DiT blocks streamed from host memory (2 on the GPU)"
+        if self.int8_values:
+            how += ", KV cache values in int8"
         text = f"{how}, predicted peak {self.predicted_peak / GiB:.1f} GiB"
         if self.budget is not None:
             text += f" of a {self.budget / GiB:.1f} GiB budget"
@@ -184,11 +206,17 @@ def plan_run(inputs: MemoryInputs, model_h: int, model_w: int, budget: int | Non
         if budget is None:
             tile = shapes[0]
             return Plan(tile, tile_count(model_h, model_w, tile), predict_peak(inputs, model_h, model_w, tile),
-                        None, True, forced=True)
+                        None, True, forced=True, int8_values=inputs.int8_values, share=inputs.usable_share)
     else:
         peak = predict_peak(inputs, model_h, model_w)
-        if budget is None or peak <= usable(budget):
-            return Plan(None, 1, peak, budget, True)
+        if budget is None or peak <= usable(budget, inputs.usable_share):
+            return Plan(None, 1, peak, budget, True, int8_values=inputs.int8_values, share=inputs.usable_share)
+        if inputs.int8_values_allowed and not inputs.int8_values:
+            # Values in int8 change the frames less than tiles do (the official fixtures give the same
+            # PSNR with and without them: docs/benchmarks.md, "Int8 values"), so they come first.
+            peak = predict_peak(replace(inputs, int8_values=True), model_h, model_w)
+            if peak <= usable(budget, inputs.usable_share):
+                return Plan(None, 1, peak, budget, True, int8_values=True, share=inputs.usable_share)
         shapes = [None, *candidate_tiles(model_h, model_w, overlap)]
     forced = bool(forced_tile)
     for streamed in (False, True) if inputs.block_bytes else (False,):
@@ -197,19 +225,19 @@ def plan_run(inputs: MemoryInputs, model_h: int, model_w: int, budget: int | Non
             n = 1 if tile is None else tile_count(model_h, model_w, tile)
             for batch in batch_sizes(n):
                 peak = predict_peak(inputs, model_h, model_w, tile, batch, streamed)
-                if peak > usable(budget):
+                if peak > usable(budget, inputs.usable_share):
                     break                       # a larger batch only holds more
                 key = (plan_cost(model_h, model_w, tile, batch, streamed), peak)
                 if best is None or key < best[0]:
                     best = (key, tile, n, batch, peak)
         if best is not None:
             _, tile, n, batch, peak = best
-            return Plan(tile, n, peak, budget, True, forced, batch, streamed)
+            return Plan(tile, n, peak, budget, True, forced, batch, streamed, inputs.int8_values, inputs.usable_share)
     streamed = inputs.block_bytes > 0          # nothing fits: the least memory there is
     tile = min(shapes, key=lambda t: predict_peak(inputs, model_h, model_w, t, 1, streamed))
     n = 1 if tile is None else tile_count(model_h, model_w, tile)
     return Plan(tile, n, predict_peak(inputs, model_h, model_w, tile, 1, streamed), budget, False, forced,
-                1, streamed)
+                1, streamed, inputs.int8_values, inputs.usable_share)
 
 
 def batch_sizes(tiles: int) -> list[int]:
@@ -218,8 +246,8 @@ def batch_sizes(tiles: int) -> list[int]:
     return [b for b in range(1, min(tiles, MAX_BATCH) + 1) if tiles % b == 0]
 
 
-def usable(budget: int) -> int:
-    return int(budget * USABLE_SHARE)
+def usable(budget: int, share: float = USABLE_SHARE) -> int:
+    return int(budget * share)
 
 
 def candidate_tiles(model_h: int, model_w: int, overlap: int) -> list[TileShape]:
@@ -235,5 +263,5 @@ def candidate_tiles(model_h: int, model_w: int, overlap: int) -> list[TileShape]
 def shrink_budget(plan: Plan) -> int:
     """The budget for the retry after an out-of-memory error: one whose usable share is below what
     the failed plan predicted, so any plan that fits it is strictly smaller."""
-    wanted = int(plan.predicted_peak * RETRY_SHARE / USABLE_SHARE)
+    wanted = int(plan.predicted_peak * RETRY_SHARE / plan.share)
     return min(wanted, plan.budget) if plan.budget else wanted

@@ -47,3 +47,24 @@ def test_fast_path_on_cuda_meets_the_bf16_gate(case, sage):
     assert "reference" not in sparse, f"the fast path fell back to the reference: {run.attention}"
     if AttentionDispatcher().fa4_serves(torch.device("cuda"), torch.bfloat16):
         assert sparse == ["fa4"], sparse
+
+
+def test_int8_kv_values_meet_the_bf16_gate_where_the_int8_kernel_runs(case):
+    """``kv_int8_values`` (keys and values of the KV cache in int8, read by the INT8 kernel): the same
+    gate as the bf16 path against the official float32 frames, and the kernel really kept them."""
+    from comfyui_flashvsr.attention import AttentionDispatcher
+
+    if AttentionDispatcher().fa4_serves(torch.device("cuda"), torch.bfloat16):
+        pytest.skip("FA4 serves block-sparse calls here and reads no int8 values (run without FA4)")
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("int8 values are read by the INT8 kernel on Hopper only")
+    run = run_case(case, torch.bfloat16, device="cuda", sageattention="enable", fast=True, kv_int8_values=True)
+    t = case.tensors
+    ref = t["fp32/frames_final"] if "fp32/frames_final" in t else t["fp32/frames_final_s2"]
+    ours = run.final.float()
+    if "fp32/frames_final" not in t:
+        ours = ours[..., ::2, ::2]
+    psnr = _psnr(ours, ref)
+    print(f"{case.meta.get('case')} int8 keys+values: {psnr:.2f} dB, {run.attention.get('int8_values')}")
+    assert run.attention["int8_values"] == {"asked": True, "kept": True}, run.attention
+    assert psnr >= BF16_GATE_DB, f"{psnr:.2f} dB with int8 values"
