@@ -17,7 +17,7 @@ modes can run one after the other in one process.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Optional
 
 import torch
@@ -150,6 +150,7 @@ class AttentionDispatcher:
         self._said: set = set()
         self._capabilities: dict = {}
         self._flex = CompiledFlex()
+        self._without_fa4: Optional["AttentionDispatcher"] = None
         # name -> (refusal(q, k, v, mode) -> reason or None,
         #          run(q, k, v, lut, counts, mode, key_mean) -> out)
         self.sparse_runners: dict[str, tuple[Callable, Callable]] = {
@@ -163,6 +164,19 @@ class AttentionDispatcher:
 
     def session(self, mode: str = SageAttention.ENABLE.value, int8_values: bool = False) -> AttentionSession:
         return AttentionSession(self, mode, int8_values)
+
+    def without_fa4(self) -> "AttentionDispatcher":
+        """This dispatcher with FA4 set aside (same probes, same log; made once): where FA4 would
+        serve, ``enable`` then runs the INT8 kernel and its int8 KV cache, which a run planner picks
+        when only that cache fits (flashvsr/engine/memory.py, ``plan_run``)."""
+        if "fa4" not in self.config.sparse_backends:
+            return self
+        if self._without_fa4 is None:
+            order = tuple(b for b in self.config.sparse_backends if b != "fa4")
+            self._without_fa4 = AttentionDispatcher(replace(self.config, sparse_backends=order),
+                                                    sage=self._sage, fa4=self._fa4, log=self._log)
+            self._without_fa4._capabilities = self._capabilities
+        return self._without_fa4
 
     @property
     def fa4(self) -> FA4Probe:

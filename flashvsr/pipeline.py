@@ -284,12 +284,16 @@ class FlashVSR:
 
     def _memory_inputs(self, cfg: UpscaleConfig) -> memory.MemoryInputs:
         probe = torch.empty(0, device=self.device, dtype=self.dtype)
-        int8 = self.device.type == "cuda" and self.attention.key_rows(cfg.sageattention, probe) is not None
+        cuda = self.device.type == "cuda"
+        int8 = cuda and self.attention.key_rows(cfg.sageattention, probe) is not None
+        # the INT8 kernel could serve where FA4 does now (a plan may choose it: Plan.int8_kernel)
+        possible = int8 or (cuda and self.attention.without_fa4().key_rows(cfg.sageattention, probe) is not None)
         values = int8 and self._int8_values(cfg)      # int8 values go with the int8 keys (value_rows)
         return memory.MemoryInputs(self._weight_bytes(), self.mode, torch.finfo(self.dtype).bits // 8, int8,
                                    int(cfg.kv_ratio), self.dit.cfg.dim, self.dit.cfg.num_layers,
                                    block_bytes(self.dit.blocks), values,
-                                   int8_values_allowed=int8 and self.parallel is None,
+                                   int8_keys_allowed=possible and self.parallel is None,
+                                   int8_values_allowed=possible and self.parallel is None,
                                    usable_share=memory.usable_share(allocator_settings()))
 
     def _int8_values(self, cfg: UpscaleConfig) -> bool:
@@ -302,7 +306,10 @@ class FlashVSR:
 
     def _session(self, cfg: UpscaleConfig, plan: memory.Plan):
         # int8 values asked for (ignored with a logged reason where the INT8 kernel does not run), or
-        # chosen by the plan to keep the run untiled
+        # chosen by the plan to keep the run untiled, as the INT8 kernel instead of FA4 may be
+        # (the INT8 kernel's int8 values exactly as planned then: asking for them is for where it runs anyway)
+        if plan.int8_kernel:
+            return self.attention.without_fa4().session(cfg.sageattention, int8_values=plan.int8_values)
         return self.attention.session(cfg.sageattention, int8_values=plan.int8_values or self._int8_values(cfg))
 
     def _weight_bytes(self, on_device: bool = False) -> int:

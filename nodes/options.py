@@ -150,8 +150,9 @@ ADVANCED_INPUTS: tuple[Widget, ...] = (
            label_on="compile", label_off="eager"),
     _seed(),
     Widget("FLOAT", "vram_budget_gib", "GPU memory this run may use, in GiB; 0 = auto (the free memory). "
-           "The run is planned for it: untiled when it fits, else spatial tiles (tile_size > 0 wins); "
-           "the node's report gives the plan and its predicted peak.",
+           "The run is planned for it: untiled when it fits (with sageattention enable on Hopper, also "
+           "untiled with the KV cache's values in int8 when only that fits), else spatial tiles "
+           "(tile_size > 0 wins); the node's report gives the plan and its predicted peak.",
            default=0.0, min=0.0, max=1024.0, step=0.5),
     # A dropdown, so ComfyUI itself refuses a count this server cannot run, on this input alone
     # (a validator's message would land on every input it names). Optional: API prompts saved

@@ -163,3 +163,15 @@ def test_doctor_says_whether_fa4_is_usable(monkeypatch):
     assert "not usable (import flash_attn.cute failed: X)" in line.detail and "[fa4]" in line.detail
     monkeypatch.setattr(fa4, "probe_fa4", fake_probe)
     assert next(c for c in doctor.package_checks() if c.name == "flash-attn-4").detail == "4.0.0b36"
+
+
+def test_without_fa4_is_the_same_dispatcher_with_fa4_set_aside(monkeypatch):
+    monkeypatch.setattr(AttentionDispatcher, "capability", lambda self, device: (9, 0))
+    hopper = AttentionDispatcher(fa4=fake_probe())
+    cuda = torch.device("cuda")
+    aside = hopper.without_fa4()
+    assert hopper.fa4_serves(cuda, torch.bfloat16) and not aside.fa4_serves(cuda, torch.bfloat16)
+    assert aside.uses_int8("enable", cuda, torch.bfloat16) and not aside.uses_int8("disable", cuda)
+    assert aside.config.sparse_backends == tuple(b for b in hopper.config.sparse_backends if b != "fa4")
+    assert aside is hopper.without_fa4() and aside.fa4 is hopper.fa4      # made once, probes shared
+    assert aside.without_fa4() is aside

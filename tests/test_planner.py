@@ -381,3 +381,37 @@ def test_the_pipeline_plans_with_the_allocator_settings_of_its_process(micro, mo
     monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
     monkeypatch.setenv("PYTORCH_ALLOC_CONF", "expandable_segments:True")  # the newer name
     assert devices.allocator_settings() == "expandable_segments:True"
+
+
+# ---- the INT8 kernel instead of FA4 where only its cache fits (issue #14) -------------------------
+
+def fa4_served(**kw):
+    """FA4 serves (bf16 keys), the INT8 kernel could: what a Hopper GPU with FA4 installed reports."""
+    return MemoryInputs(TINY_WEIGHTS, Mode.TINY, 2, False, 3, block_bytes=BLOCK, int8_keys_allowed=True,
+                        int8_values_allowed=True, **kw)
+
+
+def test_where_fa4_keys_do_not_fit_the_int8_kernel_keeps_the_run_untiled():
+    h, w = 2176, 3840
+    bf16 = predict_peak(fa4_served(), h, w)
+    keys = predict_peak(replace(fa4_served(), int8_keys=True), h, w)
+    both = predict_peak(replace(fa4_served(), int8_keys=True, int8_values=True), h, w)
+    assert bf16 > keys > both
+    roomy = plan_run(fa4_served(), h, w, int(bf16 / memory.USABLE_SHARE) + 1, 128)
+    assert roomy.tiles is None and not roomy.int8_kernel and not roomy.int8_values          # FA4 as installed
+    plan = plan_run(fa4_served(), h, w, int(keys / memory.USABLE_SHARE) + 1, 128)
+    assert plan.tiles is None and plan.int8_kernel and not plan.int8_values and plan.predicted_peak == keys
+    assert "INT8 kernel instead of FA4 (int8 keys)" in plan.describe()
+    tight = plan_run(fa4_served(), h, w, int(both / memory.USABLE_SHARE) + 1, 128)
+    assert tight.tiles is None and tight.int8_kernel and tight.int8_values
+    tiled = plan_run(fa4_served(), h, w, 24 * GiB, 128)                  # nothing untiled fits: FA4's tiles
+    assert tiled.tiles is not None and not tiled.int8_kernel and not tiled.int8_values
+    # where the INT8 kernel runs anyway there is nothing to switch
+    assert not plan_run(int8_capable(), h, w, int(keys / memory.USABLE_SHARE) + 1, 128).int8_kernel
+
+
+def test_the_pipeline_sets_fa4_aside_only_for_a_plan_that_says_so(micro):
+    assert micro._memory_inputs(UpscaleConfig()).int8_keys_allowed is False    # CPU: no INT8 kernel
+    switched = memory.Plan(None, 1, 0, None, True, int8_kernel=True)
+    assert micro._session(UpscaleConfig(), switched).dispatcher is micro.attention.without_fa4()
+    assert micro._session(UpscaleConfig(), replace(switched, int8_kernel=False)).dispatcher is micro.attention

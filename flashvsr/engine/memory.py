@@ -18,8 +18,9 @@ The peak of a run (``torch.cuda.max_memory_allocated``) is the sum of:
 Each tile upsamples only its own window of the LQ frame (preprocess.Upsampler), so tiling adds
 nothing for the whole frame.
 
-The planner is a pure function of sizes: untiled when it fits the budget; else untiled with the KV
-cache's values in int8 where the INT8 kernel can read them (``int8_values_allowed``); else, among the tilings
+The planner is a pure function of sizes: untiled when it fits the budget; else untiled with a smaller
+KV cache where allowed (int8 keys by the INT8 kernel instead of FA4, then int8 values too:
+:func:`smaller_caches`); else, among the tilings
 (tile height and width chosen separately) and batch sizes (tiles per batch) that fit, the cheapest
 by :func:`plan_cost`; else the same with the DiT's blocks streamed from host memory; else the
 smallest tiles, streamed, with ``fits=False`` (the run is tried anyway; an out-of-memory error
@@ -89,8 +90,10 @@ class MemoryInputs:
     layers: int = 30
     block_bytes: int = 0       # one DiT block's weights (0: streaming saves nothing, never planned)
     int8_values: bool = False  # KV values in int8 too (UpscaleConfig.kv_int8_values where it takes effect)
-    # The INT8 kernel can read int8 values here (int8 keys, one process): the planner may then keep a
-    # run untiled with int8 values rather than tile it (plan_run).
+    # What the planner may change to keep a run untiled rather than tile it (plan_run): int8 keys, where
+    # the INT8 kernel could serve if FA4 stepped aside; int8 values, where the INT8 kernel can read
+    # them (one process).
+    int8_keys_allowed: bool = False
     int8_values_allowed: bool = False
     usable_share: float = USABLE_SHARE   # of a budget, for this process's allocator (usable_share())
 
@@ -116,6 +119,7 @@ class Plan:
     batch: int = 1             # tiles per batch (run in lockstep through projector and DiT)
     streamed: bool = False     # the DiT's blocks stream from host memory, two on the device
     int8_values: bool = False  # the KV cache's values in int8 (asked for, or chosen to stay untiled)
+    int8_kernel: bool = False  # chosen to stay untiled: the INT8 kernel and int8 keys instead of FA4's bf16
     share: float = USABLE_SHARE   # the share of the budget the plan kept its predicted peak to
 
     def describe(self) -> str:
@@ -124,6 +128,8 @@ class Plan:
             how += f" in batches of {self.batch}"
         if self.streamed:
             how += ", DiT blocks streamed from host memory (2 on the GPU)"
+        if self.int8_kernel:
+            how += ", INT8 kernel instead of FA4 (int8 keys)"
         if self.int8_values:
             how += ", KV cache values in int8"
         text = f"{how}, predicted peak {self.predicted_peak / GiB:.1f} GiB"
@@ -211,12 +217,13 @@ def plan_run(inputs: MemoryInputs, model_h: int, model_w: int, budget: int | Non
         peak = predict_peak(inputs, model_h, model_w)
         if budget is None or peak <= usable(budget, inputs.usable_share):
             return Plan(None, 1, peak, budget, True, int8_values=inputs.int8_values, share=inputs.usable_share)
-        if inputs.int8_values_allowed and not inputs.int8_values:
-            # Values in int8 change the frames less than tiles do (the official fixtures give the same
-            # PSNR with and without them: docs/benchmarks.md, "Int8 values"), so they come first.
-            peak = predict_peak(replace(inputs, int8_values=True), model_h, model_w)
+        # A smaller KV cache changes the frames less than tiles do (the official fixtures give the
+        # same PSNR with int8 keys and values as with bf16: docs/benchmarks.md, "Int8 values").
+        for cache in smaller_caches(inputs):
+            peak = predict_peak(cache, model_h, model_w)
             if peak <= usable(budget, inputs.usable_share):
-                return Plan(None, 1, peak, budget, True, int8_values=True, share=inputs.usable_share)
+                return Plan(None, 1, peak, budget, True, int8_values=cache.int8_values,
+                            int8_kernel=cache.int8_keys and not inputs.int8_keys, share=inputs.usable_share)
         shapes = [None, *candidate_tiles(model_h, model_w, overlap)]
     forced = bool(forced_tile)
     for streamed in (False, True) if inputs.block_bytes else (False,):
@@ -232,12 +239,24 @@ def plan_run(inputs: MemoryInputs, model_h: int, model_w: int, budget: int | Non
                     best = (key, tile, n, batch, peak)
         if best is not None:
             _, tile, n, batch, peak = best
-            return Plan(tile, n, peak, budget, True, forced, batch, streamed, inputs.int8_values, inputs.usable_share)
+            return Plan(tile, n, peak, budget, True, forced, batch, streamed, int8_values=inputs.int8_values,
+                        share=inputs.usable_share)
     streamed = inputs.block_bytes > 0          # nothing fits: the least memory there is
     tile = min(shapes, key=lambda t: predict_peak(inputs, model_h, model_w, t, 1, streamed))
     n = 1 if tile is None else tile_count(model_h, model_w, tile)
     return Plan(tile, n, predict_peak(inputs, model_h, model_w, tile, 1, streamed), budget, False, forced,
-                1, streamed, inputs.int8_values, inputs.usable_share)
+                1, streamed, int8_values=inputs.int8_values, share=inputs.usable_share)
+
+
+def smaller_caches(inputs: MemoryInputs) -> list[MemoryInputs]:
+    """The KV cache formats an untiled run may fall back to, largest first: int8 keys (the INT8 kernel
+    instead of FA4), then int8 keys and values."""
+    out = []
+    if inputs.int8_keys_allowed and not inputs.int8_keys:
+        out.append(replace(inputs, int8_keys=True))
+    if inputs.int8_values_allowed and not inputs.int8_values:
+        out.append(replace(inputs, int8_keys=True, int8_values=True))
+    return out
 
 
 def batch_sizes(tiles: int) -> list[int]:

@@ -2,6 +2,7 @@
 re-plans and gives exactly the frames of the smaller plan; the weights stay loaded and nothing of
 the failed run stays allocated. Skipped without CUDA."""
 import gc
+from dataclasses import replace
 
 import pytest
 import torch
@@ -48,3 +49,30 @@ def test_out_of_memory_mid_run_replans_and_frees_the_failed_run(monkeypatch):
     assert torch.equal(result.frames, expected)
     gc.collect()
     assert torch.cuda.memory_allocated() == idle       # weights only: the failed run left nothing behind
+
+
+def test_a_budget_that_only_an_int8_cache_fits_runs_untiled_on_the_int8_kernel():
+    """Hopper with ``enable``: a budget between the int8 cache's predicted peak and the bf16 one gives an
+    untiled run with int8 keys and values (the INT8 kernel, FA4 set aside where installed), and frames
+    within int8 rounding of the roomy run's."""
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the INT8 kernel runs on Hopper only")
+    pipe = FlashVSR.random(mode="tiny", device="cuda", dtype=torch.bfloat16, size="tiny")
+    frames = torch.rand((29, 96, 160, 3), generator=torch.Generator().manual_seed(0))   # 384x640 output
+    roomy_cfg = UpscaleConfig(sageattention="enable", compile=False)
+    inputs = pipe._memory_inputs(roomy_cfg)
+    assert inputs.int8_values_allowed
+    geom = plan_geometry(96, 160, roomy_cfg.scale, False)
+    smallest = memory.predict_peak(replace(inputs, int8_keys=True, int8_values=True), geom.model_h, geom.model_w)
+    budget_gib = (smallest / inputs.usable_share + 2**20) / memory.GiB
+    tight_cfg = UpscaleConfig(sageattention="enable", compile=False, vram_budget=budget_gib)
+    plan = pipe.plan(96, 160, tight_cfg)
+    assert plan.tiles is None and plan.int8_values and plan.predicted_peak == smallest, plan.describe()
+    roomy = pipe.upscale(frames, roomy_cfg)
+    tight = pipe.upscale(frames, tight_cfg)
+    assert "KV cache values in int8" in tight.stats.attention and "triton-int8" in tight.stats.attention
+    assert "KV cache values in int8" not in roomy.stats.attention
+    mse = torch.mean((tight.frames.double() - roomy.frames.double()) ** 2).item()
+    psnr = 10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-20))).item()
+    print(f"int8 cache vs bf16 values: {psnr:.1f} dB; {tight.stats.plan}")
+    assert psnr > 30, psnr
