@@ -60,10 +60,10 @@ MAX_BATCH = 16
 
 # A card runs out when the caching allocator's *reserved* memory reaches the budget, and it reserves
 # more than it hands out: plans keep their predicted allocated peak to a share of the budget that
-# depends on the allocator (docs/benchmarks.md, "Allocator headroom"). PyTorch's default (fixed
-# segments: split blocks, per-stream pools): plans at 81 % of a capped allocator completed, at
-# 85-90 % they ran out. With expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True,
-# the user's choice) untiled plans at 87-95 % completed. ComfyUI's cudaMallocAsync: not measured.
+# depends on the allocator. PyTorch's default (fixed segments: split blocks, per-stream pools) needs
+# more headroom than expandable segments (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True, the
+# user's choice); each share is what runs under a capped allocator showed to complete
+# (docs/benchmarks.md, "Allocator headroom"). ComfyUI's cudaMallocAsync is not measured: the default.
 USABLE_SHARE = 0.82
 EXPANDABLE_SHARE = 0.9
 RETRY_SHARE = 0.85     # after an out-of-memory error: the next plan predicts at most this share of the failed one
