@@ -28,16 +28,12 @@ def _scaled_tiles(values: torch.Tensor, rows: int, scales: torch.Tensor) -> torc
 
 
 @dataclass(frozen=True)
-class QuantizedKeys:
-    """Keys kept as int8 (a KV ring's, for the INT8-QK kernel): ``key = values * scale + shift``.
-
-    values (B, H, L, D) int8 in any layout with a contiguous last dim; scales (B, H, L / rows) float32,
-    one per ``rows`` keys; shift (B, H, D) float32, the same vector for every key (the softmax of a
-    query row ignores it, so the INT8 kernel never adds it back); dtype: the keys' own dtype.
-    """
+class Int8Tiles:
+    """A KV ring's keys or values kept as int8 for the INT8 kernel: values (B, H, L, D) int8 in any
+    layout with a contiguous last dim, float32 ``scales`` per ``rows`` of them, ``dtype`` the
+    tensors' own dtype (what ``dequantize`` returns)."""
     values: torch.Tensor
     scales: torch.Tensor
-    shift: torch.Tensor
     rows: int
     dtype: torch.dtype
 
@@ -46,18 +42,26 @@ class QuantizedKeys:
         return self.values.shape
 
     def dequantize(self) -> torch.Tensor:
-        """The keys as a (B, H, L, D) tensor of ``dtype`` (for the backends that need them: int8
-        rounding included)."""
+        """The tensor as (B, H, L, D) of ``dtype``, int8 rounding included (for the backends that need it)."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class QuantizedKeys(Int8Tiles):
+    """Keys: ``key = values * scale + shift``, scales (B, H, L / rows), one per ``rows`` keys; shift
+    (B, H, D) float32, the same vector for every key (the softmax of a query row ignores it, so the
+    INT8 kernel never adds it back)."""
+    shift: torch.Tensor
+
+    def dequantize(self) -> torch.Tensor:
         keys = _scaled_tiles(self.values, self.rows, self.scales[..., None, None]) + self.shift[:, :, None, :]
         return keys.to(self.dtype)
 
 
 @dataclass(frozen=True)
-class QuantizedValues:
-    """Values kept as int8 (a KV ring's, for the INT8 kernel): ``value = values * scale``.
-
-    values (B, H, L, D) int8 in any layout with a contiguous last dim; scales (B, H, L / rows, D)
-    float32, one per (``rows`` values, head, channel), contiguous; dtype: the values' own dtype.
+class QuantizedValues(Int8Tiles):
+    """Values: ``value = values * scale``, scales (B, H, L / rows, D), one per (``rows`` values,
+    head, channel), contiguous.
 
     Why per channel of a tile of ``rows`` (the INT8 kernel's key tile, 64 on Hopper): a value's
     channels differ in range (Sage-class methods scale V per channel for this reason), so one scale
@@ -67,17 +71,8 @@ class QuantizedValues:
     that int8 saves). Symmetric, no shift: the per-channel scales already follow each channel's own
     range, and a shift would need adding back after the softmax (docs/performance.md, "Int8 values").
     """
-    values: torch.Tensor
-    scales: torch.Tensor
-    rows: int
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.values.shape
 
     def dequantize(self) -> torch.Tensor:
-        """The values as a (B, H, L, D) tensor of ``dtype`` (int8 rounding included)."""
         return _scaled_tiles(self.values, self.rows, self.scales[:, :, :, None, :]).to(self.dtype)
 
     def like(self) -> torch.Tensor:

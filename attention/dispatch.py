@@ -23,8 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, QuantizedKeys, QuantizedValues, build_lut,
-                           check_block_sparse_inputs, masked_reference, quantize_tiles_reference,
+from .block_sparse import (BLOCK, REFERENCE_MASK_BUDGET, CompiledFlex, Int8Tiles, QuantizedKeys, QuantizedValues,
+                           build_lut, check_block_sparse_inputs, masked_reference, quantize_tiles_reference,
                            quantize_value_tiles_reference)
 from .compile_guard import opaque_to_compile
 from .fa4 import SPARSE_ARCHS as FA4_ARCHS, FA4Probe, fa4_block_sparse, fa4_refusal, probe_fa4
@@ -504,7 +504,7 @@ class AttentionDispatcher:
 
 def _plain(t):
     """Keys or values as a tensor: ``QuantizedKeys`` / ``QuantizedValues`` dequantised, a tensor as it is."""
-    return t.dequantize() if isinstance(t, (QuantizedKeys, QuantizedValues)) else t
+    return t.dequantize() if isinstance(t, Int8Tiles) else t
 
 
 __all__ = ["AttentionConfig", "AttentionDispatcher", "AttentionSession", "BLOCK", "MODES"]

@@ -294,7 +294,8 @@ class KVRing:
         """The ring's keys for the attention call: a (1, H, L, D) view, or ``QuantizedKeys``."""
         if not self.key_rows:
             return heads_view(self.k, heads)
-        return QuantizedKeys(heads_view(self.k, heads), self.k_scales, self.k_shift, self.key_rows, self.pooled.dtype)
+        return QuantizedKeys(heads_view(self.k, heads), self.k_scales, self.key_rows, self.pooled.dtype,
+                             shift=self.k_shift)
 
     def values(self, heads: int):
         """The ring's values for the attention call: a (1, H, L, D) view, or ``QuantizedValues``."""

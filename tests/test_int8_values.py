@@ -71,7 +71,7 @@ CHILD = textwrap.dedent("""
         ks = torch.zeros(1, heads, nk * BLOCK // rows)
         shift = k.float().mean(dim=2)
         tk.quantize_tiles(k, rows, 1.0, shift, out=(k8, ks))
-        keys = QuantizedKeys(k8, ks, shift, rows, k.dtype)
+        keys = QuantizedKeys(k8, ks, rows, k.dtype, shift=shift)
         results[name + " int8 keys"] = measure(tk.block_sparse_attention_int8(q, keys, values, lut, counts, config), ref)
     # the Triton quantiser against the torch one, into the middle slot of a wider ring
     t8, ts = quantize_value_tiles_reference(v, 64)

@@ -191,7 +191,7 @@ def test_int8_kernel_takes_keys_quantised_in_a_ring_layout(sparse_case):
     scales = torch.zeros(1, HEADS, LK // 64, device="cuda")
     shift = k[:, :, :8448].float().mean(dim=2)
     tk.quantize_tiles(k, 64, 1.0, shift, out=(ring, scales))
-    keys = QuantizedKeys(ring, scales, shift, 64, k.dtype)
+    keys = QuantizedKeys(ring, scales, 64, k.dtype, shift=shift)
     lut, counts = build_lut(mask)
     out = tk.block_sparse_attention_int8(q, keys, v, lut, counts, tk.default_config(torch.cuda.get_device_capability(), int8=True))
     assert cosine(out, ref) >= 0.999 and rel_l2(out, ref) <= 0.03
@@ -225,7 +225,7 @@ def test_int8_kernel_with_int8_values_meets_the_sage_accuracy_thresholds(sparse_
         k_scales = torch.zeros(1, HEADS, LK // rows, device="cuda")
         shift = k[:, :, :8448].float().mean(dim=2)
         tk.quantize_tiles(k, rows, 1.0, shift, out=(k8, k_scales))
-        k = QuantizedKeys(k8, k_scales, shift, rows, k.dtype)
+        k = QuantizedKeys(k8, k_scales, rows, k.dtype, shift=shift)
     lut, counts = build_lut(mask)
     out = tk.block_sparse_attention_int8(q, k, values, lut, counts, config)
     plain_v = tk.block_sparse_attention_int8(q, k, v, lut, counts, config)
