@@ -31,8 +31,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
+from ...models.wan_vae import DEFAULT_MAX_PASS_ELEMENTS, WanVAEConfig
 from ..config import Mode
 from .preprocess import MULTIPLE
+from .schedule import chunk
 
 GiB = 2 ** 30
 MIN_TILE = 256                 # UpscaleConfig's smallest tile (two 128-pixel windows)
@@ -48,6 +50,21 @@ VALUE_SCALE_ROWS = 64          # int8 values per float32 scale and channel: the 
 WORKING_BASE = {Mode.TINY: 0.09 * GiB, Mode.TINY_LONG: 0.09 * GiB, Mode.FULL: 0.09 * GiB}
 WORKING_PER_PIXEL = {Mode.TINY: 1.81 * GiB / 1e6, Mode.TINY_LONG: 1.75 * GiB / 1e6,
                      Mode.FULL: 9.67 * GiB / 1e6}
+# Full's Wan VAE decoder runs each layer in passes of up to max_pass_elements per tile, splitting a
+# chunk in time (models/wan_vae.py): 4 frames of a 768x1408 stream's full-resolution stage fill a
+# pass, 16 of the 21 frames chunk 0 decodes do at 512x512, so a small tile's pass does not shrink
+# with its pixels until the chunk's frames no longer fill it. Per stream, Full's working set is at
+# least the pass's share of PASS_FLOOR's bytes + its per-pixel rest; fitted to Full at 768x1408 and
+# to 2 x 512x512 tiles of 720p->4K (15.14 GiB; docs/benchmarks.md, session 5). The lines meet at
+# 768x1408; above, where one frame alone passes the budget (unmeasured), the steeper line stays.
+PASS_FLOOR = {Mode.FULL: (2.94 * GiB, 6.95 * GiB / 1e6)}   # (bytes of a full pass, bytes per pixel)
+
+
+def pass_fill(pixels: int) -> float:
+    """How full the Wan VAE decoder's largest pass is for a stream of ``pixels`` (chunk 0's frames at
+    the full-resolution stage against the pass budget), at most 1."""
+    frames = chunk(0).out_end - chunk(0).out_start
+    return min(1.0, frames * WanVAEConfig().base_dim * pixels / DEFAULT_MAX_PASS_ELEMENTS)
 
 # The time of one pass of a chunk through the pipeline, in model pixels of GPU work
 # (docs/performance.md, "Tile cost"): a pass costs at least the host's time to queue a DiT chunk
@@ -159,7 +176,12 @@ def kv_cache_bytes(inputs: MemoryInputs, model_h: int, model_w: int) -> int:
 
 def working_bytes(inputs: MemoryInputs, model_h: int, model_w: int, batch: int = 1) -> int:
     scale = inputs.dtype_bytes / 2
-    return int(scale * (WORKING_BASE[inputs.mode] + WORKING_PER_PIXEL[inputs.mode] * batch * model_h * model_w))
+    pixels = model_h * model_w
+    per_stream = WORKING_PER_PIXEL[inputs.mode] * pixels
+    if inputs.mode in PASS_FLOOR:
+        full_pass, per_pixel = PASS_FLOOR[inputs.mode]
+        per_stream = max(per_stream, full_pass * pass_fill(pixels) + per_pixel * pixels)
+    return int(scale * (WORKING_BASE[inputs.mode] + batch * per_stream))
 
 
 def weight_bytes(inputs: MemoryInputs, streamed: bool = False) -> int:
