@@ -289,11 +289,11 @@ class FlashVSR:
         # the INT8 kernel could serve where FA4 does now (a plan may choose it: Plan.int8_kernel)
         possible = int8 or (cuda and self.attention.without_fa4().key_rows(cfg.sageattention, probe) is not None)
         values = int8 and self._int8_values(cfg)      # int8 values go with the int8 keys (value_rows)
+        fallback = possible and self.parallel is None
         return memory.MemoryInputs(self._weight_bytes(), self.mode, torch.finfo(self.dtype).bits // 8, int8,
                                    int(cfg.kv_ratio), self.dit.cfg.dim, self.dit.cfg.num_layers,
                                    block_bytes(self.dit.blocks), values,
-                                   int8_keys_allowed=possible and self.parallel is None,
-                                   int8_values_allowed=possible and self.parallel is None,
+                                   int8_keys_allowed=fallback, int8_values_allowed=fallback,
                                    usable_share=memory.usable_share(allocator_settings()))
 
     def _int8_values(self, cfg: UpscaleConfig) -> bool:

@@ -60,11 +60,13 @@ WORKING_PER_PIXEL = {Mode.TINY: 1.81 * GiB / 1e6, Mode.TINY_LONG: 1.75 * GiB / 1
 PASS_FLOOR = {Mode.FULL: (2.94 * GiB, 6.95 * GiB / 1e6)}   # (bytes of a full pass, bytes per pixel)
 
 
+# The stream size (pixels) at which chunk 0's frames at the full-resolution stage fill one pass.
+PASS_PIXELS = DEFAULT_MAX_PASS_ELEMENTS / ((chunk(0).out_end - chunk(0).out_start) * WanVAEConfig().base_dim)
+
+
 def pass_fill(pixels: int) -> float:
-    """How full the Wan VAE decoder's largest pass is for a stream of ``pixels`` (chunk 0's frames at
-    the full-resolution stage against the pass budget), at most 1."""
-    frames = chunk(0).out_end - chunk(0).out_start
-    return min(1.0, frames * WanVAEConfig().base_dim * pixels / DEFAULT_MAX_PASS_ELEMENTS)
+    """How full the Wan VAE decoder's largest pass is for a stream of ``pixels``, at most 1."""
+    return min(1.0, pixels / PASS_PIXELS)
 
 # The time of one pass of a chunk through the pipeline, in model pixels of GPU work
 # (docs/performance.md, "Tile cost"): a pass costs at least the host's time to queue a DiT chunk
@@ -229,25 +231,26 @@ def plan_run(inputs: MemoryInputs, model_h: int, model_w: int, budget: int | Non
     """Choose the tiling, batch size and weight streaming for a run (see the module docstring).
     ``budget`` None: no limit (untiled unless forced, one tile at a time); ``forced_tile``: the
     user's square tile size, used as given (the planner still picks the batch and streaming)."""
+    def plan(tile, n, peak, fits=True, batch=1, streamed=False, cache=inputs):
+        return Plan(tile, n, peak, budget, fits, bool(forced_tile), batch, streamed, int8_values=cache.int8_values,
+                    int8_kernel=cache.int8_keys and not inputs.int8_keys, share=inputs.usable_share)
+
     if forced_tile:
         shapes: list[TileShape | None] = [TileShape(forced_tile, forced_tile, overlap)]
         if budget is None:
             tile = shapes[0]
-            return Plan(tile, tile_count(model_h, model_w, tile), predict_peak(inputs, model_h, model_w, tile),
-                        None, True, forced=True, int8_values=inputs.int8_values, share=inputs.usable_share)
+            return plan(tile, tile_count(model_h, model_w, tile), predict_peak(inputs, model_h, model_w, tile))
     else:
         peak = predict_peak(inputs, model_h, model_w)
         if budget is None or peak <= usable(budget, inputs.usable_share):
-            return Plan(None, 1, peak, budget, True, int8_values=inputs.int8_values, share=inputs.usable_share)
+            return plan(None, 1, peak)
         # A smaller KV cache changes the frames less than tiles do (the official fixtures give the
         # same PSNR with int8 keys and values as with bf16: docs/benchmarks.md, "Int8 values").
         for cache in smaller_caches(inputs):
             peak = predict_peak(cache, model_h, model_w)
             if peak <= usable(budget, inputs.usable_share):
-                return Plan(None, 1, peak, budget, True, int8_values=cache.int8_values,
-                            int8_kernel=cache.int8_keys and not inputs.int8_keys, share=inputs.usable_share)
+                return plan(None, 1, peak, cache=cache)
         shapes = [None, *candidate_tiles(model_h, model_w, overlap)]
-    forced = bool(forced_tile)
     for streamed in (False, True) if inputs.block_bytes else (False,):
         best = None
         for tile in shapes:
@@ -261,13 +264,11 @@ def plan_run(inputs: MemoryInputs, model_h: int, model_w: int, budget: int | Non
                     best = (key, tile, n, batch, peak)
         if best is not None:
             _, tile, n, batch, peak = best
-            return Plan(tile, n, peak, budget, True, forced, batch, streamed, int8_values=inputs.int8_values,
-                        share=inputs.usable_share)
+            return plan(tile, n, peak, batch=batch, streamed=streamed)
     streamed = inputs.block_bytes > 0          # nothing fits: the least memory there is
     tile = min(shapes, key=lambda t: predict_peak(inputs, model_h, model_w, t, 1, streamed))
     n = 1 if tile is None else tile_count(model_h, model_w, tile)
-    return Plan(tile, n, predict_peak(inputs, model_h, model_w, tile, 1, streamed), budget, False, forced,
-                1, streamed, int8_values=inputs.int8_values, share=inputs.usable_share)
+    return plan(tile, n, predict_peak(inputs, model_h, model_w, tile, 1, streamed), fits=False, streamed=streamed)
 
 
 def smaller_caches(inputs: MemoryInputs) -> list[MemoryInputs]:
