@@ -45,13 +45,14 @@ def test_predicted_peak_is_within_10_percent_of_the_measured_peak(mode, int8, h,
 
 
 # Measured peaks of tiled 720p->4K runs on one H100 (docs/benchmarks.md; `enable`, int8 keys):
-# (mode, tile height, width, batch, GiB). Full's small tiles fill the Wan VAE's passes (memory.PASS_FLOOR).
+# (mode, tile height, width, batch, GiB). Full's small tiles fill the Wan VAE's passes (memory.PASS_FLOOR,
+# fitted to session 5's 15.14 GiB; the row below is session 6's run, which the fit did not see).
 MEASURED_TILES = [
     (Mode.TINY, 1152, 2048, 1, 17.24),
     (Mode.FULL, 1152, 896, 1, 17.60),
     (Mode.TINY, 512, 512, 2, 6.42),
     (Mode.TINY_LONG, 512, 512, 2, 6.38),
-    (Mode.FULL, 512, 512, 2, 15.14),
+    (Mode.FULL, 512, 512, 2, 15.10),
 ]
 
 

@@ -55,18 +55,11 @@ WORKING_PER_PIXEL = {Mode.TINY: 1.81 * GiB / 1e6, Mode.TINY_LONG: 1.75 * GiB / 1
 # pass, 16 of the 21 frames chunk 0 decodes do at 512x512, so a small tile's pass does not shrink
 # with its pixels until the chunk's frames no longer fill it. Per stream, Full's working set is at
 # least the pass's share of PASS_FLOOR's bytes + its per-pixel rest; fitted to Full at 768x1408 and
-# to 2 x 512x512 tiles of 720p->4K (15.14 GiB; docs/benchmarks.md, session 5). The lines meet at
+# to 2 x 512x512 tiles of 720p->4K (15.14 GiB, session 5; 15.10 in session 6: docs/benchmarks.md). The lines meet at
 # 768x1408; above, where one frame alone passes the budget (unmeasured), the steeper line stays.
 PASS_FLOOR = {Mode.FULL: (2.94 * GiB, 6.95 * GiB / 1e6)}   # (bytes of a full pass, bytes per pixel)
-
-
 # The stream size (pixels) at which chunk 0's frames at the full-resolution stage fill one pass.
 PASS_PIXELS = DEFAULT_MAX_PASS_ELEMENTS / ((chunk(0).out_end - chunk(0).out_start) * WanVAEConfig().base_dim)
-
-
-def pass_fill(pixels: int) -> float:
-    """How full the Wan VAE decoder's largest pass is for a stream of ``pixels``, at most 1."""
-    return min(1.0, pixels / PASS_PIXELS)
 
 # The time of one pass of a chunk through the pipeline, in model pixels of GPU work
 # (docs/performance.md, "Tile cost"): a pass costs at least the host's time to queue a DiT chunk
@@ -174,6 +167,11 @@ def kv_cache_bytes(inputs: MemoryInputs, model_h: int, model_w: int) -> int:
     windows = rows // WINDOW_TOKENS
     pooled = windows * inputs.dim * inputs.dtype_bytes
     return inputs.layers * (rows * inputs.dim * key_bytes + value_bytes + pooled)
+
+
+def pass_fill(pixels: int) -> float:
+    """How full the Wan VAE decoder's largest pass is for a stream of ``pixels``, at most 1."""
+    return min(1.0, pixels / PASS_PIXELS)
 
 
 def working_bytes(inputs: MemoryInputs, model_h: int, model_w: int, batch: int = 1) -> int:
